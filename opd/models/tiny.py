@@ -1,0 +1,151 @@
+"""Tiny llama-style models built on the fly, so tests and CPU smoke benchmarks need no hub.
+
+`build_tokenizer` trains a byte-level BPE on a small generated corpus and gives it a chat
+template; `build_model` writes a randomly initialised llama (head_dim 64, which vLLM's CPU
+attention supports); `train_teacher` fits a model to the corpus for a few hundred steps so
+that its next-token distribution is peaked: a random student then has a real reverse-KL gap
+to close.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+SPECIAL_TOKENS = ["<|pad|>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]
+
+_WORDS = (
+    "one two three four five six seven eight nine ten plus minus times equals the answer is "
+    "what how many apples pears has tom ann gives takes left total so we get first then"
+).split()
+
+
+def synthetic_corpus(n_lines: int, seed: int = 0) -> list[str]:
+    """Short arithmetic word problems with their answers: regular enough to learn quickly."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n_lines):
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        who, fruit = rng.choice(["tom", "ann"]), rng.choice(["apples", "pears"])
+        lines.append(
+            f"{who} has {a} {fruit} and gets {b} more. how many {fruit}? "
+            f"first {a} plus {b} equals {a + b}. so the answer is {a + b}."
+        )
+    return lines
+
+
+def synthetic_prompts(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        who, fruit = rng.choice(["tom", "ann"]), rng.choice(["apples", "pears"])
+        out.append(f"{who} has {a} {fruit} and gets {b} more. how many {fruit}?")
+    return out
+
+
+def build_tokenizer(out_dir: str | Path, vocab_size: int = 384):
+    """Train a byte-level BPE tokenizer and save it as a transformers tokenizer folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(synthetic_corpus(2000) + [" ".join(_WORDS)], trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|end|>", bos_token=None
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(str(out_dir))
+    return fast
+
+
+def build_model(
+    out_dir: str | Path,
+    tokenizer_dir: str | Path,
+    *,
+    hidden: int = 128,
+    layers: int = 2,
+    heads: int = 2,
+    seed: int = 0,
+):
+    """A random-init llama with head_dim 64, saved with its tokenizer as an HF folder."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        head_dim=hidden // heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+        torch_dtype="float32",
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    tok.save_pretrained(str(out_dir))
+    return model
+
+
+def train_teacher(model_dir: str | Path, steps: int = 150, lr: float = 3e-3, seed: int = 0):
+    """Fit the model in `model_dir` to the synthetic corpus, in chat format, and save it back."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    rng = random.Random(seed)
+    corpus = synthetic_corpus(4000, seed=seed + 1)
+    texts = []
+    for line in corpus:
+        question, answer = line.split("? ", 1)
+        texts.append(
+            tok.apply_chat_template(
+                [{"role": "user", "content": question + "?"},
+                 {"role": "assistant", "content": answer}],
+                tokenize=False,
+            )
+        )
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    torch.manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        batch = tok(rng.sample(texts, 32), return_tensors="pt", padding=True)
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(str(model_dir), safe_serialization=True)
+    return float(loss)
+
+
+def build_pair(root: str | Path, teacher_steps: int = 150) -> tuple[Path, Path]:
+    """A trained tiny teacher and a random-init student sharing one tokenizer."""
+    root = Path(root)
+    tok_dir, teacher, student = root / "tokenizer", root / "teacher", root / "student"
+    build_tokenizer(tok_dir)
+    build_model(teacher, tok_dir, seed=1)
+    train_teacher(teacher, steps=teacher_steps)
+    build_model(student, tok_dir, seed=2)
+    return teacher, student

@@ -1,0 +1,63 @@
+"""Objective registry: recipe name -> class, plus `import_path` for user-defined objectives."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from opd.objectives.base import (
+    LossInputs,
+    LossOutput,
+    Objective,
+    TeacherRequest,
+    TeacherScores,
+)
+from opd.objectives.reverse_kl import ReverseKL
+
+REGISTRY: dict[str, type] = {cls.name: cls for cls in (ReverseKL,)}
+
+__all__ = [
+    "REGISTRY",
+    "LossInputs",
+    "LossOutput",
+    "Objective",
+    "TeacherRequest",
+    "TeacherScores",
+    "build_objective",
+    "objective_class",
+]
+
+
+def objective_class(name: str, import_path: str | None = None) -> type:
+    """The class for `objective.name`, or the one at `objective.import_path` ("pkg.mod:Class")."""
+    if import_path:
+        module_name, _, attr = import_path.partition(":")
+        if not attr:
+            raise ValueError(f"objective.import_path={import_path!r} must look like 'pkg.mod:Class'")
+        try:
+            return getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"objective.import_path={import_path!r}: {e}") from e
+    if name not in REGISTRY:
+        raise ValueError(f"objective.name={name!r} is unknown; valid: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name]
+
+
+def build_params(cls: type, params: dict[str, Any]) -> Any:
+    """Validate `objective.params` against the objective's own Params dataclass (strict)."""
+    schema = OmegaConf.structured(cls.Params)
+    try:
+        merged = OmegaConf.merge(schema, OmegaConf.create(dict(params)))
+    except Exception as e:  # omegaconf names the key and says "Did you mean"
+        raise ValueError(f"objective.params: {e}") from e
+    obj = OmegaConf.to_object(merged)
+    assert dataclasses.is_dataclass(obj)
+    return obj
+
+
+def build_objective(name: str, params: dict[str, Any], import_path: str | None = None) -> Objective:
+    cls = objective_class(name, import_path)
+    return cls(build_params(cls, params))

@@ -1,0 +1,81 @@
+"""What an objective is: a declared teacher request, typed inputs, and a pure loss function.
+
+An objective declares once (`teacher_request`) what it needs; the rollout and the teacher
+scorer compute exactly that, and the learner builds `LossInputs` from it. Objectives return a
+loss *sum* and the number of tokens it covers; the learner normalizes across micro-batches and
+data-parallel ranks. Metrics are token sums too, named `"<objective>/<metric>"`; the learner
+divides them by the same token count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal, Protocol
+
+from torch import Tensor
+
+Signal = Literal["sampled", "at_ids", "full"]
+
+
+@dataclass(frozen=True)
+class TeacherRequest:
+    """What the teacher must return for each completion token.
+
+    - `sampled`: log pi_T of the sampled token.
+    - `at_ids`: log pi_T at the student's top-`k` token ids (the rollout engine's top-k,
+      which the rollout therefore also returns), plus the sampled token.
+    - `full`: log pi_T over the whole vocabulary, plus the sampled token.
+    """
+
+    signal: Signal = "sampled"
+    k: int = 0
+    context: Literal["prompt", "demonstration"] = "prompt"
+
+    def __post_init__(self) -> None:
+        if self.signal == "at_ids" and self.k < 1:
+            raise ValueError("TeacherRequest(signal='at_ids') needs k >= 1")
+
+    @property
+    def rollout_topk(self) -> int:
+        """How many top log-probs the rollout engine must return per token."""
+        return self.k if self.signal == "at_ids" else 0
+
+
+@dataclass
+class TeacherScores:
+    """The teacher's answer for one batch, aligned with the student's completion tokens."""
+
+    logprobs_BT: Tensor
+    ids_BTK: Tensor | None = None
+    logprobs_BTK: Tensor | None = None
+    logprobs_BTV: Tensor | None = None
+
+
+@dataclass
+class LossInputs:
+    """One micro-batch, on the learner's device. `_BT` tensors cover completion positions."""
+
+    logprobs_BT: Tensor  # learner, with grad, at the sampled tokens
+    old_logprobs_BT: Tensor  # rollout engine, at the sampled tokens
+    mask_BT: Tensor  # 1.0 on completion tokens that count
+    teacher: TeacherScores
+    student_logprobs_BTK: Tensor | None = None  # learner, with grad, at teacher.ids_BTK
+    student_logits_BTV: Tensor | None = None  # learner, with grad, raw logits (signal "full")
+
+
+@dataclass
+class LossOutput:
+    loss_sum: Tensor
+    n_tokens: Tensor
+    metrics: dict[str, Tensor] = field(default_factory=dict)  # token sums, detached
+
+
+class Objective(Protocol):
+    name: ClassVar[str]
+    Params: ClassVar[type]
+
+    def __init__(self, params) -> None: ...
+
+    def teacher_request(self) -> TeacherRequest: ...
+
+    def __call__(self, x: LossInputs) -> LossOutput: ...

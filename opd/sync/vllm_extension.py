@@ -1,0 +1,63 @@
+"""Methods mixed into every vLLM worker (`worker_extension_cls`), reached via `collective_rpc`.
+
+Every transport ends in the same call, vLLM's in-place `reload_weights(weights_iterator=...)`,
+which also redoes the layout repacking the CPU backend applies after loading. Transports only
+differ in how the tensors reach the worker process:
+
+- `opd_load_from_dir`: safetensors files in a shared-memory folder (CPU, or any single host);
+- `opd_init_weight_group` + `opd_receive_broadcast`: a NCCL broadcast from the learner's rank 0
+  (GPU; the learner joins the same process group as rank 0).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class WeightSyncExtension:
+    """Mixin for vLLM's Worker; `self` is the worker (it has `reload_weights`, `device`)."""
+
+    opd_version: int = 0
+
+    def opd_load_from_dir(self, path: str, version: int) -> int:
+        from safetensors import safe_open
+
+        def tensors():
+            for file in sorted(Path(path).glob("*.safetensors")):
+                with safe_open(str(file), framework="pt") as f:
+                    for name in f.keys():
+                        yield name, f.get_tensor(name)
+
+        self.reload_weights(weights_iterator=tensors())
+        self.opd_version = version
+        return version
+
+    def opd_init_weight_group(self, master_address: str, master_port: int, rank_offset: int,
+                              world_size: int) -> None:
+        import torch.distributed as dist
+
+        rank = rank_offset + dist.get_rank() if dist.is_initialized() else rank_offset
+        from vllm.distributed.utils import StatelessProcessGroup
+        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+
+        group = StatelessProcessGroup.create(
+            host=master_address, port=master_port, rank=rank, world_size=world_size
+        )
+        self.opd_comm = PyNcclCommunicator(group, device=self.device)
+
+    def opd_receive_broadcast(self, specs: list[tuple[str, str, list[int]]], version: int) -> int:
+        """Receive tensors named in `specs` ((name, dtype, shape) each) from rank 0, in order."""
+        import torch
+
+        def tensors():
+            for name, dtype, shape in specs:
+                buf = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
+                self.opd_comm.broadcast(buf, src=0)
+                yield name, buf
+
+        self.reload_weights(weights_iterator=tensors())
+        self.opd_version = version
+        return version
+
+    def opd_weight_version(self) -> int:
+        return self.opd_version
