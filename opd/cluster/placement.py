@@ -1,0 +1,85 @@
+"""Where the roles run: one placement group per role, checked against the cluster first.
+
+Split placement: rollout workers, the teacher and the learners each get their own bundles
+(`<role>.num_gpus` / `<role>.num_cpus` per actor). A recipe that asks for more than the
+cluster has fails before any actor starts, naming the role and the resource.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import ray
+from ray.util.placement_group import placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from opd.cluster.group import ActorGroup
+from opd.config.schema import Config
+
+
+def role_bundles(cfg: Config) -> dict[str, list[dict[str, float]]]:
+    def bundles(n: int, cpus: float, gpus: float) -> list[dict[str, float]]:
+        b = {"CPU": cpus}
+        if gpus:
+            b["GPU"] = gpus
+        return [dict(b) for _ in range(n)]
+
+    return {
+        "rollout": bundles(cfg.rollout.num_workers, cfg.rollout.num_cpus, cfg.rollout.num_gpus),
+        "teacher": bundles(1, cfg.teacher.num_cpus, cfg.teacher.num_gpus),
+        "learner": bundles(cfg.learner.num_workers, cfg.learner.num_cpus, cfg.learner.num_gpus),
+    }
+
+
+def check_fits(cfg: Config, available: dict[str, float]) -> None:
+    """Raise naming what does not fit; `available` is e.g. ray.cluster_resources()."""
+    need: dict[str, float] = {}
+    per_role: dict[str, dict[str, float]] = {}
+    for role, bundles in role_bundles(cfg).items():
+        for b in bundles:
+            for k, v in b.items():
+                need[k] = need.get(k, 0) + v
+                per_role.setdefault(role, {})[k] = per_role.get(role, {}).get(k, 0) + v
+    for resource, amount in need.items():
+        have = available.get(resource, 0)
+        if amount > have + 1e-9:
+            parts = ", ".join(f"{role} {r[resource]:g}" for role, r in per_role.items()
+                              if r.get(resource))
+            raise ValueError(f"the recipe needs {amount:g} {resource} ({parts}) but the cluster "
+                             f"has {have:g}: lower <role>.num_{resource.lower()}s or num_workers")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@ray.remote(num_cpus=0)
+def _address_and_port() -> tuple[str, int]:
+    return ray.util.get_node_ip_address(), free_port()
+
+
+def spawn(role: str, cls, bundles: list[dict[str, float]], args_for, timeout_s: float,
+          max_restarts: int = 0) -> ActorGroup:
+    """Start one actor per bundle in a fresh placement group.
+
+    `args_for(i, master)` gives actor i's (args, kwargs); `master` is an (address, port) on the
+    node of bundle 0, for roles that form a process group (the learners).
+    """
+    pg = placement_group(bundles, strategy="PACK")
+    ray.get(pg.ready(), timeout=timeout_s)
+    master = ray.get(_address_and_port.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+        placement_group=pg, placement_group_bundle_index=0)).remote(), timeout=timeout_s)
+    remote_cls = ray.remote(cls)
+    handles = []
+    for i, b in enumerate(bundles):
+        args, kwargs = args_for(i, master)
+        handles.append(remote_cls.options(
+            num_cpus=b.get("CPU", 0), num_gpus=b.get("GPU", 0), max_restarts=max_restarts,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement_group=pg, placement_group_bundle_index=i),
+        ).remote(*args, **kwargs))
+    group = ActorGroup(role, handles, timeout_s)
+    group.call("ping")  # surface constructor errors here, named by role
+    return group

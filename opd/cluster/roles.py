@@ -1,0 +1,46 @@
+"""Start the three roles of a run as Ray actor groups."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from opd.cluster.group import ActorGroup
+from opd.cluster.placement import role_bundles, spawn
+from opd.config.schema import Config
+
+
+@dataclass
+class Roles:
+    rollout: ActorGroup
+    teacher: ActorGroup
+    learner: ActorGroup
+
+    def shutdown(self) -> None:
+        for group in (self.rollout, self.teacher, self.learner):
+            group.kill()
+
+
+def start_roles(cfg: Config, student_path: str, teacher_path: str, device: str) -> Roles:
+    from opd.learner.worker import Learner
+    from opd.rollout.worker import RolloutWorker
+    from opd.teacher.scorer import TeacherScorer
+
+    bundles = role_bundles(cfg)
+    timeout = cfg.cluster.timeout_s
+    world = cfg.learner.num_workers
+    learner = spawn(
+        "learner", Learner, bundles["learner"],
+        lambda i, master: ((i, world, master[0], master[1], student_path, cfg.learner,
+                            cfg.objective, cfg.trainer.steps, cfg.grad_accum_steps,
+                            cfg.run.seed, device), {}),
+        timeout,
+    )
+    teacher = spawn("teacher", TeacherScorer, bundles["teacher"],
+                    lambda i, _: ((cfg.teacher, teacher_path, device), {}), timeout)
+    rollout = spawn(
+        "rollout", RolloutWorker, bundles["rollout"],
+        lambda i, _: ((student_path, cfg.rollout, cfg.run.seed, device, cfg.student.gguf_file),
+                      {}),
+        timeout,
+    )
+    return Roles(rollout=rollout, teacher=teacher, learner=learner)

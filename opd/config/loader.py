@@ -1,0 +1,102 @@
+"""YAML + dotted overrides -> OmegaConf.structured(Config) -> a checked `Config` object.
+
+Errors are `ConfigError`s that name the file and the key. `check_resources` goes further than
+the schema: files exist, models agree on a tokenizer, objective parameters are valid and fit
+the vocabulary. `opd validate` runs both without starting anything.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from opd.config.schema import Config
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe file not found: {path}")
+    try:
+        recipe = OmegaConf.load(path)
+    except Exception as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like dotted.key=value")
+    try:
+        merged = OmegaConf.merge(
+            OmegaConf.structured(Config), recipe, OmegaConf.from_dotlist(list(overrides))
+        )
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{path}: {_first_line(e)}") from e
+    except ValueError as e:  # a __post_init__ check; the message names the key
+        raise ConfigError(f"{path}: {e}") from e
+
+
+def _first_line(e: Exception) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    key = getattr(e, "full_key", None)
+    msg = lines[0] if lines else type(e).__name__
+    return f"{key}: {msg}" if key and key not in msg else msg
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def from_yaml(text: str) -> Config:
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text)))
+
+
+def check_resources(cfg: Config) -> list[str]:
+    """Checks that read files but start nothing. Raises ConfigError; returns notes."""
+    from opd.data.sources import check_data_source
+    from opd.models.sources import describe_model
+    from opd.objectives import build_objective
+
+    notes: list[str] = []
+    try:
+        objective = build_objective(cfg.objective.name, cfg.objective.params,
+                                    cfg.objective.import_path)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+    for key in ("data.train_path", "data.heldout_path"):
+        value = getattr(cfg.data, key.split(".")[1])
+        if value is not None:
+            try:
+                notes.append(check_data_source(value, cfg.data.prompt_field))
+            except (FileNotFoundError, ValueError) as e:
+                raise ConfigError(f"{key}: {e}") from e
+
+    vocab = {}
+    for role in ("student", "teacher"):
+        model = getattr(cfg, role)
+        try:
+            info = describe_model(model.path, model.gguf_file)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"{role}.path: {e}") from e
+        vocab[role] = info.get("vocab_size")
+        notes.append(f"{role}: {model.path} ({json.dumps(info)})")
+
+    request = objective.teacher_request()
+    if request.signal == "at_ids" and vocab["student"] and request.k > vocab["student"]:
+        raise ConfigError(
+            f"objective.params.k={request.k} exceeds the student's vocabulary ({vocab['student']})"
+        )
+    if vocab["student"] and vocab["teacher"] and vocab["student"] != vocab["teacher"]:
+        raise ConfigError(
+            f"student vocab {vocab['student']} != teacher vocab {vocab['teacher']}: objective "
+            f"{cfg.objective.name!r} scores the student's token ids with the teacher, so both "
+            "must share a tokenizer"
+        )
+    return notes

@@ -1,0 +1,213 @@
+"""The recipe schema: one small dataclass per component; cross-field checks in __post_init__.
+
+Model and data locations accept a folder/file path or a `registry:` name that `opd` prepares
+from packages on the package index (see `opd.models.sources` and `opd.data.sources`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{key}={value!r}; valid: {', '.join(choices)}")
+
+
+def _check_positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise ValueError(f"{key}={value} must be > 0")
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/default"
+    seed: int = 0
+    resume: bool = True  # re-running the same command continues from checkpoints/latest
+    device: str = "auto"  # auto | cpu | cuda
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _check_choice("run.device", self.device, ("auto", "cpu", "cuda"))
+
+
+@dataclass
+class DataConfig:
+    train_path: str = MISSING  # jsonl, parquet, a `datasets` folder, or registry:<name>
+    heldout_path: str | None = None  # default: the first `eval.heldout_prompts` of train_path
+    prompt_field: str = "question"
+    id_field: str | None = None
+    system_prompt: str | None = None
+    max_prompt_tokens: int = 512  # longer prompts are dropped and counted
+    shuffle: bool = True
+
+    def __post_init__(self) -> None:
+        _check_positive("data.max_prompt_tokens", self.max_prompt_tokens)
+
+
+@dataclass
+class ModelConfig:
+    path: str = MISSING  # HF folder, GGUF file, or registry:<name>
+    gguf_file: str | None = None  # file name inside `path` when it is a folder of GGUFs
+    chat_template: str | None = None  # overrides the tokenizer's template (a Jinja string)
+
+
+@dataclass
+class RolloutConfig:
+    num_workers: int = 1  # data-parallel vLLM engines, prompts split among them
+    prompts_per_step: int = 8
+    samples_per_prompt: int = 1
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    dtype: str = "float32"
+    gpu_memory_utilization: float = 0.1  # on CPU, the fraction of RAM for the KV cache
+    max_model_len: int = 1024
+    enforce_eager: bool = True
+    num_gpus: float = 0.0  # per worker
+    num_cpus: float = 0.5  # per worker (Ray scheduling only)
+
+    def __post_init__(self) -> None:
+        for key in ("num_workers", "prompts_per_step", "samples_per_prompt", "max_new_tokens"):
+            _check_positive(f"rollout.{key}", getattr(self, key))
+        _check_choice("rollout.dtype", self.dtype, DTYPES)
+        _check_positive("rollout.temperature", self.temperature)
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"rollout.top_p={self.top_p} must lie in (0, 1]")
+        if self.num_workers > self.prompts_per_step:
+            raise ValueError(
+                f"rollout.num_workers={self.num_workers} exceeds rollout.prompts_per_step="
+                f"{self.prompts_per_step}: a worker would get no prompt"
+            )
+
+    @property
+    def batch_size(self) -> int:
+        return self.prompts_per_step * self.samples_per_prompt
+
+
+@dataclass
+class TeacherConfig(ModelConfig):
+    dtype: str = "float32"
+    token_budget: int = 8192  # tokens per forward pass
+    logprob_chunk_tokens: int = 1024  # log-softmax computed this many positions at a time
+    num_gpus: float = 0.0
+    num_cpus: float = 0.5
+
+    def __post_init__(self) -> None:
+        _check_choice("teacher.dtype", self.dtype, DTYPES)
+        _check_positive("teacher.token_budget", self.token_budget)
+
+
+@dataclass
+class LearnerConfig:
+    num_workers: int = 1  # DeepSpeed data-parallel ranks, one Ray actor each
+    zero_stage: int = 2
+    dtype: str = "float32"  # parameters and compute; bfloat16 enables DeepSpeed bf16
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    lr_schedule: str = "constant"  # constant | linear | cosine, after warmup
+    warmup_steps: int = 0
+    micro_batch_size: int = 4  # sequences per forward/backward on one rank
+    grad_clip: float = 1.0
+    logprob_chunk_tokens: int = 1024
+    gradient_checkpointing: bool = False
+    num_gpus: float = 0.0
+    num_cpus: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"learner.zero_stage={self.zero_stage}; valid: 0, 1, 2, 3")
+        _check_choice("learner.dtype", self.dtype, DTYPES)
+        _check_choice("learner.lr_schedule", self.lr_schedule, ("constant", "linear", "cosine"))
+        for key in ("num_workers", "lr", "micro_batch_size", "grad_clip", "logprob_chunk_tokens"):
+            _check_positive(f"learner.{key}", getattr(self, key))
+        if len(self.betas) != 2:
+            raise ValueError(f"learner.betas={self.betas} must have two values")
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "reverse_kl"
+    import_path: str | None = None  # "pkg.module:Class" for an objective outside opd
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 10
+
+    def __post_init__(self) -> None:
+        _check_positive("trainer.steps", self.steps)
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 10  # 0 disables periodic checkpoints (the final step is always saved)
+    keep_last: int = 2
+    export_student: bool = True  # final HF-format export to <output_dir>/student
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ValueError(f"checkpoint.every={self.every} must be >= 0")
+        _check_positive("checkpoint.keep_last", self.keep_last)
+
+
+@dataclass
+class EvalConfig:
+    every: int = 5  # heldout/reverse_kl at step 0 and every N steps; 0 disables
+    heldout_prompts: int = 16
+    heldout_samples: int = 1
+    max_new_tokens: int | None = None  # default: rollout.max_new_tokens
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ValueError(f"eval.every={self.every} must be >= 0")
+        _check_positive("eval.heldout_prompts", self.heldout_prompts)
+
+
+@dataclass
+class ClusterConfig:
+    address: str | None = None  # Ray address; None starts (or joins) a local instance
+    num_cpus: int | None = None  # for a local instance
+    timeout_s: float = 1800.0  # every remote call; a timeout names the role
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    student: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def __post_init__(self) -> None:
+        per_micro_step = self.learner.num_workers * self.learner.micro_batch_size
+        if self.rollout.batch_size % per_micro_step:
+            raise ValueError(
+                f"learner.micro_batch_size={self.learner.micro_batch_size} x "
+                f"learner.num_workers={self.learner.num_workers} does not divide the batch "
+                f"(rollout.prompts_per_step x rollout.samples_per_prompt = "
+                f"{self.rollout.batch_size})"
+            )
+        if self.rollout.max_new_tokens + self.data.max_prompt_tokens > self.rollout.max_model_len:
+            raise ValueError(
+                f"data.max_prompt_tokens={self.data.max_prompt_tokens} + rollout.max_new_tokens="
+                f"{self.rollout.max_new_tokens} exceeds rollout.max_model_len="
+                f"{self.rollout.max_model_len}"
+            )
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.rollout.batch_size // (self.learner.num_workers * self.learner.micro_batch_size)

@@ -1,0 +1,127 @@
+"""Prompt datasets: load rows, render chat messages, tokenize, drop over-long, shuffle, resume.
+
+Rows come from jsonl, parquet, or a `datasets` folder saved with `save_to_disk`. The recipe maps
+the prompt field (`data.prompt_field`); the student's chat template renders the messages.
+Order is a permutation seeded by (run.seed, epoch), and the cursor (epoch, position) is part
+of every checkpoint, so a resumed run sees exactly the prompts the uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Prompt:
+    id: str
+    messages: list[dict[str, str]]
+    token_ids: list[int]  # rendered by the student's chat template, generation prompt added
+    row: dict[str, Any]  # the source row, for fields objectives may need (demonstrations, ...)
+
+
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a jsonl / parquet file or a `datasets` folder; errors name the file and row."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"data file not found: {path}")
+    if path.is_dir():
+        import datasets  # optional dependency, only for folders saved by `datasets`
+
+        return [dict(r) for r in datasets.load_from_disk(str(path))]
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    rows = []
+    with path.open() as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from e
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{line_no}: expected a JSON object per line")
+            rows.append(row)
+    return rows
+
+
+def render_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers may return a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def build_prompts(
+    rows: list[dict[str, Any]],
+    tokenizer,
+    *,
+    prompt_field: str,
+    id_field: str | None,
+    system_prompt: str | None,
+    max_prompt_tokens: int,
+    source: str,
+) -> tuple[list[Prompt], int]:
+    """Prompts that fit, and how many rows were dropped for being longer than the limit."""
+    prompts, dropped = [], 0
+    for i, row in enumerate(rows):
+        if prompt_field not in row:
+            raise ValueError(
+                f"{source}: row {i} has no field {prompt_field!r} (data.prompt_field); "
+                f"its fields: {', '.join(sorted(row))}"
+            )
+        messages = [{"role": "user", "content": str(row[prompt_field])}]
+        if system_prompt:
+            messages.insert(0, {"role": "system", "content": system_prompt})
+        ids = render_ids(tokenizer, messages)
+        if len(ids) > max_prompt_tokens:
+            dropped += 1
+            continue
+        pid = str(row[id_field]) if id_field and id_field in row else f"{Path(source).stem}/{i}"
+        prompts.append(Prompt(id=pid, messages=messages, token_ids=ids, row=row))
+    return prompts, dropped
+
+
+class PromptStream:
+    """An endless, seeded, resumable stream over a list of prompts, epoch after epoch."""
+
+    def __init__(self, prompts: list[Prompt], seed: int, shuffle: bool = True) -> None:
+        if not prompts:
+            raise ValueError("no training prompts left (all dropped or none given)")
+        self.prompts, self.seed, self.shuffle = prompts, seed, shuffle
+        self.epoch, self.position = 0, 0
+        self._order = self._epoch_order(0)
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.prompts)))
+        if self.shuffle:
+            random.Random(f"{self.seed}/{epoch}").shuffle(order)
+        return order
+
+    def take(self, n: int) -> list[Prompt]:
+        out = []
+        while len(out) < n:
+            if self.position == len(self._order):
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._epoch_order(self.epoch)
+            out.append(self.prompts[self._order[self.position]])
+            self.position += 1
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "size": len(self.prompts)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state["size"] != len(self.prompts):
+            raise ValueError(
+                f"checkpoint data cursor was for {state['size']} prompts, the data now has "
+                f"{len(self.prompts)}: the training data changed since the checkpoint"
+            )
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._order = self._epoch_order(self.epoch)

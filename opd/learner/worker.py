@@ -1,0 +1,221 @@
+"""The learner: one DeepSpeed data-parallel rank per Ray actor.
+
+Each step the driver hands every rank its shard of the batch. The rank runs micro-batches
+with gradient accumulation, asks the objective for a loss sum, normalizes it by the token
+count of the whole step (all ranks, all micro-batches), and takes one optimizer step, or
+skips it when any gradient on any rank is not finite.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from opd.config.schema import LearnerConfig, ObjectiveConfig
+from opd.learner.logprobs import final_hidden, gather_positions, token_logprobs
+from opd.objectives import LossInputs, TeacherScores, build_objective
+from opd.rollout.batch import MicroBatch, Sample, collate
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    def fn(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return fn
+
+
+def _innermost_torch_optimizer(opt):
+    """DeepSpeed wraps the torch optimizer (ZeRO); the update itself happens in the innermost."""
+    while hasattr(opt, "optimizer") and opt.optimizer is not opt:
+        opt = opt.optimizer
+    return opt
+
+
+class Learner:
+    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int,
+                 model_path: str, cfg: LearnerConfig, objective: ObjectiveConfig,
+                 total_steps: int, grad_accum_steps: int, seed: int, device: str) -> None:
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
+                          WORLD_SIZE=str(world_size), LOCAL_RANK="0")
+        import deepspeed
+        from transformers import AutoModelForCausalLM
+
+        self.rank, self.world_size, self.cfg = rank, world_size, cfg
+        self.device = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
+        deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo",
+                                   auto_mpi_discovery=False)
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=TORCH_DTYPES[cfg.dtype])
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+        self.objective = build_objective(objective.name, objective.params, objective.import_path)
+        self.request = self.objective.teacher_request()
+        ds_config = {
+            "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+            "gradient_accumulation_steps": grad_accum_steps,
+            "gradient_clipping": cfg.grad_clip,
+            "zero_optimization": {"stage": cfg.zero_stage},
+            "bf16": {"enabled": cfg.dtype == "bfloat16"},
+            "fp16": {"enabled": cfg.dtype == "float16"},
+            "optimizer": {"type": "AdamW", "params": {
+                "lr": cfg.lr, "betas": list(cfg.betas), "weight_decay": cfg.weight_decay,
+                "torch_adam": True}},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        schedule = lr_lambda(cfg.lr_schedule, cfg.warmup_steps, total_steps)
+        self.engine, *_ = deepspeed.initialize(
+            model=model, model_parameters=model.parameters(), config=ds_config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+        )
+        self.model = self.engine.module
+        self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        for p in self.model.parameters():
+            if p.requires_grad:
+                p.register_hook(self._check_grad)
+        self.skipped_steps = 0
+
+    def _check_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        """Record a non-finite gradient and zero it, so no buffer ever holds NaN or inf."""
+        bad = ~torch.isfinite(grad).all()
+        self._nonfinite |= bad
+        return torch.where(bad, torch.zeros_like(grad), grad)
+
+    # -- one step ---------------------------------------------------------------------------
+
+    def _loss_inputs(self, mb: MicroBatch) -> LossInputs:
+        d = self.device
+        hidden = final_hidden(self.model, mb.input_ids_BL.to(d), mb.attention_mask_BL.to(d))
+        hidden_BTH = gather_positions(hidden, mb.positions_BT.to(d))
+        ids = mb.topk_ids_BTK.to(d) if self.request.signal == "at_ids" else None
+        lp_BT, lp_BTK = token_logprobs(self.model, hidden_BTH, mb.targets_BT.to(d), ids_BTK=ids,
+                                       chunk=self.cfg.logprob_chunk_tokens)
+        logits_BTV = None
+        if self.request.signal == "full":
+            from opd.learner.logprobs import head_logits
+
+            logits_BTV = head_logits(self.model, hidden_BTH)
+        teacher = TeacherScores(
+            logprobs_BT=mb.teacher_logprobs_BT.to(d),
+            ids_BTK=ids,
+            logprobs_BTK=_to(mb.teacher_logprobs_BTK, d),
+            logprobs_BTV=_to(mb.teacher_logprobs_BTV, d),
+        )
+        return LossInputs(logprobs_BT=lp_BT, old_logprobs_BT=mb.old_logprobs_BT.to(d),
+                          mask_BT=mb.mask_BT.to(d), teacher=teacher,
+                          student_logprobs_BTK=lp_BTK, student_logits_BTV=logits_BTV)
+
+    def train_step(self, samples: list[Sample], global_tokens: int) -> dict[str, float]:
+        """One optimizer step over this rank's shard; `global_tokens` counts all ranks' tokens."""
+        self.model.train()
+        mbs = self.cfg.micro_batch_size
+        sums: dict[str, torch.Tensor] = {}
+        loss_total = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._nonfinite.zero_()
+        for i in range(0, len(samples), mbs):
+            out = self.objective(self._loss_inputs(collate(samples[i : i + mbs])))
+            # The engine averages gradients over ranks: scale by world size to get a sum.
+            loss = out.loss_sum * (self.world_size / max(1, global_tokens))
+            self.engine.backward(loss, scale_wrt_gas=False)
+            if i + mbs >= len(samples):
+                self._step_or_skip()
+            else:
+                self.engine.step()
+            loss_total += out.loss_sum.detach().double()
+            for k, v in out.metrics.items():
+                sums[k] = sums.get(k, 0) + v.detach().double()
+        names = sorted(sums)
+        packed = torch.stack([loss_total] + [sums[k] for k in names]).cpu()
+        dist.all_reduce(packed)
+        metrics = {"train/loss": packed[0].item() / max(1, global_tokens)}
+        metrics.update({k: packed[j + 1].item() / max(1, global_tokens)
+                        for j, k in enumerate(names)})
+        norm = self.engine.get_global_grad_norm()
+        metrics["train/grad_norm"] = float(norm) if norm is not None else float("nan")
+        metrics["train/lr"] = self.engine.get_lr()[0]
+        metrics["train/skipped_steps"] = self.skipped_steps
+        return metrics
+
+    def _step_or_skip(self) -> None:
+        flag = self._nonfinite.to(torch.int32).cpu()
+        dist.all_reduce(flag)  # non-finite on any rank skips the update on every rank
+        if not flag.item():
+            self.engine.step()
+            return
+        inner = _innermost_torch_optimizer(self.engine.optimizer)
+        real_step = inner.step
+        inner.step = lambda *a, **k: None  # the engine still ends its step: grads cleared
+        try:
+            self.engine.step()
+        finally:
+            inner.step = real_step
+        self.skipped_steps += 1
+
+    # -- weights and checkpoints -------------------------------------------------------------
+
+    def state_dict_for_export(self, dtype: str) -> dict[str, torch.Tensor] | None:
+        """Full weights on rank 0 (gathered under ZeRO-3); every rank must call this."""
+        import deepspeed
+
+        out = {}
+        for name, p in self.model.named_parameters():
+            with deepspeed.zero.GatheredParameters([p], enabled=self.cfg.zero_stage == 3):
+                if self.rank == 0:
+                    out[name] = p.detach().to(TORCH_DTYPES[dtype]).cpu().clone()
+        return out if self.rank == 0 else None
+
+    def export_to_dir(self, path: str, dtype: str) -> int:
+        """Write the weights as safetensors into `path` (rank 0); returns bytes written."""
+        from safetensors.torch import save_file
+
+        weights = self.state_dict_for_export(dtype)
+        if self.rank != 0:
+            return 0
+        Path(path).mkdir(parents=True, exist_ok=True)
+        tmp = Path(path) / "model.safetensors.tmp"
+        save_file(weights, str(tmp))
+        tmp.rename(Path(path) / "model.safetensors")
+        return sum(t.numel() * t.element_size() for t in weights.values())
+
+    def save_pretrained(self, path: str, tokenizer_path: str) -> None:
+        """HF-format export of the student (weights in the learner's dtype)."""
+        from transformers import AutoTokenizer
+
+        weights = self.state_dict_for_export(self.cfg.dtype)
+        if self.rank == 0:
+            self.model.save_pretrained(path, state_dict=weights, safe_serialization=True)
+            AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(path)
+
+    def save_checkpoint(self, directory: str) -> None:
+        self.engine.save_checkpoint(directory, tag="learner", client_state={
+            "skipped_steps": self.skipped_steps}, save_latest=False)
+
+    def load_checkpoint(self, directory: str) -> None:
+        _, client = self.engine.load_checkpoint(directory, tag="learner",
+                                                load_optimizer_states=True,
+                                                load_lr_scheduler_states=True)
+        if client is None:
+            raise FileNotFoundError(f"no learner checkpoint in {directory}")
+        self.skipped_steps = client.get("skipped_steps", 0)
+
+    def ping(self) -> int:
+        return self.rank
+
+
+def _to(t: torch.Tensor | None, device) -> torch.Tensor | None:
+    return t.to(device) if t is not None else None

@@ -1,0 +1,194 @@
+"""The training loop: sample -> score -> learn -> sync -> eval / checkpoint, top to bottom."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import torch
+
+from opd.cluster.placement import check_fits
+from opd.cluster.roles import Roles, start_roles
+from opd.config import Config, to_yaml
+from opd.data.prompts import Prompt, PromptStream, build_prompts, read_rows
+from opd.data.sources import resolve_data
+from opd.learner.checkpoint import CheckpointDir, rng_state, set_rng_state
+from opd.metrics import MetricsLog
+from opd.models.sources import resolve_model
+from opd.objectives import build_objective
+from opd.objectives.base import TeacherRequest
+from opd.progress import Progress
+from opd.rollout.batch import GenerationRequest, Sample, sample_seed
+from opd.sync.weights import DirWeightSync
+
+
+@dataclass
+class RunData:
+    train: PromptStream
+    heldout: list[Prompt]
+    dropped: int
+
+
+def load_data(cfg: Config, tokenizer) -> RunData:
+    """Training and held-out prompts; without `data.heldout_path`, the first
+    `eval.heldout_prompts` training rows are held out (and not trained on)."""
+    d = cfg.data
+
+    def prompts(path: str):
+        source = resolve_data(path)
+        return build_prompts(read_rows(source), tokenizer, prompt_field=d.prompt_field,
+                             id_field=d.id_field, system_prompt=d.system_prompt,
+                             max_prompt_tokens=d.max_prompt_tokens, source=str(source))
+
+    train, dropped = prompts(d.train_path)
+    n_held = cfg.eval.heldout_prompts
+    if d.heldout_path:
+        heldout, dropped_h = prompts(d.heldout_path)
+        dropped += dropped_h
+    else:
+        heldout, train = train[:n_held], train[n_held:]
+    return RunData(PromptStream(train, cfg.run.seed, d.shuffle), heldout[:n_held], dropped)
+
+
+def generate(cfg: Config, roles: Roles, prompts: list[Prompt], samples_per_prompt: int,
+             step: int, stream: str, topk: int, max_new_tokens: int,
+             temperature: float) -> list[Sample]:
+    """n samples per prompt, seeded by (run.seed, step, prompt, sample), spread over workers."""
+    requests = [GenerationRequest(p.token_ids, sample_seed(cfg.run.seed, step, i, j, stream), (i, j))
+                for i, p in enumerate(prompts) for j in range(samples_per_prompt)]
+    n = len(roles.rollout)
+    shards = [requests[w::n] for w in range(n)]
+    results = roles.rollout.call_each(
+        "generate", [(s,) for s in shards], max_new_tokens=max_new_tokens,
+        temperature=temperature, top_p=cfg.rollout.top_p if stream == "train" else 1.0, topk=topk)
+    out = []
+    for r in sorted((r for rs in results for r in rs), key=lambda r: r["key"]):
+        p = prompts[r["key"][0]]
+        out.append(Sample(prompt_index=r["key"][0], sample_index=r["key"][1], prompt_id=p.id,
+                          messages=p.messages, prompt_ids=p.token_ids,
+                          completion_ids=r["completion_ids"], logprobs=r["logprobs"],
+                          finish_reason=r["finish_reason"], policy_version=r["policy_version"],
+                          topk_ids=r["topk_ids"]))
+    return out
+
+
+def heldout_reverse_kl(cfg: Config, roles: Roles, heldout: list[Prompt]) -> dict[str, float]:
+    """Mean per-token sampled estimate of KL(student || teacher) at temperature 1, with the same
+    seeds at every evaluation, so successive values differ only through the weights."""
+    samples = generate(cfg, roles, heldout, cfg.eval.heldout_samples, 0, "heldout", 0,
+                       cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens, temperature=1.0)
+    (samples,) = roles.teacher.call("score", samples, TeacherRequest("sampled"))
+    diff = torch.cat([torch.tensor(s.logprobs) - s.teacher["logprobs"] for s in samples])
+    return {"heldout/reverse_kl": diff.mean().item(),
+            "heldout/completion_tokens": diff.numel() / len(samples)}
+
+
+def learn(cfg: Config, roles: Roles, samples: list[Sample]) -> dict[str, float]:
+    """Shard the batch over the learner ranks and take one optimizer step."""
+    n = len(roles.learner)
+    global_tokens = sum(s.n_tokens for s in samples)
+    shards = [samples[r::n] for r in range(n)]
+    return roles.learner.call_each("train_step", [(s, global_tokens) for s in shards])[0]
+
+
+def save_checkpoint(ckpt: CheckpointDir, roles: Roles, cfg: Config, step: int,
+                    data: RunData) -> None:
+    tmp = ckpt.begin(step)
+    roles.learner.call("save_checkpoint", str(tmp / "learner"))
+    ckpt.commit(tmp, step, {"step": step, "data": data.train.state_dict(), "rng": rng_state(),
+                            "config": to_yaml(cfg)})
+
+
+def train(cfg: Config) -> Path:
+    run_dir = Path(cfg.run.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = CheckpointDir(run_dir / "checkpoints", cfg.checkpoint.keep_last)
+    resume = ckpt.latest() if cfg.run.resume else None
+    start = resume[1]["step"] if resume else 0
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    if start >= cfg.trainer.steps and (run_dir / "student").is_dir():
+        print(f"{run_dir}: already trained to step {start} (trainer.steps={cfg.trainer.steps})")
+        return run_dir
+
+    from transformers import AutoTokenizer
+
+    device = _device(cfg)
+    student, teacher = str(resolve_model(cfg.student.path)), str(resolve_model(cfg.teacher.path))
+    tokenizer = AutoTokenizer.from_pretrained(student)
+    if cfg.student.chat_template:
+        tokenizer.chat_template = cfg.student.chat_template
+    data = load_data(cfg, tokenizer)
+    request = build_objective(cfg.objective.name, cfg.objective.params,
+                              cfg.objective.import_path).teacher_request()
+
+    _init_ray(cfg)
+    check_fits(cfg, ray.cluster_resources())
+    roles = start_roles(cfg, student, teacher, device)
+    sync = DirWeightSync(roles.learner, roles.rollout, cfg.rollout.dtype)
+    log = MetricsLog(run_dir / "metrics.jsonl", start if resume else None)
+    try:
+        if resume:
+            roles.learner.call("load_checkpoint", str(resume[0] / "learner"))
+            data.train.load_state_dict(resume[1]["data"])
+            set_rng_state(resume[1]["rng"])
+            sync.push(version=start)
+        elif cfg.eval.every:
+            log.write(0, {**heldout_reverse_kl(cfg, roles, data.heldout),
+                          "data/dropped_prompts": data.dropped})
+
+        progress = Progress(cfg.trainer.steps, start, enabled=cfg.run.progress)
+        for step in range(start + 1, cfg.trainer.steps + 1):
+            t0 = time.perf_counter()
+            prompts = data.train.take(cfg.rollout.prompts_per_step)
+            samples = generate(cfg, roles, prompts, cfg.rollout.samples_per_prompt, step,
+                               "train", request.rollout_topk, cfg.rollout.max_new_tokens,
+                               cfg.rollout.temperature)
+            t1 = time.perf_counter()
+            (samples,) = roles.teacher.call("score", samples, request)
+            t2 = time.perf_counter()
+            metrics = learn(cfg, roles, samples)
+            t3 = time.perf_counter()
+            metrics.update(sync.push(version=step))
+            t4 = time.perf_counter()
+
+            tokens = sum(s.n_tokens for s in samples)
+            metrics.update({
+                "time/rollout": t1 - t0, "time/teacher": t2 - t1, "time/learn": t3 - t2,
+                "time/sync": t4 - t3, "time/step": t4 - t0,
+                "perf/tokens_per_s": tokens / (t4 - t0),
+                "perf/rollout_tokens_per_s": tokens / (t1 - t0),
+                "rollout/completion_tokens": tokens / len(samples),
+                "rollout/truncated": sum(s.finish_reason == "length" for s in samples)
+                / len(samples),
+                "rollout/policy_version": float(samples[0].policy_version),
+            })
+            if cfg.eval.every and step % cfg.eval.every == 0:
+                metrics.update(heldout_reverse_kl(cfg, roles, data.heldout))
+            log.write(step, metrics)  # before the checkpoint: a resume drops lines past it
+            last = step == cfg.trainer.steps
+            if last or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+                save_checkpoint(ckpt, roles, cfg, step, data)
+            progress.update(step, metrics)
+        progress.close()
+        if cfg.checkpoint.export_student:
+            roles.learner.call("save_pretrained", str(run_dir / "student"), student)
+    finally:
+        sync.close()
+        roles.shutdown()
+    return run_dir
+
+
+def _device(cfg: Config) -> str:
+    if cfg.run.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.run.device
+
+
+def _init_ray(cfg: Config) -> None:
+    if ray.is_initialized():
+        return
+    kwargs = {"address": cfg.cluster.address} if cfg.cluster.address else {
+        "num_cpus": cfg.cluster.num_cpus}
+    ray.init(**kwargs, log_to_driver=True, include_dashboard=False)

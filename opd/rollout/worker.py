@@ -1,0 +1,82 @@
+"""The rollout worker: a vLLM engine that samples completions with their log-probs.
+
+Each request carries its own seed (see `sample_seed`), so what a worker generates depends only
+on the weights and the request, not on batching or on which worker serves it. New weights
+arrive through the methods of `opd.sync.vllm_extension`, mixed into vLLM's workers; the prefix
+cache is reset after every update, since cached keys and values belong to the old weights.
+"""
+
+from __future__ import annotations
+
+import os
+
+from opd.config.schema import RolloutConfig
+from opd.rollout.batch import GenerationRequest
+
+EXTENSION = "opd.sync.vllm_extension.WeightSyncExtension"
+
+
+class RolloutWorker:
+    def __init__(self, model_path: str, cfg: RolloutConfig, seed: int, device: str = "cpu",
+                 gguf_file: str | None = None) -> None:
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        from vllm import LLM
+
+        self.cfg = cfg
+        model = os.path.join(model_path, gguf_file) if gguf_file else model_path
+        self.llm = LLM(
+            model=model,
+            tokenizer=model_path,
+            dtype=cfg.dtype,
+            seed=seed,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            max_model_len=cfg.max_model_len,
+            enforce_eager=cfg.enforce_eager,
+            worker_extension_cls=EXTENSION,
+            enable_sleep_mode=device == "cuda",
+            # log-probs of the distribution actually sampled from (after temperature, top-p)
+            logprobs_mode="processed_logprobs",
+        )
+        self.version = 0
+
+    def generate(self, requests: list[GenerationRequest], *, max_new_tokens: int,
+                 temperature: float, top_p: float, topk: int = 0) -> list[dict]:
+        """One completion per request: tokens, their log-probs, and the top-`topk` ids."""
+        from vllm import SamplingParams
+
+        params = [
+            SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
+                           seed=r.seed, logprobs=max(topk, 0))
+            for r in requests
+        ]
+        prompts = [{"prompt_token_ids": r.prompt_ids} for r in requests]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        results = []
+        for r, out in zip(requests, outputs):
+            c = out.outputs[0]
+            ids = list(c.token_ids)
+            logprobs = [pos[t].logprob for t, pos in zip(ids, c.logprobs)]
+            topk_ids = None
+            if topk:
+                topk_ids = [[t for t, lp in sorted(pos.items(), key=lambda kv: kv[1].rank)
+                             if lp.rank is not None and lp.rank <= topk][:topk]
+                            for pos in c.logprobs]
+            results.append({"key": r.key, "completion_ids": ids, "logprobs": logprobs,
+                            "topk_ids": topk_ids, "finish_reason": c.finish_reason,
+                            "policy_version": self.version})
+        return results
+
+    def load_weights_from_dir(self, path: str, version: int) -> int:
+        self.llm.collective_rpc("opd_load_from_dir", args=(path, version))
+        self.llm.reset_prefix_cache()
+        self.version = version
+        return version
+
+    def sleep(self) -> None:
+        self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        self.llm.wake_up()
+
+    def ping(self) -> int:
+        return self.version

@@ -1,0 +1,48 @@
+"""Learner -> rollout weight sync, versioned: every rollout records the version it sampled with.
+
+Transport `dir` (CPU, or a single host): learner rank 0 writes the weights as safetensors into
+a version folder in shared memory (`/dev/shm` when there is one), every rollout worker loads
+them in place through `WeightSyncExtension.opd_load_from_dir`, and the previous folder is
+removed. The GPU transport (NCCL broadcast into vLLM's workers) enters vLLM through the same
+extension and ends in the same `reload_weights` call.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from opd.cluster.group import ActorGroup
+
+
+def default_sync_root() -> Path:
+    shm = Path("/dev/shm")
+    base = shm if shm.is_dir() and shm.stat().st_mode & 0o002 else Path(tempfile.gettempdir())
+    return base / f"opd-sync-{uuid.uuid4().hex[:12]}"
+
+
+class DirWeightSync:
+    def __init__(self, learners: ActorGroup, rollouts: ActorGroup, dtype: str,
+                 root: Path | None = None) -> None:
+        self.learners, self.rollouts, self.dtype = learners, rollouts, dtype
+        self.root = root or default_sync_root()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.current: Path | None = None
+
+    def push(self, version: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        folder = self.root / f"v{version}"
+        nbytes = sum(self.learners.call("export_to_dir", str(folder), self.dtype))
+        t1 = time.perf_counter()
+        self.rollouts.call("load_weights_from_dir", str(folder), version)
+        t2 = time.perf_counter()
+        if self.current is not None and self.current != folder:
+            shutil.rmtree(self.current, ignore_errors=True)
+        self.current = folder
+        return {"sync/bytes": float(nbytes), "sync/export_s": t1 - t0, "sync/load_s": t2 - t1}
+
+    def close(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)

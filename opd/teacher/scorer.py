@@ -1,0 +1,98 @@
+"""The teacher scorer: a frozen transformers model that scores the student's own tokens.
+
+It re-renders each conversation under the teacher's chat template, appends the student's
+completion tokens, and returns exactly what the objective's `TeacherRequest` asks for. Sequences
+are packed into forward passes by a token budget; log-softmax runs in position chunks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from opd.config.schema import TeacherConfig
+from opd.data.prompts import render_ids
+from opd.learner.logprobs import final_hidden, full_logprobs, gather_positions, token_logprobs
+from opd.learner.worker import TORCH_DTYPES
+from opd.objectives.base import TeacherRequest
+from opd.rollout.batch import Sample, _pad
+
+
+def load_causal_lm(path: str, gguf_file: str | None, dtype: torch.dtype, device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def budget_batches(lengths: list[int], budget: int) -> list[list[int]]:
+    """Group indices, longest first, so that (rows x longest row) stays within `budget`."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches, current = [], []
+    for i in order:
+        if current and (len(current) + 1) * lengths[current[0]] > budget:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+class TeacherScorer:
+    def __init__(self, cfg: TeacherConfig, model_path: str, device: str = "cpu") -> None:
+        self.cfg = cfg
+        self.device = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
+        self.model, self.tokenizer = load_causal_lm(model_path, cfg.gguf_file,
+                                                    TORCH_DTYPES[cfg.dtype], self.device)
+        if cfg.chat_template:
+            self.tokenizer.chat_template = cfg.chat_template
+        self.version = 0
+
+    def prompt_ids(self, sample: Sample) -> list[int]:
+        return render_ids(self.tokenizer, sample.messages)
+
+    @torch.no_grad()
+    def score(self, samples: list[Sample], request: TeacherRequest) -> list[Sample]:
+        """Fill `sample.teacher` for every sample and return them."""
+        seqs = [self.prompt_ids(s) + s.completion_ids for s in samples]
+        for idx in budget_batches([len(s) for s in seqs], self.cfg.token_budget):
+            self._score_batch([samples[i] for i in idx], [seqs[i] for i in idx], request)
+        for s in samples:
+            s.teacher_version = self.version
+        return samples
+
+    def _score_batch(self, samples: list[Sample], seqs: list[list[int]],
+                     request: TeacherRequest) -> None:
+        d = self.device
+        rows = [torch.tensor(s, dtype=torch.long) for s in seqs]
+        L = max(len(r) for r in rows)
+        T = max(1, max(s.n_tokens for s in samples))
+        input_ids = _pad(rows, L).to(d)
+        attention = _pad([torch.ones(len(r), dtype=torch.long) for r in rows], L).to(d)
+        starts = [len(seq) - s.n_tokens for seq, s in zip(seqs, samples)]
+        positions = _pad([torch.arange(st - 1, st - 1 + s.n_tokens) for st, s in
+                          zip(starts, samples)], T).to(d)
+        targets = _pad([torch.tensor(s.completion_ids, dtype=torch.long) for s in samples],
+                       T).to(d)
+        ids = None
+        if request.signal == "at_ids":
+            ids = _pad([torch.tensor(s.topk_ids, dtype=torch.long).reshape(s.n_tokens, -1)
+                        for s in samples], T).to(d)
+        hidden = gather_positions(final_hidden(self.model, input_ids, attention), positions)
+        lp_BT, lp_BTK = token_logprobs(self.model, hidden, targets, ids_BTK=ids,
+                                       chunk=self.cfg.logprob_chunk_tokens)
+        lp_BTV = (full_logprobs(self.model, hidden, chunk=self.cfg.logprob_chunk_tokens)
+                  if request.signal == "full" else None)
+        for i, s in enumerate(samples):
+            n = s.n_tokens
+            s.teacher = {"logprobs": lp_BT[i, :n].cpu()}
+            if lp_BTK is not None:
+                s.teacher["logprobs_at_ids"] = lp_BTK[i, :n].cpu()
+            if lp_BTV is not None:
+                s.teacher["logprobs_full"] = lp_BTV[i, :n].cpu()
+
+    def ping(self) -> int:
+        return self.version
