@@ -38,8 +38,9 @@ def _wheel_prefix(name_version: str) -> str:
 def _find_wheel(folder: Path, prefix: str) -> Path | None:
     if not folder.is_dir():
         return None
-    hits = sorted(p for p in folder.iterdir() if p.name.lower().startswith(prefix)
-                  and p.name.endswith(".whl"))
+    hits = sorted(
+        p for p in folder.iterdir() if p.name.lower().startswith(prefix) and p.name.endswith(".whl")
+    )
     return hits[0] if hits else None
 
 
@@ -55,8 +56,18 @@ def download_wheel(name_version: str, cache: str | Path | None = None) -> Path:
         return found
     wheels.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=wheels, prefix=".download-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "-d", tmp, name_version]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "-d",
+            tmp,
+            name_version,
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(

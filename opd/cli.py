@@ -11,8 +11,10 @@ from opd.config import ConfigError, check_resources, load_config
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="opd", description="On-policy distillation.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (("train", "run a recipe (resumes from its latest checkpoint)"),
-                            ("validate", "check a recipe without starting anything")):
+    for name, help_text in (
+        ("train", "run a recipe (resumes from its latest checkpoint)"),
+        ("validate", "check a recipe without starting anything"),
+    ):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("recipe")
         p.add_argument("overrides", nargs="*", help="dotted.key=value")

@@ -38,9 +38,15 @@ def load_data(cfg: Config, tokenizer) -> RunData:
 
     def prompts(path: str):
         source = resolve_data(path)
-        return build_prompts(read_rows(source), tokenizer, prompt_field=d.prompt_field,
-                             id_field=d.id_field, system_prompt=d.system_prompt,
-                             max_prompt_tokens=d.max_prompt_tokens, source=str(source))
+        return build_prompts(
+            read_rows(source),
+            tokenizer,
+            prompt_field=d.prompt_field,
+            id_field=d.id_field,
+            system_prompt=d.system_prompt,
+            max_prompt_tokens=d.max_prompt_tokens,
+            source=str(source),
+        )
 
     train, dropped = prompts(d.train_path)
     n_held = cfg.eval.heldout_prompts
@@ -52,37 +58,73 @@ def load_data(cfg: Config, tokenizer) -> RunData:
     return RunData(PromptStream(train, cfg.run.seed, d.shuffle), heldout[:n_held], dropped)
 
 
-def generate(cfg: Config, roles: Roles, prompts: list[Prompt], samples_per_prompt: int,
-             step: int, stream: str, topk: int, max_new_tokens: int,
-             temperature: float) -> list[Sample]:
+def generate(
+    cfg: Config,
+    roles: Roles,
+    prompts: list[Prompt],
+    samples_per_prompt: int,
+    step: int,
+    stream: str,
+    topk: int,
+    max_new_tokens: int,
+    temperature: float,
+) -> list[Sample]:
     """n samples per prompt, seeded by (run.seed, step, prompt, sample), spread over workers."""
-    requests = [GenerationRequest(p.token_ids, sample_seed(cfg.run.seed, step, i, j, stream), (i, j))
-                for i, p in enumerate(prompts) for j in range(samples_per_prompt)]
+    requests = [
+        GenerationRequest(p.token_ids, sample_seed(cfg.run.seed, step, i, j, stream), (i, j))
+        for i, p in enumerate(prompts)
+        for j in range(samples_per_prompt)
+    ]
     n = len(roles.rollout)
     shards = [requests[w::n] for w in range(n)]
     results = roles.rollout.call_each(
-        "generate", [(s,) for s in shards], max_new_tokens=max_new_tokens,
-        temperature=temperature, top_p=cfg.rollout.top_p if stream == "train" else 1.0, topk=topk)
+        "generate",
+        [(s,) for s in shards],
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=cfg.rollout.top_p if stream == "train" else 1.0,
+        topk=topk,
+    )
     out = []
     for r in sorted((r for rs in results for r in rs), key=lambda r: r["key"]):
         p = prompts[r["key"][0]]
-        out.append(Sample(prompt_index=r["key"][0], sample_index=r["key"][1], prompt_id=p.id,
-                          messages=p.messages, prompt_ids=p.token_ids,
-                          completion_ids=r["completion_ids"], logprobs=r["logprobs"],
-                          finish_reason=r["finish_reason"], policy_version=r["policy_version"],
-                          topk_ids=r["topk_ids"]))
+        out.append(
+            Sample(
+                prompt_index=r["key"][0],
+                sample_index=r["key"][1],
+                prompt_id=p.id,
+                messages=p.messages,
+                prompt_ids=p.token_ids,
+                completion_ids=r["completion_ids"],
+                logprobs=r["logprobs"],
+                finish_reason=r["finish_reason"],
+                policy_version=r["policy_version"],
+                topk_ids=r["topk_ids"],
+            )
+        )
     return out
 
 
 def heldout_reverse_kl(cfg: Config, roles: Roles, heldout: list[Prompt]) -> dict[str, float]:
     """Mean per-token sampled estimate of KL(student || teacher) at temperature 1, with the same
     seeds at every evaluation, so successive values differ only through the weights."""
-    samples = generate(cfg, roles, heldout, cfg.eval.heldout_samples, 0, "heldout", 0,
-                       cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens, temperature=1.0)
+    samples = generate(
+        cfg,
+        roles,
+        heldout,
+        cfg.eval.heldout_samples,
+        0,
+        "heldout",
+        0,
+        cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
+        temperature=1.0,
+    )
     (samples,) = roles.teacher.call("score", samples, TeacherRequest("sampled"))
     diff = torch.cat([torch.tensor(s.logprobs) - s.teacher["logprobs"] for s in samples])
-    return {"heldout/reverse_kl": diff.mean().item(),
-            "heldout/completion_tokens": diff.numel() / len(samples)}
+    return {
+        "heldout/reverse_kl": diff.mean().item(),
+        "heldout/completion_tokens": diff.numel() / len(samples),
+    }
 
 
 def learn(cfg: Config, roles: Roles, samples: list[Sample]) -> dict[str, float]:
@@ -93,12 +135,16 @@ def learn(cfg: Config, roles: Roles, samples: list[Sample]) -> dict[str, float]:
     return roles.learner.call_each("train_step", [(s, global_tokens) for s in shards])[0]
 
 
-def save_checkpoint(ckpt: CheckpointDir, roles: Roles, cfg: Config, step: int,
-                    data: RunData) -> None:
+def save_checkpoint(
+    ckpt: CheckpointDir, roles: Roles, cfg: Config, step: int, data: RunData
+) -> None:
     tmp = ckpt.begin(step)
     roles.learner.call("save_checkpoint", str(tmp / "learner"))
-    ckpt.commit(tmp, step, {"step": step, "data": data.train.state_dict(), "rng": rng_state(),
-                            "config": to_yaml(cfg)})
+    ckpt.commit(
+        tmp,
+        step,
+        {"step": step, "data": data.train.state_dict(), "rng": rng_state(), "config": to_yaml(cfg)},
+    )
 
 
 def train(cfg: Config) -> Path:
@@ -120,8 +166,9 @@ def train(cfg: Config) -> Path:
     if cfg.student.chat_template:
         tokenizer.chat_template = cfg.student.chat_template
     data = load_data(cfg, tokenizer)
-    request = build_objective(cfg.objective.name, cfg.objective.params,
-                              cfg.objective.import_path).teacher_request()
+    request = build_objective(
+        cfg.objective.name, cfg.objective.params, cfg.objective.import_path
+    ).teacher_request()
 
     _init_ray(cfg)
     check_fits(cfg, ray.cluster_resources())
@@ -135,16 +182,29 @@ def train(cfg: Config) -> Path:
             set_rng_state(resume[1]["rng"])
             sync.push(version=start)
         elif cfg.eval.every:
-            log.write(0, {**heldout_reverse_kl(cfg, roles, data.heldout),
-                          "data/dropped_prompts": data.dropped})
+            log.write(
+                0,
+                {
+                    **heldout_reverse_kl(cfg, roles, data.heldout),
+                    "data/dropped_prompts": data.dropped,
+                },
+            )
 
         progress = Progress(cfg.trainer.steps, start, enabled=cfg.run.progress)
         for step in range(start + 1, cfg.trainer.steps + 1):
             t0 = time.perf_counter()
             prompts = data.train.take(cfg.rollout.prompts_per_step)
-            samples = generate(cfg, roles, prompts, cfg.rollout.samples_per_prompt, step,
-                               "train", request.rollout_topk, cfg.rollout.max_new_tokens,
-                               cfg.rollout.temperature)
+            samples = generate(
+                cfg,
+                roles,
+                prompts,
+                cfg.rollout.samples_per_prompt,
+                step,
+                "train",
+                request.rollout_topk,
+                cfg.rollout.max_new_tokens,
+                cfg.rollout.temperature,
+            )
             t1 = time.perf_counter()
             (samples,) = roles.teacher.call("score", samples, request)
             t2 = time.perf_counter()
@@ -154,16 +214,21 @@ def train(cfg: Config) -> Path:
             t4 = time.perf_counter()
 
             tokens = sum(s.n_tokens for s in samples)
-            metrics.update({
-                "time/rollout": t1 - t0, "time/teacher": t2 - t1, "time/learn": t3 - t2,
-                "time/sync": t4 - t3, "time/step": t4 - t0,
-                "perf/tokens_per_s": tokens / (t4 - t0),
-                "perf/rollout_tokens_per_s": tokens / (t1 - t0),
-                "rollout/completion_tokens": tokens / len(samples),
-                "rollout/truncated": sum(s.finish_reason == "length" for s in samples)
-                / len(samples),
-                "rollout/policy_version": float(samples[0].policy_version),
-            })
+            metrics.update(
+                {
+                    "time/rollout": t1 - t0,
+                    "time/teacher": t2 - t1,
+                    "time/learn": t3 - t2,
+                    "time/sync": t4 - t3,
+                    "time/step": t4 - t0,
+                    "perf/tokens_per_s": tokens / (t4 - t0),
+                    "perf/rollout_tokens_per_s": tokens / (t1 - t0),
+                    "rollout/completion_tokens": tokens / len(samples),
+                    "rollout/truncated": sum(s.finish_reason == "length" for s in samples)
+                    / len(samples),
+                    "rollout/policy_version": float(samples[0].policy_version),
+                }
+            )
             if cfg.eval.every and step % cfg.eval.every == 0:
                 metrics.update(heldout_reverse_kl(cfg, roles, data.heldout))
             log.write(step, metrics)  # before the checkpoint: a resume drops lines past it
@@ -189,6 +254,9 @@ def _device(cfg: Config) -> str:
 def _init_ray(cfg: Config) -> None:
     if ray.is_initialized():
         return
-    kwargs = {"address": cfg.cluster.address} if cfg.cluster.address else {
-        "num_cpus": cfg.cluster.num_cpus}
+    kwargs = (
+        {"address": cfg.cluster.address}
+        if cfg.cluster.address
+        else {"num_cpus": cfg.cluster.num_cpus}
+    )
     ray.init(**kwargs, log_to_driver=True, include_dashboard=False)

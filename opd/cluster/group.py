@@ -1,4 +1,4 @@
-"""A group of Ray actors of one role: fan a call out, gather the answers, name the role on failure."""
+"""A group of Ray actors of one role: fan a call out, gather, name the role on failure."""
 
 from __future__ import annotations
 
@@ -22,8 +22,9 @@ class ActorGroup:
         try:
             return ray.get(refs, timeout=self.timeout_s)
         except ray.exceptions.GetTimeoutError as e:
-            raise RoleError(f"{self.role}.{what} timed out after {self.timeout_s:.0f} s "
-                            "(cluster.timeout_s)") from e
+            raise RoleError(
+                f"{self.role}.{what} timed out after {self.timeout_s:.0f} s (cluster.timeout_s)"
+            ) from e
         except ray.exceptions.RayError as e:
             raise RoleError(f"{self.role}.{what} failed: {e}") from e
 
@@ -34,8 +35,9 @@ class ActorGroup:
 
     def call_each(self, method: str, per_actor_args: list[tuple], **kwargs) -> list[Any]:
         """Actor i gets `per_actor_args[i]`."""
-        refs = [getattr(h, method).remote(*a, **kwargs)
-                for h, a in zip(self.handles, per_actor_args)]
+        refs = [
+            getattr(h, method).remote(*a, **kwargs) for h, a in zip(self.handles, per_actor_args)
+        ]
         return self.gather(refs, method)
 
     def kill(self) -> None:

@@ -43,10 +43,13 @@ def check_fits(cfg: Config, available: dict[str, float]) -> None:
     for resource, amount in need.items():
         have = available.get(resource, 0)
         if amount > have + 1e-9:
-            parts = ", ".join(f"{role} {r[resource]:g}" for role, r in per_role.items()
-                              if r.get(resource))
-            raise ValueError(f"the recipe needs {amount:g} {resource} ({parts}) but the cluster "
-                             f"has {have:g}: lower <role>.num_{resource.lower()}s or num_workers")
+            parts = ", ".join(
+                f"{role} {r[resource]:g}" for role, r in per_role.items() if r.get(resource)
+            )
+            raise ValueError(
+                f"the recipe needs {amount:g} {resource} ({parts}) but the cluster "
+                f"has {have:g}: lower <role>.num_{resource.lower()}s or num_workers"
+            )
 
 
 def free_port() -> int:
@@ -60,8 +63,14 @@ def _address_and_port() -> tuple[str, int]:
     return ray.util.get_node_ip_address(), free_port()
 
 
-def spawn(role: str, cls, bundles: list[dict[str, float]], args_for, timeout_s: float,
-          max_restarts: int = 0) -> ActorGroup:
+def spawn(
+    role: str,
+    cls,
+    bundles: list[dict[str, float]],
+    args_for,
+    timeout_s: float,
+    max_restarts: int = 0,
+) -> ActorGroup:
     """Start one actor per bundle in a fresh placement group.
 
     `args_for(i, master)` gives actor i's (args, kwargs); `master` is an (address, port) on the
@@ -69,17 +78,28 @@ def spawn(role: str, cls, bundles: list[dict[str, float]], args_for, timeout_s: 
     """
     pg = placement_group(bundles, strategy="PACK")
     ray.get(pg.ready(), timeout=timeout_s)
-    master = ray.get(_address_and_port.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
-        placement_group=pg, placement_group_bundle_index=0)).remote(), timeout=timeout_s)
+    master = ray.get(
+        _address_and_port.options(
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement_group=pg, placement_group_bundle_index=0
+            )
+        ).remote(),
+        timeout=timeout_s,
+    )
     remote_cls = ray.remote(cls)
     handles = []
     for i, b in enumerate(bundles):
         args, kwargs = args_for(i, master)
-        handles.append(remote_cls.options(
-            num_cpus=b.get("CPU", 0), num_gpus=b.get("GPU", 0), max_restarts=max_restarts,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(
-                placement_group=pg, placement_group_bundle_index=i),
-        ).remote(*args, **kwargs))
+        handles.append(
+            remote_cls.options(
+                num_cpus=b.get("CPU", 0),
+                num_gpus=b.get("GPU", 0),
+                max_restarts=max_restarts,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=pg, placement_group_bundle_index=i
+                ),
+            ).remote(*args, **kwargs)
+        )
     group = ActorGroup(role, handles, timeout_s)
     group.call("ping")  # surface constructor errors here, named by role
     return group

@@ -29,18 +29,39 @@ def start_roles(cfg: Config, student_path: str, teacher_path: str, device: str) 
     timeout = cfg.cluster.timeout_s
     world = cfg.learner.num_workers
     learner = spawn(
-        "learner", Learner, bundles["learner"],
-        lambda i, master: ((i, world, master[0], master[1], student_path, cfg.learner,
-                            cfg.objective, cfg.trainer.steps, cfg.grad_accum_steps,
-                            cfg.run.seed, device), {}),
+        "learner",
+        Learner,
+        bundles["learner"],
+        lambda i, master: (
+            (
+                i,
+                world,
+                master[0],
+                master[1],
+                student_path,
+                cfg.learner,
+                cfg.objective,
+                cfg.trainer.steps,
+                cfg.grad_accum_steps,
+                cfg.run.seed,
+                device,
+            ),
+            {},
+        ),
         timeout,
     )
-    teacher = spawn("teacher", TeacherScorer, bundles["teacher"],
-                    lambda i, _: ((cfg.teacher, teacher_path, device), {}), timeout)
+    teacher = spawn(
+        "teacher",
+        TeacherScorer,
+        bundles["teacher"],
+        lambda i, _: ((cfg.teacher, teacher_path, device), {}),
+        timeout,
+    )
     rollout = spawn(
-        "rollout", RolloutWorker, bundles["rollout"],
-        lambda i, _: ((student_path, cfg.rollout, cfg.run.seed, device, cfg.student.gguf_file),
-                      {}),
+        "rollout",
+        RolloutWorker,
+        bundles["rollout"],
+        lambda i, _: ((student_path, cfg.rollout, cfg.run.seed, device, cfg.student.gguf_file), {}),
         timeout,
     )
     return Roles(rollout=rollout, teacher=teacher, learner=learner)

@@ -54,7 +54,9 @@ def to_yaml(cfg: Config) -> str:
 
 
 def from_yaml(text: str) -> Config:
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text)))
+    return OmegaConf.to_object(
+        OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
+    )
 
 
 def check_resources(cfg: Config) -> list[str]:
@@ -65,8 +67,9 @@ def check_resources(cfg: Config) -> list[str]:
 
     notes: list[str] = []
     try:
-        objective = build_objective(cfg.objective.name, cfg.objective.params,
-                                    cfg.objective.import_path)
+        objective = build_objective(
+            cfg.objective.name, cfg.objective.params, cfg.objective.import_path
+        )
     except ValueError as e:
         raise ConfigError(str(e)) from e
 

@@ -66,7 +66,9 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     dtype: str = "float32"
-    gpu_memory_utilization: float = 0.1  # on CPU, the fraction of RAM for the KV cache
+    gpu_memory_utilization: float = 0.1  # on GPU, the fraction of its memory vLLM may use
+    # KV-cache size; set it on CPU, where vLLM subtracts its own memory from the RAM fraction
+    kv_cache_memory_bytes: int | None = 512 * 2**20
     max_model_len: int = 1024
     enforce_eager: bool = True
     num_gpus: float = 0.0  # per worker

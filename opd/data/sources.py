@@ -12,8 +12,8 @@ REGISTRY_PREFIX = "registry:"
 
 def _mmath(source: str) -> Callable[[], Path]:
     def prepare() -> Path:
+        from opd.cache import cache_root
         from opd.data.registry_data import write_mmath_jsonl
-        from opd.models.registry import cache_root
 
         out = cache_root() / "data" / f"mmath-{source.lower()}.jsonl"
         return write_mmath_jsonl(out, sources=(source,))
@@ -21,7 +21,21 @@ def _mmath(source: str) -> Callable[[], Path]:
     return prepare
 
 
+def _tiny_prompts() -> Path:
+    import json
+
+    from opd.cache import atomic_write_bytes, cache_root
+    from opd.models.tiny import synthetic_prompts
+
+    path = cache_root() / "data" / "tiny-arithmetic.jsonl"
+    if not path.is_file():
+        rows = [{"id": f"tiny/{i}", "question": q} for i, q in enumerate(synthetic_prompts(256, 7))]
+        atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+    return path
+
+
 REGISTRY_DATA: dict[str, Callable[[], Path]] = {
+    "tiny-arithmetic": _tiny_prompts,
     "mmath-math500": _mmath("MATH500"),
     "mmath-aime2024": _mmath("AIME2024"),
 }
@@ -29,9 +43,11 @@ REGISTRY_DATA: dict[str, Callable[[], Path]] = {
 
 def resolve_data(path: str) -> Path:
     if path.startswith(REGISTRY_PREFIX):
-        name = path[len(REGISTRY_PREFIX):]
+        name = path[len(REGISTRY_PREFIX) :]
         if name not in REGISTRY_DATA:
-            raise ValueError(f"unknown data set {path!r}; registry data: {', '.join(REGISTRY_DATA)}")
+            raise ValueError(
+                f"unknown data set {path!r}; registry data: {', '.join(REGISTRY_DATA)}"
+            )
         return REGISTRY_DATA[name]()
     p = Path(path).expanduser()
     if not p.exists():
@@ -42,9 +58,11 @@ def resolve_data(path: str) -> Path:
 def check_data_source(path: str, prompt_field: str) -> str:
     """Check a local source's rows carry `prompt_field`; registry sets are checked by tests."""
     if path.startswith(REGISTRY_PREFIX):
-        name = path[len(REGISTRY_PREFIX):]
+        name = path[len(REGISTRY_PREFIX) :]
         if name not in REGISTRY_DATA:
-            raise ValueError(f"unknown data set {path!r}; registry data: {', '.join(REGISTRY_DATA)}")
+            raise ValueError(
+                f"unknown data set {path!r}; registry data: {', '.join(REGISTRY_DATA)}"
+            )
         return f"data: {path} (prepared on first use)"
     rows = read_rows(resolve_data(path))
     for i, row in enumerate(rows):

@@ -68,6 +68,8 @@ class CheckpointDir:
         path = self.root / pointer.read_text().strip()
         state_file = path / STATE
         if not state_file.is_file():
-            raise FileNotFoundError(f"{pointer} names {path}, which has no {STATE}: the "
-                                    "checkpoint is incomplete; remove the pointer to start over")
+            raise FileNotFoundError(
+                f"{pointer} names {path}, which has no {STATE}: the "
+                "checkpoint is incomplete; remove the pointer to start over"
+            )
         return path, json.loads(state_file.read_text())

@@ -11,18 +11,23 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from opd.objectives.base import at_least_fp32
+
 
 def final_hidden(model, input_ids_BL: Tensor, attention_mask_BL: Tensor) -> Tensor:
     """Last hidden states of a transformers CausalLM, before its LM head."""
-    out = model.base_model(input_ids=input_ids_BL, attention_mask=attention_mask_BL,
-                           use_cache=False)
+    out = model.base_model(
+        input_ids=input_ids_BL, attention_mask=attention_mask_BL, use_cache=False
+    )
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
 def head_logits(model, hidden: Tensor) -> Tensor:
     """LM head plus the output transforms some families apply (soft-capping, scaling)."""
     logits = model.get_output_embeddings()(hidden)
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cfg = (
+        model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    )
     scale = getattr(cfg, "logit_scale", None)
     if scale:
         logits = logits * scale
@@ -33,7 +38,7 @@ def head_logits(model, hidden: Tensor) -> Tensor:
 
 
 def _chunk_logprobs(model, hidden: Tensor, targets: Tensor, ids: Tensor | None):
-    logits = head_logits(model, hidden).float()
+    logits = at_least_fp32(head_logits(model, hidden))
     lse = torch.logsumexp(logits, dim=-1, keepdim=True)
     at_target = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse.squeeze(-1)
     at_ids = logits.gather(-1, ids) - lse if ids is not None else None
@@ -62,8 +67,11 @@ def token_logprobs(
     outs_t, outs_ids = [], []
     grad = torch.is_grad_enabled() and flat_h.requires_grad
     for i in range(0, B * T, chunk):
-        args = (flat_h[i : i + chunk], flat_t[i : i + chunk],
-                flat_ids[i : i + chunk] if flat_ids is not None else None)
+        args = (
+            flat_h[i : i + chunk],
+            flat_t[i : i + chunk],
+            flat_ids[i : i + chunk] if flat_ids is not None else None,
+        )
         if grad:
             lp_t, lp_ids = checkpoint(_chunk_logprobs, model, *args, use_reentrant=False)
         else:
@@ -79,6 +87,8 @@ def full_logprobs(model, hidden_BTH: Tensor, *, chunk: int = 1024) -> Tensor:
     """log-softmax over the whole vocabulary [B, T, V] (no grad: the teacher's `full` signal)."""
     B, T, H = hidden_BTH.shape
     flat = hidden_BTH.reshape(B * T, H)
-    parts = [torch.log_softmax(head_logits(model, flat[i : i + chunk]).float(), dim=-1)
-             for i in range(0, B * T, chunk)]
+    parts = [
+        torch.log_softmax(at_least_fp32(head_logits(model, flat[i : i + chunk])), dim=-1)
+        for i in range(0, B * T, chunk)
+    ]
     return torch.cat(parts).reshape(B, T, -1)

@@ -45,18 +45,35 @@ def _innermost_torch_optimizer(opt):
 
 
 class Learner:
-    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int,
-                 model_path: str, cfg: LearnerConfig, objective: ObjectiveConfig,
-                 total_steps: int, grad_accum_steps: int, seed: int, device: str) -> None:
-        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
-                          WORLD_SIZE=str(world_size), LOCAL_RANK="0")
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        master_addr: str,
+        master_port: int,
+        model_path: str,
+        cfg: LearnerConfig,
+        objective: ObjectiveConfig,
+        total_steps: int,
+        grad_accum_steps: int,
+        seed: int,
+        device: str,
+    ) -> None:
+        os.environ.update(
+            MASTER_ADDR=master_addr,
+            MASTER_PORT=str(master_port),
+            RANK=str(rank),
+            WORLD_SIZE=str(world_size),
+            LOCAL_RANK="0",
+        )
         import deepspeed
         from transformers import AutoModelForCausalLM
 
         self.rank, self.world_size, self.cfg = rank, world_size, cfg
         self.device = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
-        deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo",
-                                   auto_mpi_discovery=False)
+        deepspeed.init_distributed(
+            dist_backend="nccl" if device == "cuda" else "gloo", auto_mpi_discovery=False
+        )
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=TORCH_DTYPES[cfg.dtype])
         if cfg.gradient_checkpointing:
@@ -71,16 +88,24 @@ class Learner:
             "zero_optimization": {"stage": cfg.zero_stage},
             "bf16": {"enabled": cfg.dtype == "bfloat16"},
             "fp16": {"enabled": cfg.dtype == "float16"},
-            "optimizer": {"type": "AdamW", "params": {
-                "lr": cfg.lr, "betas": list(cfg.betas), "weight_decay": cfg.weight_decay,
-                "torch_adam": True}},
+            "optimizer": {
+                "type": "AdamW",
+                "params": {
+                    "lr": cfg.lr,
+                    "betas": list(cfg.betas),
+                    "weight_decay": cfg.weight_decay,
+                    "torch_adam": True,
+                },
+            },
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
         }
         schedule = lr_lambda(cfg.lr_schedule, cfg.warmup_steps, total_steps)
         self.engine, *_ = deepspeed.initialize(
-            model=model, model_parameters=model.parameters(), config=ds_config,
+            model=model,
+            model_parameters=model.parameters(),
+            config=ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
         )
         self.model = self.engine.module
@@ -103,8 +128,13 @@ class Learner:
         hidden = final_hidden(self.model, mb.input_ids_BL.to(d), mb.attention_mask_BL.to(d))
         hidden_BTH = gather_positions(hidden, mb.positions_BT.to(d))
         ids = mb.topk_ids_BTK.to(d) if self.request.signal == "at_ids" else None
-        lp_BT, lp_BTK = token_logprobs(self.model, hidden_BTH, mb.targets_BT.to(d), ids_BTK=ids,
-                                       chunk=self.cfg.logprob_chunk_tokens)
+        lp_BT, lp_BTK = token_logprobs(
+            self.model,
+            hidden_BTH,
+            mb.targets_BT.to(d),
+            ids_BTK=ids,
+            chunk=self.cfg.logprob_chunk_tokens,
+        )
         logits_BTV = None
         if self.request.signal == "full":
             from opd.learner.logprobs import head_logits
@@ -116,9 +146,14 @@ class Learner:
             logprobs_BTK=_to(mb.teacher_logprobs_BTK, d),
             logprobs_BTV=_to(mb.teacher_logprobs_BTV, d),
         )
-        return LossInputs(logprobs_BT=lp_BT, old_logprobs_BT=mb.old_logprobs_BT.to(d),
-                          mask_BT=mb.mask_BT.to(d), teacher=teacher,
-                          student_logprobs_BTK=lp_BTK, student_logits_BTV=logits_BTV)
+        return LossInputs(
+            logprobs_BT=lp_BT,
+            old_logprobs_BT=mb.old_logprobs_BT.to(d),
+            mask_BT=mb.mask_BT.to(d),
+            teacher=teacher,
+            student_logprobs_BTK=lp_BTK,
+            student_logits_BTV=logits_BTV,
+        )
 
     def train_step(self, samples: list[Sample], global_tokens: int) -> dict[str, float]:
         """One optimizer step over this rank's shard; `global_tokens` counts all ranks' tokens."""
@@ -143,8 +178,9 @@ class Learner:
         packed = torch.stack([loss_total] + [sums[k] for k in names]).cpu()
         dist.all_reduce(packed)
         metrics = {"train/loss": packed[0].item() / max(1, global_tokens)}
-        metrics.update({k: packed[j + 1].item() / max(1, global_tokens)
-                        for j, k in enumerate(names)})
+        metrics.update(
+            {k: packed[j + 1].item() / max(1, global_tokens) for j, k in enumerate(names)}
+        )
         norm = self.engine.get_global_grad_norm()
         metrics["train/grad_norm"] = float(norm) if norm is not None else float("nan")
         metrics["train/lr"] = self.engine.get_lr()[0]
@@ -202,13 +238,17 @@ class Learner:
             AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(path)
 
     def save_checkpoint(self, directory: str) -> None:
-        self.engine.save_checkpoint(directory, tag="learner", client_state={
-            "skipped_steps": self.skipped_steps}, save_latest=False)
+        self.engine.save_checkpoint(
+            directory,
+            tag="learner",
+            client_state={"skipped_steps": self.skipped_steps},
+            save_latest=False,
+        )
 
     def load_checkpoint(self, directory: str) -> None:
-        _, client = self.engine.load_checkpoint(directory, tag="learner",
-                                                load_optimizer_states=True,
-                                                load_lr_scheduler_states=True)
+        _, client = self.engine.load_checkpoint(
+            directory, tag="learner", load_optimizer_states=True, load_lr_scheduler_states=True
+        )
         if client is None:
             raise FileNotFoundError(f"no learner checkpoint in {directory}")
         self.skipped_steps = client.get("skipped_steps", 0)

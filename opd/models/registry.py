@@ -113,7 +113,9 @@ def _load_dequantized(gguf: Path):
     # `dequantize=True` makes transformers unpack every weight and drop the quantization config
     # itself; without it the model keeps `hf_quantizer` and `save_pretrained` refuses to run.
     model = AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=name, dtype=torch.float32,
+        folder,
+        gguf_file=name,
+        dtype=torch.float32,
         quantization_config=GgufConfig(dequantize=True),
     )
     if getattr(model, "hf_quantizer", None) is not None:  # older or other transformers paths
@@ -148,7 +150,7 @@ def _per_layer_key(name: str) -> tuple[int, str] | None:
     match = re.search(r"(^|\.)layers\.(\d+)\.", name)
     if match is None:
         return None
-    return int(match.group(2)), name[: match.start(2)] + "{}" + name[match.end(2):]
+    return int(match.group(2)), name[: match.start(2)] + "{}" + name[match.end(2) :]
 
 
 def _keep_layers(state: dict[str, torch.Tensor], kept: list[int]) -> dict[str, torch.Tensor]:

@@ -25,15 +25,29 @@ def _smollm2_keep3() -> Path:
     return prepare_layer_dropped(prepare_smollm2(), keep_every=3)
 
 
+def _tiny(role: str) -> Callable[[], Path]:
+    """Tiny models built on the fly (tests, CPU smoke runs): a trained teacher, a random student."""
+
+    def prepare() -> Path:
+        from opd.cache import build_folder, cache_root
+        from opd.models.tiny import build_pair
+
+        return build_folder(cache_root() / "models" / "tiny-v1", build_pair) / role
+
+    return prepare
+
+
 # name -> (prepare function, facts known without preparing)
 REGISTRY_MODELS: dict[str, tuple[Callable[[], Path], dict]] = {
+    "tiny-teacher": (_tiny("teacher"), {"vocab_size": 384, "num_hidden_layers": 2}),
+    "tiny-student": (_tiny("student"), {"vocab_size": 384, "num_hidden_layers": 2}),
     "smollm2-135m-instruct": (_smollm2, {"vocab_size": 49152, "num_hidden_layers": 30}),
     "smollm2-135m-instruct-keep3": (_smollm2_keep3, {"vocab_size": 49152, "num_hidden_layers": 10}),
 }
 
 
 def _registry_entry(path: str) -> tuple[Callable[[], Path], dict]:
-    name = path[len(REGISTRY_PREFIX):]
+    name = path[len(REGISTRY_PREFIX) :]
     if name not in REGISTRY_MODELS:
         raise ValueError(f"unknown model {path!r}; registry models: {', '.join(REGISTRY_MODELS)}")
     return REGISTRY_MODELS[name]

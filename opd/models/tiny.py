@@ -121,8 +121,10 @@ def train_teacher(model_dir: str | Path, steps: int = 150, lr: float = 3e-3, see
         question, answer = line.split("? ", 1)
         texts.append(
             tok.apply_chat_template(
-                [{"role": "user", "content": question + "?"},
-                 {"role": "assistant", "content": answer}],
+                [
+                    {"role": "user", "content": question + "?"},
+                    {"role": "assistant", "content": answer},
+                ],
                 tokenize=False,
             )
         )
@@ -137,15 +139,21 @@ def train_teacher(model_dir: str | Path, steps: int = 150, lr: float = 3e-3, see
         opt.step()
         opt.zero_grad()
     model.save_pretrained(str(model_dir), safe_serialization=True)
-    return float(loss)
+    return loss.item()
 
 
-def build_pair(root: str | Path, teacher_steps: int = 150) -> tuple[Path, Path]:
-    """A trained tiny teacher and a random-init student sharing one tokenizer."""
+def build_pair(root: str | Path, teacher_steps: int = 200) -> tuple[Path, Path]:
+    """A trained 4-layer teacher and a student made of its layers 0 and 2 (one tokenizer).
+
+    The same recipe as the quickstart's real pair: a shallower copy of the teacher has the
+    right embeddings and a real gap to close, so on-policy samples carry signal from step 0.
+    """
+    from opd.models.registry import prepare_layer_dropped
+
     root = Path(root)
     tok_dir, teacher, student = root / "tokenizer", root / "teacher", root / "student"
     build_tokenizer(tok_dir)
-    build_model(teacher, tok_dir, seed=1)
+    build_model(teacher, tok_dir, layers=4, seed=1)
     train_teacher(teacher, steps=teacher_steps)
-    build_model(student, tok_dir, seed=2)
+    prepare_layer_dropped(teacher, keep_every=2, out=student)
     return teacher, student

@@ -36,13 +36,17 @@ def objective_class(name: str, import_path: str | None = None) -> type:
     if import_path:
         module_name, _, attr = import_path.partition(":")
         if not attr:
-            raise ValueError(f"objective.import_path={import_path!r} must look like 'pkg.mod:Class'")
+            raise ValueError(
+                f"objective.import_path={import_path!r} must look like 'pkg.mod:Class'"
+            )
         try:
             return getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as e:
             raise ValueError(f"objective.import_path={import_path!r}: {e}") from e
     if name not in REGISTRY:
-        raise ValueError(f"objective.name={name!r} is unknown; valid: {', '.join(sorted(REGISTRY))}")
+        raise ValueError(
+            f"objective.name={name!r} is unknown; valid: {', '.join(sorted(REGISTRY))}"
+        )
     return REGISTRY[name]
 
 

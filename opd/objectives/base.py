@@ -12,9 +12,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Protocol
 
+import torch
 from torch import Tensor
 
 Signal = Literal["sampled", "at_ids", "full"]
+
+
+def at_least_fp32(x: Tensor) -> Tensor:
+    """Upcast bf16/fp16 to fp32 for softmax-type math; leave fp32 and fp64 as they are."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 @dataclass(frozen=True)

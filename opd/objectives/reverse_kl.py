@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from opd.objectives.base import LossInputs, LossOutput, TeacherRequest
+from opd.objectives.base import LossInputs, LossOutput, TeacherRequest, at_least_fp32
 
 ESTIMATORS = ("sampled", "topk", "full")
 _TAIL_FLOOR = 1e-6
@@ -67,13 +67,9 @@ def topk_reverse_kl(student_lp_BTK: Tensor, teacher_lp_BTK: Tensor) -> Tensor:
     return kl + p_tail * (p_tail.log() - q_tail.log())
 
 
-def _at_least_fp32(x: Tensor) -> Tensor:
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
 def _full_kl_chunk(student_logits: Tensor, teacher_lp: Tensor) -> Tensor:
-    s = torch.log_softmax(_at_least_fp32(student_logits), dim=-1)
-    return (s.exp() * (s - _at_least_fp32(teacher_lp))).sum(-1)
+    s = torch.log_softmax(at_least_fp32(student_logits), dim=-1)
+    return (s.exp() * (s - at_least_fp32(teacher_lp))).sum(-1)
 
 
 def full_reverse_kl(student_logits_BTV: Tensor, teacher_lp_BTV: Tensor, chunk: int) -> Tensor:
@@ -132,17 +128,20 @@ class ReverseKL:
         else:
             if x.student_logits_BTV is None or x.teacher.logprobs_BTV is None:
                 raise ValueError("reverse_kl full needs student logits and teacher log-probs")
-            kl_BT = full_reverse_kl(x.student_logits_BTV, x.teacher.logprobs_BTV,
-                                    p.full_chunk_tokens)
+            kl_BT = full_reverse_kl(
+                x.student_logits_BTV, x.teacher.logprobs_BTV, p.full_chunk_tokens
+            )
             loss_sum = (kl_BT * mask).sum()
             metrics["reverse_kl/analytic_kl"] = (kl_BT.detach() * mask).sum()
-            metrics.update(_topk_overlap(x.student_logits_BTV.detach(),
-                                         x.teacher.logprobs_BTV, mask, k=8))
+            metrics.update(
+                _topk_overlap(x.student_logits_BTV.detach(), x.teacher.logprobs_BTV, mask, k=8)
+            )
         return LossOutput(loss_sum=loss_sum, n_tokens=n_tokens, metrics=metrics)
 
 
-def _topk_overlap(student_logits_BTV: Tensor, teacher_lp_BTV: Tensor, mask_BT: Tensor,
-                  k: int) -> dict[str, Tensor]:
+def _topk_overlap(
+    student_logits_BTV: Tensor, teacher_lp_BTV: Tensor, mask_BT: Tensor, k: int
+) -> dict[str, Tensor]:
     """Health metrics: each side's top-k mass and the fraction of shared top-k ids."""
     k = min(k, student_logits_BTV.shape[-1])
     s_lp = torch.log_softmax(student_logits_BTV.float(), -1)

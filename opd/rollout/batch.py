@@ -9,8 +9,9 @@ import torch
 from torch import Tensor
 
 
-def sample_seed(run_seed: int, step: int, prompt_index: int, sample_index: int,
-                stream: str = "train") -> int:
+def sample_seed(
+    run_seed: int, step: int, prompt_index: int, sample_index: int, stream: str = "train"
+) -> int:
     """The sampling seed of one completion: a pure function of where it sits in the run."""
     key = f"{stream}/{run_seed}/{step}/{prompt_index}/{sample_index}".encode()
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") % (2**31 - 1)
@@ -71,8 +72,9 @@ def collate(samples: list[Sample], pad_id: int = 0) -> MicroBatch:
     seqs = [torch.tensor(s.prompt_ids + s.completion_ids, dtype=torch.long) for s in samples]
     L = max(len(s) for s in seqs)
     T = max(1, max(s.n_tokens for s in samples))
-    positions = [torch.arange(len(s.prompt_ids) - 1, len(s.prompt_ids) - 1 + s.n_tokens)
-                 for s in samples]
+    positions = [
+        torch.arange(len(s.prompt_ids) - 1, len(s.prompt_ids) - 1 + s.n_tokens) for s in samples
+    ]
 
     def col(fn, dtype=torch.float32):
         return _pad([torch.as_tensor(fn(s), dtype=dtype) for s in samples], T)
@@ -87,8 +89,9 @@ def collate(samples: list[Sample], pad_id: int = 0) -> MicroBatch:
         teacher_logprobs_BT=col(lambda s: s.teacher["logprobs"]),
     )
     if samples[0].topk_ids is not None:
-        batch.topk_ids_BTK = _pad([torch.tensor(s.topk_ids, dtype=torch.long).reshape(
-            s.n_tokens, -1) for s in samples], T)
+        batch.topk_ids_BTK = _pad(
+            [torch.tensor(s.topk_ids, dtype=torch.long).reshape(s.n_tokens, -1) for s in samples], T
+        )
     if "logprobs_at_ids" in samples[0].teacher:
         batch.teacher_logprobs_BTK = _pad([s.teacher["logprobs_at_ids"] for s in samples], T)
     if "logprobs_full" in samples[0].teacher:

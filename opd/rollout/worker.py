@@ -17,8 +17,14 @@ EXTENSION = "opd.sync.vllm_extension.WeightSyncExtension"
 
 
 class RolloutWorker:
-    def __init__(self, model_path: str, cfg: RolloutConfig, seed: int, device: str = "cpu",
-                 gguf_file: str | None = None) -> None:
+    def __init__(
+        self,
+        model_path: str,
+        cfg: RolloutConfig,
+        seed: int,
+        device: str = "cpu",
+        gguf_file: str | None = None,
+    ) -> None:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM
 
@@ -30,6 +36,7 @@ class RolloutWorker:
             dtype=cfg.dtype,
             seed=seed,
             gpu_memory_utilization=cfg.gpu_memory_utilization,
+            kv_cache_memory_bytes=cfg.kv_cache_memory_bytes,
             max_model_len=cfg.max_model_len,
             enforce_eager=cfg.enforce_eager,
             worker_extension_cls=EXTENSION,
@@ -39,14 +46,26 @@ class RolloutWorker:
         )
         self.version = 0
 
-    def generate(self, requests: list[GenerationRequest], *, max_new_tokens: int,
-                 temperature: float, top_p: float, topk: int = 0) -> list[dict]:
+    def generate(
+        self,
+        requests: list[GenerationRequest],
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        topk: int = 0,
+    ) -> list[dict]:
         """One completion per request: tokens, their log-probs, and the top-`topk` ids."""
         from vllm import SamplingParams
 
         params = [
-            SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
-                           seed=r.seed, logprobs=max(topk, 0))
+            SamplingParams(
+                temperature=temperature,
+                top_p=top_p,
+                max_tokens=max_new_tokens,
+                seed=r.seed,
+                logprobs=max(topk, 0),
+            )
             for r in requests
         ]
         prompts = [{"prompt_token_ids": r.prompt_ids} for r in requests]
@@ -58,12 +77,24 @@ class RolloutWorker:
             logprobs = [pos[t].logprob for t, pos in zip(ids, c.logprobs)]
             topk_ids = None
             if topk:
-                topk_ids = [[t for t, lp in sorted(pos.items(), key=lambda kv: kv[1].rank)
-                             if lp.rank is not None and lp.rank <= topk][:topk]
-                            for pos in c.logprobs]
-            results.append({"key": r.key, "completion_ids": ids, "logprobs": logprobs,
-                            "topk_ids": topk_ids, "finish_reason": c.finish_reason,
-                            "policy_version": self.version})
+                topk_ids = [
+                    [
+                        t
+                        for t, lp in sorted(pos.items(), key=lambda kv: kv[1].rank)
+                        if lp.rank is not None and lp.rank <= topk
+                    ][:topk]
+                    for pos in c.logprobs
+                ]
+            results.append(
+                {
+                    "key": r.key,
+                    "completion_ids": ids,
+                    "logprobs": logprobs,
+                    "topk_ids": topk_ids,
+                    "finish_reason": c.finish_reason,
+                    "policy_version": self.version,
+                }
+            )
         return results
 
     def load_weights_from_dir(self, path: str, version: int) -> int:

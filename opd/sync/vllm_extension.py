@@ -32,13 +32,14 @@ class WeightSyncExtension:
         self.opd_version = version
         return version
 
-    def opd_init_weight_group(self, master_address: str, master_port: int, rank_offset: int,
-                              world_size: int) -> None:
+    def opd_init_weight_group(
+        self, master_address: str, master_port: int, rank_offset: int, world_size: int
+    ) -> None:
         import torch.distributed as dist
 
         rank = rank_offset + dist.get_rank() if dist.is_initialized() else rank_offset
-        from vllm.distributed.utils import StatelessProcessGroup
         from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+        from vllm.distributed.utils import StatelessProcessGroup
 
         group = StatelessProcessGroup.create(
             host=master_address, port=master_port, rank=rank, world_size=world_size

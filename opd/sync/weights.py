@@ -25,8 +25,9 @@ def default_sync_root() -> Path:
 
 
 class DirWeightSync:
-    def __init__(self, learners: ActorGroup, rollouts: ActorGroup, dtype: str,
-                 root: Path | None = None) -> None:
+    def __init__(
+        self, learners: ActorGroup, rollouts: ActorGroup, dtype: str, root: Path | None = None
+    ) -> None:
         self.learners, self.rollouts, self.dtype = learners, rollouts, dtype
         self.root = root or default_sync_root()
         self.root.mkdir(parents=True, exist_ok=True)

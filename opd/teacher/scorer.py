@@ -45,8 +45,9 @@ class TeacherScorer:
     def __init__(self, cfg: TeacherConfig, model_path: str, device: str = "cpu") -> None:
         self.cfg = cfg
         self.device = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
-        self.model, self.tokenizer = load_causal_lm(model_path, cfg.gguf_file,
-                                                    TORCH_DTYPES[cfg.dtype], self.device)
+        self.model, self.tokenizer = load_causal_lm(
+            model_path, cfg.gguf_file, TORCH_DTYPES[cfg.dtype], self.device
+        )
         if cfg.chat_template:
             self.tokenizer.chat_template = cfg.chat_template
         self.version = 0
@@ -64,8 +65,9 @@ class TeacherScorer:
             s.teacher_version = self.version
         return samples
 
-    def _score_batch(self, samples: list[Sample], seqs: list[list[int]],
-                     request: TeacherRequest) -> None:
+    def _score_batch(
+        self, samples: list[Sample], seqs: list[list[int]], request: TeacherRequest
+    ) -> None:
         d = self.device
         rows = [torch.tensor(s, dtype=torch.long) for s in seqs]
         L = max(len(r) for r in rows)
@@ -73,19 +75,28 @@ class TeacherScorer:
         input_ids = _pad(rows, L).to(d)
         attention = _pad([torch.ones(len(r), dtype=torch.long) for r in rows], L).to(d)
         starts = [len(seq) - s.n_tokens for seq, s in zip(seqs, samples)]
-        positions = _pad([torch.arange(st - 1, st - 1 + s.n_tokens) for st, s in
-                          zip(starts, samples)], T).to(d)
-        targets = _pad([torch.tensor(s.completion_ids, dtype=torch.long) for s in samples],
-                       T).to(d)
+        positions = _pad(
+            [torch.arange(st - 1, st - 1 + s.n_tokens) for st, s in zip(starts, samples)], T
+        ).to(d)
+        targets = _pad([torch.tensor(s.completion_ids, dtype=torch.long) for s in samples], T).to(d)
         ids = None
         if request.signal == "at_ids":
-            ids = _pad([torch.tensor(s.topk_ids, dtype=torch.long).reshape(s.n_tokens, -1)
-                        for s in samples], T).to(d)
+            ids = _pad(
+                [
+                    torch.tensor(s.topk_ids, dtype=torch.long).reshape(s.n_tokens, -1)
+                    for s in samples
+                ],
+                T,
+            ).to(d)
         hidden = gather_positions(final_hidden(self.model, input_ids, attention), positions)
-        lp_BT, lp_BTK = token_logprobs(self.model, hidden, targets, ids_BTK=ids,
-                                       chunk=self.cfg.logprob_chunk_tokens)
-        lp_BTV = (full_logprobs(self.model, hidden, chunk=self.cfg.logprob_chunk_tokens)
-                  if request.signal == "full" else None)
+        lp_BT, lp_BTK = token_logprobs(
+            self.model, hidden, targets, ids_BTK=ids, chunk=self.cfg.logprob_chunk_tokens
+        )
+        lp_BTV = (
+            full_logprobs(self.model, hidden, chunk=self.cfg.logprob_chunk_tokens)
+            if request.signal == "full"
+            else None
+        )
         for i, s in enumerate(samples):
             n = s.n_tokens
             s.teacher = {"logprobs": lp_BT[i, :n].cpu()}

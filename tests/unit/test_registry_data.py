@@ -129,7 +129,7 @@ def test_layer_dropped_keeps_layers_0_and_3(tiny_six_layers):
         names = [k for k in src if k.startswith(prefix_old)]
         assert names
         for name in names:
-            assert torch.equal(dst[prefix_new + name[len(prefix_old):]], src[name]), name
+            assert torch.equal(dst[prefix_new + name[len(prefix_old) :]], src[name]), name
     assert not any(k.startswith("model.layers.2.") for k in dst)
     for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
         assert torch.equal(dst[name], src[name])
@@ -137,9 +137,12 @@ def test_layer_dropped_keeps_layers_0_and_3(tiny_six_layers):
     model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
     assert model.config.num_hidden_layers == 2 and len(model.model.layers) == 2
     tok = AutoTokenizer.from_pretrained(str(out))
-    ids = tok.apply_chat_template([{"role": "user", "content": "tom has 2 apples"}],
-                                  add_generation_prompt=True, return_tensors="pt",
-                                  return_dict=True)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "tom has 2 apples"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     generated = model.generate(**ids, max_new_tokens=4, do_sample=False)
     assert generated.shape[1] > ids["input_ids"].shape[1]
 
@@ -152,9 +155,14 @@ def test_layer_dropped_slices_layer_types(tmp_path, tiny_six_layers):
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     config = Qwen2Config(
-        vocab_size=400, hidden_size=128, intermediate_size=256, num_hidden_layers=6,
-        num_attention_heads=2, num_key_value_heads=2,
-        layer_types=["full_attention", "sliding_attention"] * 3, sliding_window=16,
+        vocab_size=400,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=6,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        layer_types=["full_attention", "sliding_attention"] * 3,
+        sliding_window=16,
     )
     src = tmp_path / "qwen"
     AutoModelForCausalLM.from_config(config).save_pretrained(str(src))
@@ -178,10 +186,14 @@ def test_layer_dropped_names_a_bad_source(tmp_path):
 
 def test_installed_gguf_is_found_without_import(tmp_path, monkeypatch):
     (tmp_path / registry.SMOLLM2_GGUF).write_bytes(b"GGUF")
-    spec = types.SimpleNamespace(submodule_search_locations=[str(tmp_path)],
-                                 origin=str(tmp_path / "__init__.py"))
-    monkeypatch.setattr(registry.importlib.util, "find_spec",
-                        lambda name: spec if name == registry.SMOLLM2_MODULE else None)
+    spec = types.SimpleNamespace(
+        submodule_search_locations=[str(tmp_path)], origin=str(tmp_path / "__init__.py")
+    )
+    monkeypatch.setattr(
+        registry.importlib.util,
+        "find_spec",
+        lambda name: spec if name == registry.SMOLLM2_MODULE else None,
+    )
     assert registry.smollm2_gguf_path(tmp_path / "cache") == tmp_path / registry.SMOLLM2_GGUF
 
 
@@ -199,9 +211,11 @@ def test_smollm2_prepares_and_answers():
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
     ids = tok.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
-        add_generation_prompt=True, return_tensors="pt", return_dict=True,
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
     )
     assert ids["input_ids"][0, 0].item() == tok.convert_tokens_to_ids("<|im_start|>")
     out = model.generate(**ids, max_new_tokens=16, do_sample=False)
-    answer = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    answer = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer

@@ -73,8 +73,9 @@ def test_full_matches_brute_force_value_and_grad():
         logprobs_BT=torch.log_softmax(s_logits, -1)[..., 0],
         old_logprobs_BT=torch.zeros(B, T, dtype=torch.float64),
         mask_BT=mask,
-        teacher=TeacherScores(logprobs_BT=t_lp.gather(-1, ids[..., None])[..., 0],
-                              logprobs_BTV=t_lp),
+        teacher=TeacherScores(
+            logprobs_BT=t_lp.gather(-1, ids[..., None])[..., 0], logprobs_BTV=t_lp
+        ),
         student_logits_BTV=s_logits,
     )
     out = obj(x)
@@ -103,8 +104,9 @@ def test_topk_with_whole_vocab_equals_full_and_tail_is_counted():
             logprobs_BT=s_lp[..., 0],
             old_logprobs_BT=s_lp[..., 0],
             mask_BT=mask,
-            teacher=TeacherScores(logprobs_BT=t_lp[..., 0], ids_BTK=ids,
-                                  logprobs_BTK=t_lp.gather(-1, ids)),
+            teacher=TeacherScores(
+                logprobs_BT=t_lp[..., 0], ids_BTK=ids, logprobs_BTK=t_lp.gather(-1, ids)
+            ),
             student_logprobs_BTK=s_at,
         )
         return obj(x), ids, s_at

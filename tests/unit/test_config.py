@@ -1,0 +1,85 @@
+"""Recipes load strictly; every shipped recipe validates; bad input names the key or file."""
+
+from pathlib import Path
+
+import pytest
+
+from opd.cli import main
+from opd.config import ConfigError, check_resources, from_yaml, load_config, to_yaml
+
+RECIPES = sorted(Path(__file__).parents[2].joinpath("recipes").rglob("*.yaml"))
+
+
+def test_there_are_recipes():
+    assert any(p.name == "quickstart.yaml" for p in RECIPES)
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(p.parents[1])))
+def test_shipped_recipe_loads_and_opens_with_its_command(recipe):
+    cfg = load_config(recipe)
+    first = recipe.read_text().splitlines()[0]
+    assert first.startswith("# opd train recipes/"), f"{recipe} must open with its command"
+    assert str(recipe).endswith(first.split()[-1])
+    check_resources(cfg)  # registry sources are named, not fetched
+    assert from_yaml(to_yaml(cfg)) == cfg
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_unknown_key_is_named_with_suggestion(tmp_path):
+    p = _write(
+        tmp_path,
+        "student: {path: x}\nteacher: {path: y}\ndata: {train_path: z}\nlearner: {lrr: 1}\n",
+    )
+    with pytest.raises(ConfigError, match=r"lrr.*Did you mean"):
+        load_config(p)
+
+
+def test_wrong_type_is_named(tmp_path):
+    p = _write(tmp_path, "trainer: {steps: many}\n")
+    with pytest.raises(ConfigError, match="steps"):
+        load_config(p)
+
+
+def test_micro_batch_must_divide_batch(tmp_path):
+    p = _write(
+        tmp_path,
+        "student: {path: x}\nteacher: {path: y}\ndata: {train_path: z}\n"
+        "rollout: {prompts_per_step: 6}\nlearner: {micro_batch_size: 4}\n",
+    )
+    with pytest.raises(ConfigError, match="micro_batch_size=4"):
+        load_config(p)
+
+
+def test_override_and_missing_files(tmp_path, tiny_pair):
+    recipe = Path(__file__).parents[2] / "recipes/reverse_kl/tiny.yaml"
+    ok = [f"student.path={tiny_pair['student']}", f"teacher.path={tiny_pair['teacher']}"]
+    cfg = load_config(recipe, ok + ["trainer.steps=3"])
+    assert cfg.trainer.steps == 3
+    check_resources(cfg)
+    with pytest.raises(ConfigError, match="teacher.path: model not found"):
+        check_resources(load_config(recipe, ["teacher.path=/nope"]))
+    with pytest.raises(ConfigError, match="data.train_path: data not found"):
+        check_resources(load_config(recipe, ok + ["data.train_path=/nope.jsonl"]))
+    with pytest.raises(ConfigError, match="exceeds the student's vocabulary"):
+        check_resources(
+            load_config(
+                recipe, ok + ["objective.params.estimator=topk", "objective.params.k=100000"]
+            )
+        )
+    with pytest.raises(ConfigError, match="objective.name='nope' is unknown"):
+        check_resources(load_config(recipe, ok + ["objective.name=nope"]))
+
+
+def test_cli_validate_exit_codes(tmp_path, capsys, tiny_pair):
+    recipe = "recipes/reverse_kl/tiny.yaml"
+    root = Path(__file__).parents[2]
+    ok = [f"student.path={tiny_pair['student']}", f"teacher.path={tiny_pair['teacher']}"]
+    assert main(["validate", str(root / recipe), *ok]) == 0
+    assert main(["validate", str(root / recipe), *ok, "rollout.top_p=2"]) == 2
+    assert "rollout.top_p" in capsys.readouterr().err
+    assert main(["validate", str(tmp_path / "missing.yaml")]) == 2
