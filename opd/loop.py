@@ -21,7 +21,7 @@ from opd.objectives import build_objective
 from opd.objectives.base import TeacherRequest
 from opd.progress import Progress
 from opd.rollout.batch import GenerationRequest, Sample, sample_seed
-from opd.sync.weights import DirWeightSync
+from opd.sync.weights import make_weight_sync
 
 
 @dataclass
@@ -173,7 +173,8 @@ def train(cfg: Config) -> Path:
     _init_ray(cfg)
     check_fits(cfg, ray.cluster_resources())
     roles = start_roles(cfg, student, teacher, device)
-    sync = DirWeightSync(roles.learner, roles.rollout, cfg.rollout.dtype)
+    sync = make_weight_sync(cfg.rollout.weight_sync, device, roles.learner, roles.rollout,
+                            cfg.rollout.dtype)
     log = MetricsLog(run_dir / "metrics.jsonl", start if resume else None)
     try:
         if resume:

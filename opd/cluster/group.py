@@ -12,8 +12,9 @@ class RoleError(RuntimeError):
 
 
 class ActorGroup:
-    def __init__(self, role: str, handles: list, timeout_s: float) -> None:
+    def __init__(self, role: str, handles: list, timeout_s: float, placement_group=None) -> None:
         self.role, self.handles, self.timeout_s = role, handles, timeout_s
+        self.placement_group = placement_group
 
     def __len__(self) -> int:
         return len(self.handles)
@@ -41,5 +42,8 @@ class ActorGroup:
         return self.gather(refs, method)
 
     def kill(self) -> None:
+        """Stop the actors and give their placement group's resources back to the cluster."""
         for h in self.handles:
             ray.kill(h, no_restart=True)
+        if self.placement_group is not None:
+            ray.util.remove_placement_group(self.placement_group)

@@ -13,7 +13,7 @@ import ray
 from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from opd.cluster.group import ActorGroup
+from opd.cluster.group import ActorGroup, RoleError
 from opd.config.schema import Config
 
 
@@ -77,7 +77,12 @@ def spawn(
     node of bundle 0, for roles that form a process group (the learners).
     """
     pg = placement_group(bundles, strategy="PACK")
-    ray.get(pg.ready(), timeout=timeout_s)
+    try:
+        ray.get(pg.ready(), timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError as e:
+        ray.util.remove_placement_group(pg)
+        raise RoleError(f"{role}: no resources for {bundles} within {timeout_s:.0f} s "
+                        f"(available: {ray.available_resources()})") from e
     master = ray.get(
         _address_and_port.options(
             scheduling_strategy=PlacementGroupSchedulingStrategy(
@@ -100,6 +105,6 @@ def spawn(
                 ),
             ).remote(*args, **kwargs)
         )
-    group = ActorGroup(role, handles, timeout_s)
+    group = ActorGroup(role, handles, timeout_s, placement_group=pg)
     group.call("ping")  # surface constructor errors here, named by role
     return group

@@ -71,6 +71,7 @@ class RolloutConfig:
     kv_cache_memory_bytes: int | None = 512 * 2**20
     max_model_len: int = 1024
     enforce_eager: bool = True
+    weight_sync: str = "auto"  # auto (nccl on GPU, dir on CPU) | dir | nccl
     num_gpus: float = 0.0  # per worker
     num_cpus: float = 0.5  # per worker (Ray scheduling only)
 
@@ -78,6 +79,7 @@ class RolloutConfig:
         for key in ("num_workers", "prompts_per_step", "samples_per_prompt", "max_new_tokens"):
             _check_positive(f"rollout.{key}", getattr(self, key))
         _check_choice("rollout.dtype", self.dtype, DTYPES)
+        _check_choice("rollout.weight_sync", self.weight_sync, ("auto", "dir", "nccl"))
         _check_positive("rollout.temperature", self.temperature)
         if not 0 < self.top_p <= 1:
             raise ValueError(f"rollout.top_p={self.top_p} must lie in (0, 1]")

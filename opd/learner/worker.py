@@ -228,6 +228,43 @@ class Learner:
         tmp.rename(Path(path) / "model.safetensors")
         return sum(t.numel() * t.element_size() for t in weights.values())
 
+    def weight_specs(self, dtype: str) -> list[tuple[str, str, list[int]]]:
+        """(name, dtype, shape) of every weight, in broadcast order (ZeRO-3 keeps the full
+        shape in `ds_shape`)."""
+        return [(name, dtype, list(getattr(p, "ds_shape", p.shape)))
+                for name, p in self.model.named_parameters()]
+
+    def init_weight_group(self, address: str, port: int, world_size: int) -> None:
+        """Rank 0 joins the NCCL group of the rollout workers as its rank 0 (GPU transport)."""
+        if self.rank != 0:
+            return
+        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+        from vllm.distributed.utils import StatelessProcessGroup
+
+        group = StatelessProcessGroup.create(host=address, port=port, rank=0,
+                                             world_size=world_size)
+        self.weight_comm = PyNcclCommunicator(group, device=self.device)
+
+    def broadcast_weights(self, dtype: str) -> int:
+        """Broadcast every weight from rank 0 (gathered under ZeRO-3; all ranks call this)."""
+        import deepspeed
+
+        nbytes = 0
+        for _, p in self.model.named_parameters():
+            with deepspeed.zero.GatheredParameters([p], enabled=self.cfg.zero_stage == 3):
+                if self.rank == 0:
+                    t = p.detach().to(TORCH_DTYPES[dtype]).contiguous()
+                    self.weight_comm.broadcast(t, src=0)
+                    nbytes += t.numel() * t.element_size()
+        return nbytes
+
+    def node_address(self) -> tuple[str, int]:
+        import ray
+
+        from opd.cluster.placement import free_port
+
+        return ray.util.get_node_ip_address(), free_port()
+
     def save_pretrained(self, path: str, tokenizer_path: str) -> None:
         """HF-format export of the student (weights in the learner's dtype)."""
         from transformers import AutoTokenizer

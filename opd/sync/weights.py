@@ -47,3 +47,45 @@ class DirWeightSync:
 
     def close(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+class NcclWeightSync:
+    """GPU transport: learner rank 0 broadcasts each weight over NCCL to every vLLM worker.
+
+    Written against vLLM's `StatelessProcessGroup` + `PyNcclCommunicator`; not yet run on GPUs
+    (no CUDA vLLM was available while it was written), so `rollout.weight_sync: dir` remains
+    the tested transport.
+    """
+
+    def __init__(self, learners: ActorGroup, rollouts: ActorGroup, dtype: str,
+                 tp_size: int = 1) -> None:
+        self.learners, self.rollouts, self.dtype = learners, rollouts, dtype
+        address, port = learners.gather([learners.handles[0].node_address.remote()],
+                                        "node_address")[0]
+        world = 1 + tp_size * len(rollouts)
+        refs = [h.init_weight_group.remote(address, port, 1 + i * tp_size, world)
+                for i, h in enumerate(rollouts.handles)]
+        refs += [h.init_weight_group.remote(address, port, world) for h in learners.handles]
+        learners.gather(refs, "init_weight_group")
+        self.specs = learners.call("weight_specs", dtype)[0]
+
+    def push(self, version: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        receive = [h.receive_weights.remote(self.specs, version) for h in self.rollouts.handles]
+        send = [h.broadcast_weights.remote(self.dtype) for h in self.learners.handles]
+        nbytes = sum(self.learners.gather(send, "broadcast_weights"))
+        self.rollouts.gather(receive, "receive_weights")
+        return {"sync/bytes": float(nbytes), "sync/broadcast_s": time.perf_counter() - t0}
+
+    def close(self) -> None:
+        pass
+
+
+def make_weight_sync(transport: str, device: str, learners: ActorGroup, rollouts: ActorGroup,
+                     dtype: str):
+    """`auto` picks NCCL on GPUs and the shared-memory folder on CPUs."""
+    if transport == "auto":
+        transport = "nccl" if device == "cuda" else "dir"
+    if transport == "nccl":
+        return NcclWeightSync(learners, rollouts, dtype)
+    return DirWeightSync(learners, rollouts, dtype)
