@@ -1,0 +1,455 @@
+"""Run untrusted Python (model-written code) with hard limits; used by code rewards.
+
+``run_python(code)`` runs ``python -I main.py`` through a bootstrap (this file, run as
+``python -I -S sandbox.py``) and returns a :class:`SandboxResult`. The parent only reads capped
+pipes, enforces a wall-clock deadline and tears everything down; it never runs untrusted code.
+
+Modes, picked once per interpreter by probing (``sandbox_mode()``), best first:
+
+``"ns"`` (root and the kernel allows namespaces; the mode on the dev VM):
+  * new PID, mount and network namespaces. A tiny init (PID 1) reaps everything and, when the
+    program exits or the init dies (parent-death signal), the kernel kills every process left in
+    the namespace: daemonised or ``setsid`` children cannot escape.
+  * network: a fresh namespace holding only a downed loopback -- no TCP/UDP anywhere, no abstract
+    unix sockets of the host (``network=True`` keeps the host network).
+  * filesystem: every inherited mount is remounted read-only; the cwd ``/tmp`` (= HOME = TMPDIR)
+    is a private tmpfs of ``max_dir_mb`` (gone with the namespace), ``/dev/shm`` likewise; a
+    fresh ``/proc`` shows only sandbox processes. Interpreter dirs under a non-world-traversable
+    parent (pyenv in ``/root``) are bind-mounted read-only onto a tmpfs hiding the rest of it.
+  * credentials: a per-run unprivileged uid/gid (``UID_BASE + slot``, slot locked with flock so
+    concurrent runs never share one), no supplementary groups, ``no_new_privs``. Hence
+    RLIMIT_NPROC is enforced per run (it is not for root), the program cannot signal or ptrace
+    the caller or other runs, and owns nothing outside its tmpfs.
+``"uid"`` (root, no namespaces): same uid drop and rlimits, a host temp dir as cwd (removed
+  afterwards); cleanup kills every process of the slot uid (``kill(-1)`` as that uid, which is
+  atomic against fork). NOT isolated: the network (an audit hook refusing ``socket.*`` is
+  installed -- defence in depth only, ctypes bypasses it) and world-writable dirs such as /tmp.
+  Needs an interpreter readable by other users (pass ``python=``).
+``"plain"`` (not root): rlimits + process-group kill + the audit hook. RLIMIT_NPROC then counts
+  all processes of the calling user. Root never falls back to this mode.
+Falling back logs one warning; ``SandboxResult.network_isolated`` says what a run got.
+
+Always: RLIMIT_CPU/AS/NPROC/FSIZE/NOFILE, no core dumps, a minimal environment (no inherited
+secrets), stdin ``/dev/null``, stdout/stderr read incrementally and capped (the run is killed
+past the cap), a parent-death signal on every level. Not enforced: aggregate memory (up to
+``max_processes * memory_mb``; no cgroup is used), CPU share, reading world-readable host files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import functools
+import json
+import logging
+import math
+import os
+import random
+import resource
+import selectors
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+UID_BASE, UID_SLOTS = 1_600_000_000, 4096
+_NEWNS, _NEWPID, _NEWNET = 0x00020000, 0x20000000, 0x40000000
+_RDONLY, _NOSUID, _NODEV, _NOEXEC, _REMOUNT, _BIND, _REC, _PRIVATE = (
+    1, 2, 4, 8, 32, 4096, 16384, 1 << 18)
+_OPT_FLAGS = {"nosuid": _NOSUID, "nodev": _NODEV, "noexec": _NOEXEC, "noatime": 1024,
+              "nodiratime": 2048, "relatime": 1 << 21}
+_SETUP_FAILED = 125
+_AUDIT_HOOK = (
+    "import runpy, sys\n"
+    "def _deny(event, args):\n"
+    "    if event.startswith('socket.'):\n"
+    "        raise PermissionError('network disabled in sandbox: ' + event)\n"
+    "sys.addaudithook(_deny)\nsys.argv = sys.argv[1:]\n"
+    "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+
+
+class SandboxError(RuntimeError):
+    """The sandbox itself could not be set up (never raised for what the program does)."""
+
+
+@dataclass
+class SandboxResult:
+    status: str  # "ok" | "error" (exit != 0) | "killed" (signal) | "timeout" | "output_limit"
+    returncode: int | None
+    stdout: str
+    stderr: str
+    seconds: float
+    network_isolated: bool
+    mode: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+# ---------------------------------------------------------------- bootstrap (runs as the child)
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _sys(ret: int, what: str) -> None:
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _mount(src: str | None, target: str, fstype: str | None, flags: int,
+           data: str | None = None) -> None:
+    enc = lambda s: None if s is None else s.encode()
+    _sys(_libc.mount(enc(src), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)),
+         f"mount {target}")
+
+
+def _prctl(option: int, value: int) -> None:
+    _sys(_libc.prctl(option, ctypes.c_ulong(value), 0, 0, 0), f"prctl {option}")
+
+
+def _readonly_fs() -> None:
+    _mount(None, "/", None, _REC | _PRIVATE)
+    with open("/proc/self/mountinfo") as f:
+        mounts = [line.split() for line in f]
+    for fields in mounts:
+        target = fields[4].encode().decode("unicode_escape")
+        flags = sum(_OPT_FLAGS.get(o, 0) for o in fields[5].split(","))
+        try:
+            _mount(None, target, None, _BIND | _REMOUNT | _RDONLY | flags)
+        except OSError:
+            if target == "/":
+                raise
+
+
+def _expose(pairs: list[list[str]]) -> None:
+    """Mount a tmpfs over each hidden top dir, then bind the needed paths back read-only."""
+    tops: dict[str, list[tuple[str, int]]] = {}
+    for top, path in pairs:
+        tops.setdefault(top, []).append((path, os.open(path, os.O_PATH | os.O_DIRECTORY)))
+    for top, items in tops.items():
+        _mount("tmpfs", top, "tmpfs", _NOSUID | _NODEV, "mode=755,size=1m")
+        for path, fd in items:
+            os.makedirs(path, exist_ok=True)
+            _mount(f"/proc/self/fd/{fd}", path, None, _BIND | _REC)
+            _mount(None, path, None, _BIND | _REMOUNT | _RDONLY | _NOSUID | _NODEV)
+            os.close(fd)
+        _mount(None, top, None, _REMOUNT | _RDONLY | _NOSUID | _NODEV, "mode=755,size=1m")
+
+
+def _setup_namespace(cfg: dict, code: bytes) -> str:
+    _readonly_fs()
+    _expose(cfg["expose"])
+    uid, opts = cfg["uid"], f"size={cfg['dir_mb']}m,nr_inodes=4096"
+    _mount("tmpfs", "/tmp", "tmpfs", _NOSUID | _NODEV, f"mode=700,uid={uid},gid={uid},{opts}")
+    _mount("tmpfs", "/dev/shm", "tmpfs", _NOSUID | _NODEV | _NOEXEC, "mode=1777,size=1m")
+    _mount("proc", "/proc", "proc", _NOSUID | _NODEV | _NOEXEC)
+    return "/tmp"
+
+
+def _exec_program(cfg: dict, workdir: str, code: bytes) -> None:
+    with open(os.path.join(workdir, "main.py"), "wb") as f:
+        f.write(code)
+    os.chdir(workdir)
+    os.write(cfg["ready_fd"], b"R")
+    os.closerange(3, 1 << 20)
+    cpu, mb = cfg["cpu_s"], 1 << 20
+    for res, soft in ((resource.RLIMIT_CPU, cpu), (resource.RLIMIT_AS, cfg["memory_mb"] * mb),
+                      (resource.RLIMIT_NPROC, cfg["max_processes"]), (resource.RLIMIT_CORE, 0),
+                      (resource.RLIMIT_FSIZE, cfg["max_file_mb"] * mb),
+                      (resource.RLIMIT_NOFILE, cfg["max_open_files"])):
+        resource.setrlimit(res, (soft, soft + 1 if res == resource.RLIMIT_CPU else soft))
+    if cfg["uid"] is not None:
+        _become(cfg["uid"])
+    _prctl(38, 1)  # PR_SET_NO_NEW_PRIVS: setuid binaries cannot raise privileges
+    _prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (reset by setuid, so set it afterwards)
+    env = dict(cfg["env"], HOME=workdir, TMPDIR=workdir)
+    hook = [] if cfg["netns"] or cfg["network"] else ["-c", _AUDIT_HOOK]
+    os.execve(cfg["python"], [cfg["python"], "-I", *hook, "main.py"], env)
+
+
+def _init(cfg: dict, code: bytes, status_fd: int) -> None:
+    """PID 1 of the namespace: set it up, run the program, report its wait status."""
+    _prctl(1, signal.SIGKILL)
+    workdir = _setup_namespace(cfg, code)
+    pid = os.fork()
+    if pid == 0:
+        _exec_program(cfg, workdir, code)
+    while True:
+        done, status = os.wait()
+        if done == pid:
+            os.write(status_fd, str(status).encode())
+            os._exit(0)  # the kernel now kills whatever the program left behind
+
+
+def _relay(init_pid: int, status_r: int) -> None:
+    os.waitpid(init_pid, 0)
+    raw = os.read(status_r, 64)
+    code = os.waitstatus_to_exitcode(int(raw)) if raw else -signal.SIGKILL
+    if code < 0:
+        if -code not in (signal.SIGKILL, signal.SIGSTOP):
+            signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    os._exit(code if code >= 0 else 128 - code)
+
+
+def _boot(cfg: dict) -> None:
+    code = sys.stdin.buffer.read()
+    os.dup2(os.open("/dev/null", os.O_RDONLY), 0)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    _prctl(1, signal.SIGKILL)
+    if cfg["mode"] != "ns":
+        _exec_program(cfg, cfg["workdir"], code)
+    _sys(_libc.unshare(_NEWNS | _NEWPID | (_NEWNET if cfg["netns"] else 0)), "unshare")
+    status_r, status_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(status_r)
+        _guarded(_init, cfg, code, status_w)
+    os.close(status_w)
+    _relay(pid, status_r)
+
+
+def _become(uid: int) -> None:
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+
+
+def _kill_uid(uid: int) -> None:
+    _become(uid)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(-1, signal.SIGKILL)  # every process of this uid, atomically w.r.t. fork
+
+
+def _guarded(fn, *args) -> None:
+    try:
+        fn(*args)
+    except BaseException as e:  # noqa: BLE001 - report any setup failure, never run on
+        os.write(2, f"opd-sandbox: setup failed: {e!r}\n".encode())
+        os._exit(_SETUP_FAILED)
+
+
+# ---------------------------------------------------------------- host side (the caller)
+_log = logging.getLogger(__name__)
+_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+_PROBE_LIMITS = {"cpu_s": 30, "memory_mb": 512, "max_processes": 32, "max_file_mb": 16,
+                 "max_open_files": 64, "dir_mb": 16}
+
+
+def run_python(code: str, *, timeout_s: float = 10.0, cpu_s: int | None = None,
+               memory_mb: int = 512, max_processes: int = 32, max_file_mb: int = 16,
+               max_open_files: int = 64, max_output_bytes: int = 64_000, max_dir_mb: int = 64,
+               network: bool = False, python: str | None = None) -> SandboxResult:
+    """Run ``code`` as ``python -I main.py`` in the sandbox; never raises for what it does."""
+    python = python or sys.executable
+    limits = {"cpu_s": int(cpu_s or math.ceil(timeout_s) + 1), "memory_mb": memory_mb,
+              "max_processes": max_processes, "max_file_mb": max_file_mb,
+              "max_open_files": max_open_files, "dir_mb": max_dir_mb}
+    return _run(code, sandbox_mode(python), python, timeout_s, max_output_bytes, network, limits)
+
+
+def sandbox_mode(python: str | None = None) -> str:
+    """The best mode that works for ``python`` here ("ns", "uid" or "plain"); probed once."""
+    return _probe(python or sys.executable)
+
+
+@functools.cache
+def _probe(python: str) -> str:
+    errors = []
+    for mode in ("ns", "uid") if os.geteuid() == 0 else ("plain",):
+        try:
+            res = _run("print('opd-ok')", mode, python, 30.0, 4096, False, _PROBE_LIMITS)
+        except SandboxError as e:
+            errors.append(f"{mode}: {e}")
+            continue
+        if res.ok and res.stdout.strip() == "opd-ok":
+            if mode != "ns":
+                _log.warning("sandbox: namespaces unavailable (%s); using mode %r: network is "
+                             "NOT isolated (audit hook only) and /tmp is shared", errors, mode)
+            return mode
+        errors.append(f"{mode}: {res.status} {res.stderr.strip()[-300:]}")
+    raise SandboxError("no working sandbox mode: " + " | ".join(errors))
+
+
+def _run(code: str, mode: str, python: str, timeout_s: float, cap: int, network: bool,
+         limits: dict) -> SandboxResult:
+    with contextlib.ExitStack() as stack:
+        uid = stack.enter_context(_slot(reap_first=mode == "uid")) if mode != "plain" else None
+        workdir = None
+        if mode != "ns":
+            workdir = tempfile.mkdtemp(prefix="opd-sandbox-")
+            stack.callback(shutil.rmtree, workdir, True)
+            if uid is not None:
+                os.chown(workdir, uid, uid)
+        ready_r, ready_w = os.pipe()
+        stack.callback(os.close, ready_r)
+        netns = mode == "ns" and not network
+        cfg = dict(limits, mode=mode, netns=netns, network=network, uid=uid, python=python,
+                   env=_ENV, workdir=workdir, ready_fd=ready_w,
+                   expose=_hidden_paths(python) if mode == "ns" else [])
+        start = time.monotonic()
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", __file__, "--boot", json.dumps(cfg)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_ENV,
+                pass_fds=(ready_w,), start_new_session=True)
+        finally:
+            os.close(ready_w)
+        with proc:
+            try:
+                status, out, err = _communicate(proc, code.encode(), start + timeout_s, cap)
+                if status is None:
+                    try:
+                        proc.wait(timeout=max(0.0, start + timeout_s - time.monotonic()))
+                    except subprocess.TimeoutExpired:
+                        status = "timeout"
+            finally:
+                killed = _kill(proc)
+                if uid is not None and (killed or mode == "uid"):
+                    _reap_uid(uid)
+        seconds = time.monotonic() - start
+        rc = proc.returncode
+        status = status or ("ok" if rc == 0 else "error" if rc > 0 else "killed")
+        stderr = err.decode(errors="replace")
+        if status != "timeout" and not _was_ready(ready_r):
+            raise SandboxError(f"sandbox setup failed (mode {mode}, rc {rc}): {stderr[-2000:]}")
+        return SandboxResult(status, rc, out.decode(errors="replace"), stderr, seconds,
+                             netns, mode)
+
+
+def _communicate(proc: subprocess.Popen, data: bytes, deadline: float,
+                 cap: int) -> tuple[str | None, bytes, bytes]:
+    """Feed stdin, read both pipes up to ``cap`` bytes each; stop early on timeout / overflow."""
+    try:
+        proc.stdin.write(data)
+        proc.stdin.close()
+    except BrokenPipeError:
+        pass
+    bufs = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
+    out = lambda status: (status, bytes(bufs[proc.stdout.fileno()]),
+                          bytes(bufs[proc.stderr.fileno()]))
+    exited_at = None
+    with selectors.DefaultSelector() as sel:
+        for fd in bufs:
+            sel.register(fd, selectors.EVENT_READ)
+        while sel.get_map():
+            now = time.monotonic()
+            if now >= deadline:
+                return out("timeout")
+            if exited_at is None and proc.poll() is not None:
+                exited_at = now
+            if exited_at is not None and now - exited_at > 0.5:
+                break  # the program is over; stray children still hold the pipes
+            for key, _ in sel.select(min(deadline - now, 0.1)):
+                chunk = os.read(key.fd, 1 << 16)
+                if not chunk:
+                    sel.unregister(key.fd)
+                    continue
+                buf = bufs[key.fd]
+                over = len(buf) + len(chunk) > cap
+                buf += chunk[: max(0, cap - len(buf))]
+                if over:
+                    return out("output_limit")
+    return out(None)
+
+
+def _kill(proc: subprocess.Popen) -> bool:
+    """SIGKILL the bootstrap's process group (its init then takes the namespace down)."""
+    if proc.poll() is not None:
+        return False
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.kill()
+    proc.wait()
+    return True
+
+
+def _was_ready(ready_r: int) -> bool:
+    os.set_blocking(ready_r, False)
+    try:
+        return os.read(ready_r, 1) == b"R"
+    except BlockingIOError:
+        return False
+
+
+def _uid_pids(uid: int) -> list[int]:
+    pids = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            with contextlib.suppress(OSError), open(f"/proc/{name}/status") as f:
+                uids = next(line for line in f if line.startswith("Uid:")).split()[1:]
+                if str(uid) in uids:
+                    pids.append(int(name))
+    return pids
+
+
+def _reap_uid(uid: int, wait_s: float = 5.0) -> None:
+    """Kill every process of ``uid`` and wait until they are gone."""
+    subprocess.run([sys.executable, "-I", "-S", __file__, "--kill-uid", str(uid)], env=_ENV,
+                   timeout=30, check=False)
+    deadline = time.monotonic() + wait_s
+    while (left := _uid_pids(uid)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if left:
+        _log.warning("sandbox: uid %d still has processes %s after SIGKILL", uid, left)
+
+
+@contextlib.contextmanager
+def _slot(reap_first: bool) -> Iterator[int]:
+    """A uid nobody else is using: one flock-ed file per slot in a private dir."""
+    root = os.path.join(tempfile.gettempdir(), f"opd-sandbox-slots-{os.geteuid()}")
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    st = os.lstat(root)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise SandboxError(f"{root} must be a private directory of uid {os.geteuid()}")
+    start = random.randrange(UID_SLOTS)
+    for k in range(UID_SLOTS):
+        slot = (start + k) % UID_SLOTS
+        fd = os.open(os.path.join(root, str(slot)), os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        try:
+            if reap_first and _uid_pids(UID_BASE + slot):
+                _reap_uid(UID_BASE + slot)
+            yield UID_BASE + slot
+        finally:
+            os.close(fd)
+        return
+    raise SandboxError("all sandbox uid slots are busy")
+
+
+@functools.cache
+def _hidden_paths(python: str) -> list[list[str]]:
+    """(hidden top dir, needed path) for interpreter dirs other users cannot traverse."""
+    want = {os.path.dirname(os.path.dirname(os.path.realpath(python))), sys.prefix,
+            sys.base_prefix, *(p for p in sys.path if os.path.isabs(p) and os.path.isdir(p))}
+    pairs: list[list[str]] = []
+    for path in sorted({os.path.realpath(p) for p in want}):
+        if any(path == q or path.startswith(q + "/") for _, q in pairs):
+            continue
+        cur = "/"
+        for part in path.strip("/").split("/")[:-1]:
+            cur = os.path.join(cur, part)
+            if not os.stat(cur).st_mode & stat.S_IXOTH:
+                pairs.append([cur, path])
+                break
+    return pairs
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "--kill-uid":
+        _guarded(_kill_uid, int(sys.argv[2]))
+    else:
+        _guarded(_boot, json.loads(sys.argv[2]))
+    sys.exit(0)
