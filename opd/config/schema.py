@@ -168,6 +168,11 @@ class EvalConfig:
     heldout_prompts: int = 16
     heldout_samples: int = 1
     max_new_tokens: int | None = None  # default: rollout.max_new_tokens
+    benchmarks: list[str] = field(default_factory=list)  # e.g. [gsm8k-100, humaneval]
+    benchmark_limit: int | None = 32  # first N problems of each benchmark
+    benchmark_samples: int = 1
+    benchmark_temperature: float = 0.0
+    benchmark_max_tokens: int = 256
 
     def __post_init__(self) -> None:
         if self.every < 0:
