@@ -15,9 +15,11 @@ from opd.objectives.base import (
     TeacherRequest,
     TeacherScores,
 )
+from opd.objectives.gkd import GKD
 from opd.objectives.reverse_kl import ReverseKL
+from opd.objectives.sdft import SDFT
 
-REGISTRY: dict[str, type] = {cls.name: cls for cls in (ReverseKL,)}
+REGISTRY: dict[str, type] = {cls.name: cls for cls in (ReverseKL, GKD, SDFT)}
 
 __all__ = [
     "REGISTRY",
@@ -44,9 +46,7 @@ def objective_class(name: str, import_path: str | None = None) -> type:
         except (ImportError, AttributeError) as e:
             raise ValueError(f"objective.import_path={import_path!r}: {e}") from e
     if name not in REGISTRY:
-        raise ValueError(
-            f"objective.name={name!r} is unknown; valid: {', '.join(sorted(REGISTRY))}"
-        )
+        raise ValueError(f"objective.name={name!r} is unknown; valid: {', '.join(REGISTRY)}")
     return REGISTRY[name]
 
 

@@ -2,13 +2,27 @@
 
 An objective declares once (`teacher_request`) what it needs; the rollout and the teacher
 scorer compute exactly that, and the learner builds `LossInputs` from it. Objectives return a
-loss *sum* and the number of tokens it covers; the learner normalizes across micro-batches and
-data-parallel ranks. Metrics are token sums too, named `"<objective>/<metric>"`; the learner
-divides them by the same token count.
+loss *sum* and the number of units it covers; the learner normalizes across micro-batches and
+data-parallel ranks. Metrics are sums over the same units, named `"<objective>/<metric>"`; the
+learner divides them by the same count.
+
+The unit is the objective's `normalize_by`:
+
+- `"tokens"` (the default; token-mean losses): `loss_sum` and metrics are sums over completion
+  tokens, `n_tokens` counts this micro-batch's tokens, and the learner divides by the number
+  of completion tokens in the whole step (all micro-batches, all ranks).
+- `"sequences"` (per-sequence-mean losses, e.g. sdft): `loss_sum` and metrics are sums over
+  sequences of per-sequence values, `n_tokens` counts this micro-batch's sequences, and the
+  learner divides by the number of sequences in the whole step.
+
+`step_normalizer(objective, completion_lengths)` computes that global count.
+
+A token sum cannot be turned into a mean of per-sequence means afterwards, hence the switch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Protocol
 
@@ -16,6 +30,21 @@ import torch
 from torch import Tensor
 
 Signal = Literal["sampled", "at_ids", "full"]
+Normalizer = Literal["tokens", "sequences"]
+
+
+def step_normalizer(objective: object, completion_lengths: Sequence[int]) -> int:
+    """What the learner divides one optimizer step's loss sums and metric sums by.
+
+    `completion_lengths` holds every sample of the step (all ranks). Objectives that do not
+    declare `normalize_by` (user-defined ones) normalize by tokens.
+    """
+    by = getattr(objective, "normalize_by", "tokens")
+    if by == "tokens":
+        return max(1, sum(completion_lengths))
+    if by == "sequences":
+        return max(1, len(completion_lengths))
+    raise ValueError(f"normalize_by={by!r}; valid: tokens, sequences")
 
 
 def at_least_fp32(x: Tensor) -> Tensor:
@@ -72,13 +101,14 @@ class LossInputs:
 @dataclass
 class LossOutput:
     loss_sum: Tensor
-    n_tokens: Tensor
-    metrics: dict[str, Tensor] = field(default_factory=dict)  # token sums, detached
+    n_tokens: Tensor  # units covered: tokens, or sequences if the objective normalizes by them
+    metrics: dict[str, Tensor] = field(default_factory=dict)  # sums over the same units, detached
 
 
 class Objective(Protocol):
     name: ClassVar[str]
     Params: ClassVar[type]
+    normalize_by: ClassVar[Normalizer]  # what the learner divides loss and metrics by
 
     def __init__(self, params) -> None: ...
 

@@ -20,7 +20,13 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from opd.objectives.base import LossInputs, LossOutput, TeacherRequest, at_least_fp32
+from opd.objectives.base import (
+    LossInputs,
+    LossOutput,
+    Normalizer,
+    TeacherRequest,
+    at_least_fp32,
+)
 
 ESTIMATORS = ("sampled", "topk", "full")
 _TAIL_FLOOR = 1e-6
@@ -90,6 +96,7 @@ def full_reverse_kl(student_logits_BTV: Tensor, teacher_lp_BTV: Tensor, chunk: i
 class ReverseKL:
     name: ClassVar[str] = "reverse_kl"
     Params: ClassVar[type] = ReverseKLParams
+    normalize_by: ClassVar[Normalizer] = "tokens"
 
     def __init__(self, params: ReverseKLParams) -> None:
         self.params = params
