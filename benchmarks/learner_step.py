@@ -22,11 +22,23 @@ import time
 import torch
 
 SHAPES = {
-    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                 num_attention_heads=2, num_key_value_heads=2, vocab_size=384),
-    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                         num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
-                         tie_word_embeddings=True),
+    "tiny": dict(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=384,
+    ),
+    "qwen2.5-1.5b": dict(
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
 }
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16, SXM
 
@@ -48,11 +60,20 @@ def batch(n: int, prompt: tuple[int, int], completion: tuple[int, int], vocab: i
     out = []
     for i in range(n):
         p, c = rng.randint(*prompt), rng.randint(*completion)
-        out.append(Sample(prompt_index=i, sample_index=0, prompt_id=str(i), messages=[],
-                          prompt_ids=[rng.randrange(vocab) for _ in range(p)],
-                          completion_ids=[rng.randrange(vocab) for _ in range(c)],
-                          logprobs=[-2.0] * c, finish_reason="length", policy_version=0,
-                          teacher={"logprobs": torch.full((c,), -1.5)}))
+        out.append(
+            Sample(
+                prompt_index=i,
+                sample_index=0,
+                prompt_id=str(i),
+                messages=[],
+                prompt_ids=[rng.randrange(vocab) for _ in range(p)],
+                completion_ids=[rng.randrange(vocab) for _ in range(c)],
+                logprobs=[-2.0] * c,
+                finish_reason="length",
+                policy_version=0,
+                teacher={"logprobs": torch.full((c,), -1.5)},
+            )
+        )
     return out
 
 
@@ -75,15 +96,31 @@ def main() -> None:
     dtype = "bfloat16" if cuda else "float32"
     with tempfile.TemporaryDirectory() as folder:
         n_params = build(args.size, dtype, folder)
-        cfg = LearnerConfig(dtype=dtype, micro_batch_size=args.micro, zero_stage=2 if cuda else 0,
-                            gradient_checkpointing=args.checkpointing, lr=1e-6)
-        learner = Learner(0, 1, "127.0.0.1", free_port(), folder, cfg, ObjectiveConfig(),
-                          total_steps=args.steps + 1, grad_accum_steps=args.batch // args.micro,
-                          seed=0, device="cuda" if cuda else "cpu")
+        cfg = LearnerConfig(
+            dtype=dtype,
+            micro_batch_size=args.micro,
+            zero_stage=2 if cuda else 0,
+            gradient_checkpointing=args.checkpointing,
+            lr=1e-6,
+        )
+        learner = Learner(
+            0,
+            1,
+            "127.0.0.1",
+            free_port(),
+            folder,
+            cfg,
+            ObjectiveConfig(),
+            total_steps=args.steps + 1,
+            grad_accum_steps=args.batch // args.micro,
+            seed=0,
+            device="cuda" if cuda else "cpu",
+        )
         times, tokens = [], []
         for step in range(args.steps + 1):
-            samples = batch(args.batch, args.prompt, args.completion,
-                            SHAPES[args.size]["vocab_size"], step)
+            samples = batch(
+                args.batch, args.prompt, args.completion, SHAPES[args.size]["vocab_size"], step
+            )
             n_tok = sum(len(s.prompt_ids) + s.n_tokens for s in samples)
             if cuda:
                 torch.cuda.synchronize()
@@ -98,10 +135,20 @@ def main() -> None:
     sec = statistics.median(times)
     tok = statistics.median(tokens)
     peak = next((v for k, v in PEAK_BF16.items() if k in device), None)
-    result = {"benchmark": "learner_step", "device": device, "torch": torch.__version__,
-              "size": args.size, "params": n_params, "dtype": dtype, "batch": args.batch,
-              "micro_batch": args.micro, "tokens_per_step": tok, "seconds_per_step": sec,
-              "tokens_per_s": tok / sec, "checkpointing": args.checkpointing}
+    result = {
+        "benchmark": "learner_step",
+        "device": device,
+        "torch": torch.__version__,
+        "size": args.size,
+        "params": n_params,
+        "dtype": dtype,
+        "batch": args.batch,
+        "micro_batch": args.micro,
+        "tokens_per_step": tok,
+        "seconds_per_step": sec,
+        "tokens_per_s": tok / sec,
+        "checkpointing": args.checkpointing,
+    }
     if peak:
         result["mfu"] = 6 * n_params * tok / sec / peak
     print(json.dumps(result))

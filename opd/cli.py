@@ -13,8 +13,10 @@ from opd.config import ConfigError, check_resources, load_config
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="opd", description="On-policy distillation.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (("train", "run a recipe (resumes from its latest checkpoint)"),
-                            ("validate", "check a recipe without starting anything")):
+    for name, help_text in (
+        ("train", "run a recipe (resumes from its latest checkpoint)"),
+        ("validate", "check a recipe without starting anything"),
+    ):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("recipe")
         p.add_argument("overrides", nargs="*", help="dotted.key=value")
@@ -23,11 +25,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--benchmark", required=True)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="HF model folder (or registry:<name>) to generate with")
-    source.add_argument("--completions", type=Path,
-                        help="grade a jsonl of {id, completion} instead of generating")
+    source.add_argument(
+        "--completions", type=Path, help="grade a jsonl of {id, completion} instead of generating"
+    )
     p.add_argument("--samples", type=int, default=1)
-    p.add_argument("--temperature", type=float, default=None,
-                   help="default: 0 for one sample, 0.8 for several")
+    p.add_argument(
+        "--temperature", type=float, default=None, help="default: 0 for one sample, 0.8 for several"
+    )
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--limit", type=int, default=None, help="first K problems only")
     p.add_argument("--seed", type=int, default=0)
@@ -70,8 +74,13 @@ def _eval(args) -> int:
     temperature = args.temperature
     if temperature is None:
         temperature = 0.0 if args.samples == 1 else 0.8
-    settings = EvalSettings(samples=args.samples, temperature=temperature,
-                            max_tokens=args.max_tokens, limit=args.limit, seed=args.seed)
+    settings = EvalSettings(
+        samples=args.samples,
+        temperature=temperature,
+        max_tokens=args.max_tokens,
+        limit=args.limit,
+        seed=args.seed,
+    )
     generate_fn = None
     if args.model:
         from opd.eval.generate import VllmGenerator
@@ -113,8 +122,13 @@ def _plot(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"train": _train_or_validate, "validate": _train_or_validate, "eval": _eval,
-                "data": _data, "plot": _plot}
+    handlers = {
+        "train": _train_or_validate,
+        "validate": _train_or_validate,
+        "eval": _eval,
+        "data": _data,
+        "plot": _plot,
+    }
     return handlers[args.command](args)
 
 

@@ -18,7 +18,7 @@ from opd.learner.checkpoint import CheckpointDir, rng_state, set_rng_state
 from opd.metrics import MetricsLog
 from opd.models.sources import resolve_model
 from opd.objectives import build_objective
-from opd.objectives.base import TeacherRequest
+from opd.objectives.base import TeacherRequest, step_normalizer
 from opd.progress import Progress
 from opd.rollout.batch import GenerationRequest, Sample, sample_seed
 from opd.sync.weights import make_weight_sync
@@ -136,12 +136,12 @@ def evaluation(cfg: Config, roles: Roles, data: RunData, tokenizer) -> dict[str,
     return metrics
 
 
-def learn(cfg: Config, roles: Roles, samples: list[Sample]) -> dict[str, float]:
+def learn(roles: Roles, samples: list[Sample], objective) -> dict[str, float]:
     """Shard the batch over the learner ranks and take one optimizer step."""
     n = len(roles.learner)
-    global_tokens = sum(s.n_tokens for s in samples)
+    normalizer = step_normalizer(objective, [s.n_tokens for s in samples])
     shards = [samples[r::n] for r in range(n)]
-    return roles.learner.call_each("train_step", [(s, global_tokens) for s in shards])[0]
+    return roles.learner.call_each("train_step", [(s, normalizer) for s in shards])[0]
 
 
 def save_checkpoint(
@@ -176,15 +176,15 @@ def train(cfg: Config) -> Path:
     if cfg.student.chat_template:
         tokenizer.chat_template = cfg.student.chat_template
     data = load_data(cfg, tokenizer)
-    request = build_objective(
-        cfg.objective.name, cfg.objective.params, cfg.objective.import_path
-    ).teacher_request()
+    objective = build_objective(cfg.objective.name, cfg.objective.params, cfg.objective.import_path)
+    request = objective.teacher_request()
 
     _init_ray(cfg)
     check_fits(cfg, ray.cluster_resources())
     roles = start_roles(cfg, student, teacher, device)
-    sync = make_weight_sync(cfg.rollout.weight_sync, device, roles.learner, roles.rollout,
-                            cfg.rollout.dtype)
+    sync = make_weight_sync(
+        cfg.rollout.weight_sync, device, roles.learner, roles.rollout, cfg.rollout.dtype
+    )
     log = MetricsLog(run_dir / "metrics.jsonl", start if resume else None)
     try:
         if resume:
@@ -219,7 +219,7 @@ def train(cfg: Config) -> Path:
             t1 = time.perf_counter()
             (samples,) = roles.teacher.call("score", samples, request)
             t2 = time.perf_counter()
-            metrics = learn(cfg, roles, samples)
+            metrics = learn(roles, samples, objective)
             t3 = time.perf_counter()
             metrics.update(sync.push(version=step))
             t4 = time.perf_counter()

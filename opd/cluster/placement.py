@@ -35,11 +35,16 @@ def check_devices(cfg: Config, device: str) -> None:
     """On GPUs every role needs a GPU share; name the keys that give it none."""
     if device != "cuda":
         return
-    missing = [f"{role}.num_gpus" for role in ("rollout", "teacher", "learner")
-               if not getattr(cfg, role).num_gpus]
+    missing = [
+        f"{role}.num_gpus"
+        for role in ("rollout", "teacher", "learner")
+        if not getattr(cfg, role).num_gpus
+    ]
     if missing:
-        raise ValueError(f"run.device resolves to cuda but {', '.join(missing)} = 0: set a GPU "
-                         "share per actor (e.g. 1), or run.device=cpu")
+        raise ValueError(
+            f"run.device resolves to cuda but {', '.join(missing)} = 0: set a GPU "
+            "share per actor (e.g. 1), or run.device=cpu"
+        )
 
 
 def check_fits(cfg: Config, available: dict[str, float]) -> None:
@@ -92,8 +97,10 @@ def spawn(
         ray.get(pg.ready(), timeout=timeout_s)
     except ray.exceptions.GetTimeoutError as e:
         ray.util.remove_placement_group(pg)
-        raise RoleError(f"{role}: no resources for {bundles} within {timeout_s:.0f} s "
-                        f"(available: {ray.available_resources()})") from e
+        raise RoleError(
+            f"{role}: no resources for {bundles} within {timeout_s:.0f} s "
+            f"(available: {ray.available_resources()})"
+        ) from e
     master = ray.get(
         _address_and_port.options(
             scheduling_strategy=PlacementGroupSchedulingStrategy(

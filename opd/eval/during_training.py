@@ -21,10 +21,25 @@ def benchmark_metrics(cfg, roles, tokenizer, generate) -> dict[str, float]:
         for p in problems:
             messages = problem_messages(p)
             prompts.append(Prompt(p.id, messages, render_ids(tokenizer, messages), {}))
-        samples = generate(cfg, roles, prompts, e.benchmark_samples, 0, f"eval/{name}", 0,
-                           e.benchmark_max_tokens, e.benchmark_temperature)
-        texts = [(s.prompt_id, s.sample_index,
-                  tokenizer.decode(s.completion_ids, skip_special_tokens=True)) for s in samples]
+        samples = generate(
+            cfg,
+            roles,
+            prompts,
+            e.benchmark_samples,
+            0,
+            f"eval/{name}",
+            0,
+            e.benchmark_max_tokens,
+            e.benchmark_temperature,
+        )
+        texts = [
+            (
+                s.prompt_id,
+                s.sample_index,
+                tokenizer.decode(s.completion_ids, skip_special_tokens=True),
+            )
+            for s in samples
+        ]
         graded = grade_all({p.id: p for p in problems}, texts)
         summary = summarize(graded, math=not is_code(problems[0]))
         for key, value in summary.items():

@@ -8,15 +8,25 @@ from opd.rollout.batch import sample_seed
 
 
 class VllmGenerator:
-    def __init__(self, model_dir: str, dtype: str = "bfloat16", max_model_len: int = 4096,
-                 kv_cache_memory_bytes: int | None = 1 << 30) -> None:
+    def __init__(
+        self,
+        model_dir: str,
+        dtype: str = "bfloat16",
+        max_model_len: int = 4096,
+        kv_cache_memory_bytes: int | None = 1 << 30,
+    ) -> None:
         from transformers import AutoTokenizer
         from vllm import LLM
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.llm = LLM(model=model_dir, dtype=dtype, max_model_len=max_model_len,
-                       kv_cache_memory_bytes=kv_cache_memory_bytes, enforce_eager=True,
-                       gpu_memory_utilization=0.85)
+        self.llm = LLM(
+            model=model_dir,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            kv_cache_memory_bytes=kv_cache_memory_bytes,
+            enforce_eager=True,
+            gpu_memory_utilization=0.85,
+        )
 
     def __call__(self, problems: list, settings: EvalSettings) -> list[tuple[str, int, str, int]]:
         """(id, sample index, text, generated tokens) for every problem and sample."""
@@ -27,11 +37,17 @@ class VllmGenerator:
             ids = render_ids(self.tokenizer, problem_messages(p))
             for j in range(settings.samples):
                 prompts.append({"prompt_token_ids": ids})
-                params.append(SamplingParams(
-                    temperature=settings.temperature, top_p=settings.top_p,
-                    max_tokens=settings.max_tokens,
-                    seed=sample_seed(settings.seed, 0, i, j, "eval")))
+                params.append(
+                    SamplingParams(
+                        temperature=settings.temperature,
+                        top_p=settings.top_p,
+                        max_tokens=settings.max_tokens,
+                        seed=sample_seed(settings.seed, 0, i, j, "eval"),
+                    )
+                )
                 keys.append((p.id, j))
         outputs = self.llm.generate(prompts, params, use_tqdm=True)
-        return [(pid, j, out.outputs[0].text, len(out.outputs[0].token_ids))
-                for (pid, j), out in zip(keys, outputs)]
+        return [
+            (pid, j, out.outputs[0].text, len(out.outputs[0].token_ids))
+            for (pid, j), out in zip(keys, outputs)
+        ]

@@ -41,16 +41,36 @@ _PLACEHOLDER = re.compile(r"\{\s*([A-Za-z_]\w*)\s*,([^{}]*)\}")
 _NUMERIC = re.compile(r"-?\d+(?:\.\d+)?|\d+/\d+")
 _ASSIGN = re.compile(r"^\s*-\s*((?:\$?\s*[A-Za-z_]\w*\s*,\s*)*\$?\s*[A-Za-z_]\w*)\s*=(?!=)(.+)$")
 _BINOPS: dict[type, Callable] = {
-    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
-    ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod,
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
 }
 _CMPOPS: dict[type, Callable] = {
-    ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt,
-    ast.LtE: operator.le, ast.Gt: operator.gt, ast.GtE: operator.ge,
+    ast.Eq: operator.eq,
+    ast.NotEq: operator.ne,
+    ast.Lt: operator.lt,
+    ast.LtE: operator.le,
+    ast.Gt: operator.gt,
+    ast.GtE: operator.ge,
 }
 _ALLOWED = (
-    ast.Constant, ast.Name, ast.Load, ast.List, ast.Tuple, ast.BinOp, ast.UnaryOp, ast.Compare,
-    ast.BoolOp, ast.IfExp, ast.Call, ast.operator, ast.unaryop, ast.cmpop, ast.boolop,
+    ast.Constant,
+    ast.Name,
+    ast.Load,
+    ast.List,
+    ast.Tuple,
+    ast.BinOp,
+    ast.UnaryOp,
+    ast.Compare,
+    ast.BoolOp,
+    ast.IfExp,
+    ast.Call,
+    ast.operator,
+    ast.unaryop,
+    ast.cmpop,
+    ast.boolop,
 )
 
 
@@ -164,11 +184,20 @@ def _functions(rng: random.Random) -> dict[str, Callable]:
         return int(x)
 
     return {
-        "sample": sample, "range": lambda a, b, s=1: rng.randrange(a, b, s), "arange": arange,
-        "range_str": range_str, "range_list": lambda a, b: list(range(a, min(b, a + 10**4))),
-        "sample_sequential": sample_sequential, "is_int": is_int, "ensure_int": ensure_int,
-        "divides": lambda a, b: b != 0 and a % b == 0, "int": int, "abs": abs, "min": min,
-        "max": max, "round": lambda x, nd=None: _number(round(x, nd)) if nd else round(x),
+        "sample": sample,
+        "range": lambda a, b, s=1: rng.randrange(a, b, s),
+        "arange": arange,
+        "range_str": range_str,
+        "range_list": lambda a, b: list(range(a, min(b, a + 10**4))),
+        "sample_sequential": sample_sequential,
+        "is_int": is_int,
+        "ensure_int": ensure_int,
+        "divides": lambda a, b: b != 0 and a % b == 0,
+        "int": int,
+        "abs": abs,
+        "min": min,
+        "max": max,
+        "round": lambda x, nd=None: _number(round(x, nd)) if nd else round(x),
         "Fraction": lambda x: _number(Fraction(x)),
     }
 
@@ -236,8 +265,10 @@ def parse_template(raw: dict, lists: dict[str, list]) -> Template:
         names = tuple(v.lstrip("$").strip() for v in lhs)
         init.append((names, any(v.startswith("$") for v in lhs), node))
         known.update(names)
-    conditions = tuple(_expr(re.sub(r"^\s*-", "", c, count=1), known, f"{where} condition")
-                       for c in parts.get("conditions", []))
+    conditions = tuple(
+        _expr(re.sub(r"^\s*-", "", c, count=1), known, f"{where} condition")
+        for c in parts.get("conditions", [])
+    )
     answer = _expr(" ".join(parts["answer"]), known, f"{where} answer")
     finals = re.findall(r"####\s*\{(.+)\}\s*$", raw["answer_annotated"].strip())
     if len(finals) != 1:
@@ -246,8 +277,16 @@ def parse_template(raw: dict, lists: dict[str, list]) -> Template:
     missing = {m.group(1) for m in _PLACEHOLDER.finditer(head)} - known
     if missing:
         raise TemplateError(f"{where}: placeholders {sorted(missing)} are never assigned")
-    return Template(where, int(raw["id_orig"]), head.strip(), raw["question"].strip(),
-                    tuple(init), conditions, answer, final)
+    return Template(
+        where,
+        int(raw["id_orig"]),
+        head.strip(),
+        raw["question"].strip(),
+        tuple(init),
+        conditions,
+        answer,
+        final,
+    )
 
 
 # ---------------------------------------------------------------- sampling

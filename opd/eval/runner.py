@@ -65,9 +65,11 @@ def grade_one(problem, completion: str, sample: int) -> Graded:
     return Graded(problem.id, sample, completion, ok, answer)
 
 
-def grade_all(problems_by_id: dict, completions: list[tuple[str, int, str]],
-              workers: int = 2) -> list[Graded]:
+def grade_all(
+    problems_by_id: dict, completions: list[tuple[str, int, str]], workers: int = 2
+) -> list[Graded]:
     """Grade (id, sample, completion) triples; code runs in parallel sandboxes."""
+
     def task(item):
         pid, sample, text = item
         return grade_one(problems_by_id[pid], text, sample)
@@ -120,8 +122,9 @@ def read_completions(path: Path, known_ids: set[str]) -> list[tuple[str, int, st
             row = json.loads(line)
             pid, text = row["id"], row["completion"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{path}:{line_no}: expected a JSON object with 'id' and "
-                             f"'completion' ({e})") from e
+            raise ValueError(
+                f"{path}:{line_no}: expected a JSON object with 'id' and 'completion' ({e})"
+            ) from e
         if pid not in known_ids:
             raise ValueError(f"{path}:{line_no}: id {pid!r} is not a problem of this benchmark")
         seen[pid] = seen.get(pid, -1) + 1
@@ -131,9 +134,12 @@ def read_completions(path: Path, known_ids: set[str]) -> list[tuple[str, int, st
     return items
 
 
-def evaluate(benchmark: str, settings: EvalSettings,
-             generate_fn: Callable[[list, EvalSettings], list[tuple[str, int, str, int]]] | None
-             = None, completions_file: Path | None = None) -> tuple[dict, list[Graded]]:
+def evaluate(
+    benchmark: str,
+    settings: EvalSettings,
+    generate_fn: Callable[[list, EvalSettings], list[tuple[str, int, str, int]]] | None = None,
+    completions_file: Path | None = None,
+) -> tuple[dict, list[Graded]]:
     """Generate with `generate_fn(problems, settings)` (or read `completions_file`) and grade."""
     from opd.eval.benchmarks import load_benchmark
 

@@ -155,8 +155,9 @@ class Learner:
             student_logits_BTV=logits_BTV,
         )
 
-    def train_step(self, samples: list[Sample], global_tokens: int) -> dict[str, float]:
-        """One optimizer step over this rank's shard; `global_tokens` counts all ranks' tokens."""
+    def train_step(self, samples: list[Sample], normalizer: int) -> dict[str, float]:
+        """One optimizer step over this rank's shard. `normalizer` is the whole step's
+        `step_normalizer` (all ranks): loss and metric sums are divided by it."""
         self.model.train()
         mbs = self.cfg.micro_batch_size
         sums: dict[str, torch.Tensor] = {}
@@ -165,7 +166,7 @@ class Learner:
         for i in range(0, len(samples), mbs):
             out = self.objective(self._loss_inputs(collate(samples[i : i + mbs])))
             # The engine averages gradients over ranks: scale by world size to get a sum.
-            loss = out.loss_sum * (self.world_size / max(1, global_tokens))
+            loss = out.loss_sum * (self.world_size / max(1, normalizer))
             self.engine.backward(loss, scale_wrt_gas=False)
             if i + mbs >= len(samples):
                 self._step_or_skip()
@@ -175,12 +176,11 @@ class Learner:
             for k, v in out.metrics.items():
                 sums[k] = sums.get(k, 0) + v.detach().double()
         names = sorted(sums)
-        packed = torch.stack([loss_total] + [sums[k] for k in names]).cpu()
-        dist.all_reduce(packed)
-        metrics = {"train/loss": packed[0].item() / max(1, global_tokens)}
-        metrics.update(
-            {k: packed[j + 1].item() / max(1, global_tokens) for j, k in enumerate(names)}
-        )
+        packed = torch.stack([loss_total] + [sums[k] for k in names])
+        dist.all_reduce(packed)  # on the device: NCCL reduces no CPU tensors
+        packed = packed.cpu()
+        metrics = {"train/loss": packed[0].item() / max(1, normalizer)}
+        metrics.update({k: packed[j + 1].item() / max(1, normalizer) for j, k in enumerate(names)})
         norm = self.engine.get_global_grad_norm()
         metrics["train/grad_norm"] = float(norm) if norm is not None else float("nan")
         metrics["train/lr"] = self.engine.get_lr()[0]
@@ -188,7 +188,7 @@ class Learner:
         return metrics
 
     def _step_or_skip(self) -> None:
-        flag = self._nonfinite.to(torch.int32).cpu()
+        flag = self._nonfinite.to(torch.int32)
         dist.all_reduce(flag)  # non-finite on any rank skips the update on every rank
         if not flag.item():
             self.engine.step()
@@ -231,8 +231,10 @@ class Learner:
     def weight_specs(self, dtype: str) -> list[tuple[str, str, list[int]]]:
         """(name, dtype, shape) of every weight, in broadcast order (ZeRO-3 keeps the full
         shape in `ds_shape`)."""
-        return [(name, dtype, list(getattr(p, "ds_shape", p.shape)))
-                for name, p in self.model.named_parameters()]
+        return [
+            (name, dtype, list(getattr(p, "ds_shape", p.shape)))
+            for name, p in self.model.named_parameters()
+        ]
 
     def init_weight_group(self, address: str, port: int, world_size: int) -> None:
         """Rank 0 joins the NCCL group of the rollout workers as its rank 0 (GPU transport)."""
@@ -241,8 +243,7 @@ class Learner:
         from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
         from vllm.distributed.utils import StatelessProcessGroup
 
-        group = StatelessProcessGroup.create(host=address, port=port, rank=0,
-                                             world_size=world_size)
+        group = StatelessProcessGroup.create(host=address, port=port, rank=0, world_size=world_size)
         self.weight_comm = PyNcclCommunicator(group, device=self.device)
 
     def broadcast_weights(self, dtype: str) -> int:

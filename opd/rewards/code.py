@@ -31,7 +31,8 @@ def extract_code(completion: str, entry_point: str | None = None) -> str:
 
 
 def _defines(code: str, name: str) -> bool:
-    return re.search(rf"^\s*(?:async\s+)?def\s+{re.escape(name)}\s*\(", code, re.M) is not None
+    """A top-level (unindented) definition of `name`; an indented one is a nested helper."""
+    return re.search(rf"^(?:async\s+)?def\s+{re.escape(name)}\s*\(", code, re.M) is not None
 
 
 def _prompt_context(prompt: str, entry_point: str) -> str:
@@ -54,7 +55,8 @@ def _prompt_context(prompt: str, entry_point: str) -> str:
 def humaneval_program(prompt: str, completion: str, test: str, entry_point: str) -> str:
     """prompt + completion (or the completion's own definition) + tests + ``check(entry)``."""
     code = extract_code(completion, entry_point)
-    if entry_point and (_defines(code, entry_point) or code.lstrip().startswith("def ")):
+    top_level_def = code.lstrip("\n").startswith(("def ", "async def "))
+    if entry_point and (_defines(code, entry_point) or top_level_def):
         program = f"{_prompt_context(prompt, entry_point)}\n\n{code}"
     else:
         program = prompt + code

@@ -142,9 +142,7 @@ def _stop_thread(thread: threading.Thread) -> None:
         ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), None)
 
 
-def run_with_deadline(
-    fn: Callable[..., Any], args: tuple, timeout_s: float
-) -> tuple[bool, Any]:
+def run_with_deadline(fn: Callable[..., Any], args: tuple, timeout_s: float) -> tuple[bool, Any]:
     """`(True, fn(*args))` if it returns within `timeout_s`, else `(False, None)`.
 
     `fn` runs in a daemon thread (works from any thread, unlike signal.alarm). An exception

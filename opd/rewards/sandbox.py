@@ -61,9 +61,23 @@ from dataclasses import dataclass
 UID_BASE, UID_SLOTS = 1_600_000_000, 4096
 _NEWNS, _NEWPID, _NEWNET = 0x00020000, 0x20000000, 0x40000000
 _RDONLY, _NOSUID, _NODEV, _NOEXEC, _REMOUNT, _BIND, _REC, _PRIVATE = (
-    1, 2, 4, 8, 32, 4096, 16384, 1 << 18)
-_OPT_FLAGS = {"nosuid": _NOSUID, "nodev": _NODEV, "noexec": _NOEXEC, "noatime": 1024,
-              "nodiratime": 2048, "relatime": 1 << 21}
+    1,
+    2,
+    4,
+    8,
+    32,
+    4096,
+    16384,
+    1 << 18,
+)
+_OPT_FLAGS = {
+    "nosuid": _NOSUID,
+    "nodev": _NODEV,
+    "noexec": _NOEXEC,
+    "noatime": 1024,
+    "nodiratime": 2048,
+    "relatime": 1 << 21,
+}
 _SETUP_FAILED = 125
 _AUDIT_HOOK = (
     "import runpy, sys\n"
@@ -71,7 +85,8 @@ _AUDIT_HOOK = (
     "    if event.startswith('socket.'):\n"
     "        raise PermissionError('network disabled in sandbox: ' + event)\n"
     "sys.addaudithook(_deny)\nsys.argv = sys.argv[1:]\n"
-    "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+)
 
 
 class SandboxError(RuntimeError):
@@ -103,11 +118,14 @@ def _sys(ret: int, what: str) -> None:
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
-def _mount(src: str | None, target: str, fstype: str | None, flags: int,
-           data: str | None = None) -> None:
+def _mount(
+    src: str | None, target: str, fstype: str | None, flags: int, data: str | None = None
+) -> None:
     enc = lambda s: None if s is None else s.encode()
-    _sys(_libc.mount(enc(src), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)),
-         f"mount {target}")
+    _sys(
+        _libc.mount(enc(src), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)),
+        f"mount {target}",
+    )
 
 
 def _prctl(option: int, value: int) -> None:
@@ -160,10 +178,14 @@ def _exec_program(cfg: dict, workdir: str, code: bytes) -> None:
     os.write(cfg["ready_fd"], b"R")
     os.closerange(3, 1 << 20)
     cpu, mb = cfg["cpu_s"], 1 << 20
-    for res, soft in ((resource.RLIMIT_CPU, cpu), (resource.RLIMIT_AS, cfg["memory_mb"] * mb),
-                      (resource.RLIMIT_NPROC, cfg["max_processes"]), (resource.RLIMIT_CORE, 0),
-                      (resource.RLIMIT_FSIZE, cfg["max_file_mb"] * mb),
-                      (resource.RLIMIT_NOFILE, cfg["max_open_files"])):
+    for res, soft in (
+        (resource.RLIMIT_CPU, cpu),
+        (resource.RLIMIT_AS, cfg["memory_mb"] * mb),
+        (resource.RLIMIT_NPROC, cfg["max_processes"]),
+        (resource.RLIMIT_CORE, 0),
+        (resource.RLIMIT_FSIZE, cfg["max_file_mb"] * mb),
+        (resource.RLIMIT_NOFILE, cfg["max_open_files"]),
+    ):
         resource.setrlimit(res, (soft, soft + 1 if res == resource.RLIMIT_CPU else soft))
     if cfg["uid"] is not None:
         _become(cfg["uid"])
@@ -238,21 +260,47 @@ def _guarded(fn, *args) -> None:
 
 # ---------------------------------------------------------------- host side (the caller)
 _log = logging.getLogger(__name__)
-_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1",
-        "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-_PROBE_LIMITS = {"cpu_s": 30, "memory_mb": 512, "max_processes": 32, "max_file_mb": 16,
-                 "max_open_files": 64, "dir_mb": 16}
+_ENV = {
+    "PATH": "/usr/local/bin:/usr/bin:/bin",
+    "LANG": "C.UTF-8",
+    "OMP_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+}
+_PROBE_LIMITS = {
+    "cpu_s": 30,
+    "memory_mb": 512,
+    "max_processes": 32,
+    "max_file_mb": 16,
+    "max_open_files": 64,
+    "dir_mb": 16,
+}
 
 
-def run_python(code: str, *, timeout_s: float = 10.0, cpu_s: int | None = None,
-               memory_mb: int = 512, max_processes: int = 32, max_file_mb: int = 16,
-               max_open_files: int = 64, max_output_bytes: int = 64_000, max_dir_mb: int = 64,
-               network: bool = False, python: str | None = None) -> SandboxResult:
+def run_python(
+    code: str,
+    *,
+    timeout_s: float = 10.0,
+    cpu_s: int | None = None,
+    memory_mb: int = 512,
+    max_processes: int = 32,
+    max_file_mb: int = 16,
+    max_open_files: int = 64,
+    max_output_bytes: int = 64_000,
+    max_dir_mb: int = 64,
+    network: bool = False,
+    python: str | None = None,
+) -> SandboxResult:
     """Run ``code`` as ``python -I main.py`` in the sandbox; never raises for what it does."""
     python = python or sys.executable
-    limits = {"cpu_s": int(cpu_s or math.ceil(timeout_s) + 1), "memory_mb": memory_mb,
-              "max_processes": max_processes, "max_file_mb": max_file_mb,
-              "max_open_files": max_open_files, "dir_mb": max_dir_mb}
+    limits = {
+        "cpu_s": int(cpu_s or math.ceil(timeout_s) + 1),
+        "memory_mb": memory_mb,
+        "max_processes": max_processes,
+        "max_file_mb": max_file_mb,
+        "max_open_files": max_open_files,
+        "dir_mb": max_dir_mb,
+    }
     return _run(code, sandbox_mode(python), python, timeout_s, max_output_bytes, network, limits)
 
 
@@ -272,15 +320,20 @@ def _probe(python: str) -> str:
             continue
         if res.ok and res.stdout.strip() == "opd-ok":
             if mode != "ns":
-                _log.warning("sandbox: namespaces unavailable (%s); using mode %r: network is "
-                             "NOT isolated (audit hook only) and /tmp is shared", errors, mode)
+                _log.warning(
+                    "sandbox: namespaces unavailable (%s); using mode %r: network is "
+                    "NOT isolated (audit hook only) and /tmp is shared",
+                    errors,
+                    mode,
+                )
             return mode
         errors.append(f"{mode}: {res.status} {res.stderr.strip()[-300:]}")
     raise SandboxError("no working sandbox mode: " + " | ".join(errors))
 
 
-def _run(code: str, mode: str, python: str, timeout_s: float, cap: int, network: bool,
-         limits: dict) -> SandboxResult:
+def _run(
+    code: str, mode: str, python: str, timeout_s: float, cap: int, network: bool, limits: dict
+) -> SandboxResult:
     with contextlib.ExitStack() as stack:
         uid = stack.enter_context(_slot(reap_first=mode == "uid")) if mode != "plain" else None
         workdir = None
@@ -292,15 +345,29 @@ def _run(code: str, mode: str, python: str, timeout_s: float, cap: int, network:
         ready_r, ready_w = os.pipe()
         stack.callback(os.close, ready_r)
         netns = mode == "ns" and not network
-        cfg = dict(limits, mode=mode, netns=netns, network=network, uid=uid, python=python,
-                   env=_ENV, workdir=workdir, ready_fd=ready_w,
-                   expose=_hidden_paths(python) if mode == "ns" else [])
+        cfg = dict(
+            limits,
+            mode=mode,
+            netns=netns,
+            network=network,
+            uid=uid,
+            python=python,
+            env=_ENV,
+            workdir=workdir,
+            ready_fd=ready_w,
+            expose=_hidden_paths(python) if mode == "ns" else [],
+        )
         start = time.monotonic()
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-I", "-S", __file__, "--boot", json.dumps(cfg)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_ENV,
-                pass_fds=(ready_w,), start_new_session=True)
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=_ENV,
+                pass_fds=(ready_w,),
+                start_new_session=True,
+            )
         finally:
             os.close(ready_w)
         with proc:
@@ -321,12 +388,12 @@ def _run(code: str, mode: str, python: str, timeout_s: float, cap: int, network:
         stderr = err.decode(errors="replace")
         if status != "timeout" and not _was_ready(ready_r):
             raise SandboxError(f"sandbox setup failed (mode {mode}, rc {rc}): {stderr[-2000:]}")
-        return SandboxResult(status, rc, out.decode(errors="replace"), stderr, seconds,
-                             netns, mode)
+        return SandboxResult(status, rc, out.decode(errors="replace"), stderr, seconds, netns, mode)
 
 
-def _communicate(proc: subprocess.Popen, data: bytes, deadline: float,
-                 cap: int) -> tuple[str | None, bytes, bytes]:
+def _communicate(
+    proc: subprocess.Popen, data: bytes, deadline: float, cap: int
+) -> tuple[str | None, bytes, bytes]:
     """Feed stdin, read both pipes up to ``cap`` bytes each; stop early on timeout / overflow."""
     try:
         proc.stdin.write(data)
@@ -334,8 +401,11 @@ def _communicate(proc: subprocess.Popen, data: bytes, deadline: float,
     except BrokenPipeError:
         pass
     bufs = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
-    out = lambda status: (status, bytes(bufs[proc.stdout.fileno()]),
-                          bytes(bufs[proc.stderr.fileno()]))
+    out = lambda status: (
+        status,
+        bytes(bufs[proc.stdout.fileno()]),
+        bytes(bufs[proc.stderr.fileno()]),
+    )
     exited_at = None
     with selectors.DefaultSelector() as sel:
         for fd in bufs:
@@ -393,8 +463,12 @@ def _uid_pids(uid: int) -> list[int]:
 
 def _reap_uid(uid: int, wait_s: float = 5.0) -> None:
     """Kill every process of ``uid`` and wait until they are gone."""
-    subprocess.run([sys.executable, "-I", "-S", __file__, "--kill-uid", str(uid)], env=_ENV,
-                   timeout=30, check=False)
+    subprocess.run(
+        [sys.executable, "-I", "-S", __file__, "--kill-uid", str(uid)],
+        env=_ENV,
+        timeout=30,
+        check=False,
+    )
     deadline = time.monotonic() + wait_s
     while (left := _uid_pids(uid)) and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -432,8 +506,12 @@ def _slot(reap_first: bool) -> Iterator[int]:
 @functools.cache
 def _hidden_paths(python: str) -> list[list[str]]:
     """(hidden top dir, needed path) for interpreter dirs other users cannot traverse."""
-    want = {os.path.dirname(os.path.dirname(os.path.realpath(python))), sys.prefix,
-            sys.base_prefix, *(p for p in sys.path if os.path.isabs(p) and os.path.isdir(p))}
+    want = {
+        os.path.dirname(os.path.dirname(os.path.realpath(python))),
+        sys.prefix,
+        sys.base_prefix,
+        *(p for p in sys.path if os.path.isabs(p) and os.path.isdir(p)),
+    }
     pairs: list[list[str]] = []
     for path in sorted({os.path.realpath(p) for p in want}):
         if any(path == q or path.startswith(q + "/") for _, q in pairs):

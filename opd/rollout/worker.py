@@ -103,10 +103,10 @@ class RolloutWorker:
         self.version = version
         return version
 
-    def init_weight_group(self, address: str, port: int, rank_offset: int,
-                          world_size: int) -> None:
-        self.llm.collective_rpc("opd_init_weight_group",
-                                args=(address, port, rank_offset, world_size))
+    def init_weight_group(self, address: str, port: int, rank_offset: int, world_size: int) -> None:
+        self.llm.collective_rpc(
+            "opd_init_weight_group", args=(address, port, rank_offset, world_size)
+        )
 
     def receive_weights(self, specs: list[tuple[str, str, list[int]]], version: int) -> int:
         self.llm.collective_rpc("opd_receive_broadcast", args=(specs, version))

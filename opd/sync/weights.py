@@ -57,14 +57,18 @@ class NcclWeightSync:
     the tested transport.
     """
 
-    def __init__(self, learners: ActorGroup, rollouts: ActorGroup, dtype: str,
-                 tp_size: int = 1) -> None:
+    def __init__(
+        self, learners: ActorGroup, rollouts: ActorGroup, dtype: str, tp_size: int = 1
+    ) -> None:
         self.learners, self.rollouts, self.dtype = learners, rollouts, dtype
-        address, port = learners.gather([learners.handles[0].node_address.remote()],
-                                        "node_address")[0]
+        address, port = learners.gather(
+            [learners.handles[0].node_address.remote()], "node_address"
+        )[0]
         world = 1 + tp_size * len(rollouts)
-        refs = [h.init_weight_group.remote(address, port, 1 + i * tp_size, world)
-                for i, h in enumerate(rollouts.handles)]
+        refs = [
+            h.init_weight_group.remote(address, port, 1 + i * tp_size, world)
+            for i, h in enumerate(rollouts.handles)
+        ]
         refs += [h.init_weight_group.remote(address, port, world) for h in learners.handles]
         learners.gather(refs, "init_weight_group")
         self.specs = learners.call("weight_specs", dtype)[0]
@@ -81,8 +85,9 @@ class NcclWeightSync:
         pass
 
 
-def make_weight_sync(transport: str, device: str, learners: ActorGroup, rollouts: ActorGroup,
-                     dtype: str):
+def make_weight_sync(
+    transport: str, device: str, learners: ActorGroup, rollouts: ActorGroup, dtype: str
+):
     """`auto` picks NCCL on GPUs and the shared-memory folder on CPUs."""
     if transport == "auto":
         transport = "nccl" if device == "cuda" else "dir"

@@ -111,7 +111,8 @@ def _original_env(t: G.Template, lists: dict) -> dict:
             else:
                 options = list(args[0])
             values = next(
-                list(o) for o in options
+                list(o)
+                for o in options
                 if all(str(o[j]) == shown[n] for j, n in enumerate(names) if n in shown)
             )
         for n, v in zip(names, values):
@@ -182,8 +183,14 @@ def test_symbolic_answers_follow_the_template_formulas(templates):
 
 def test_expression_checker_refuses_code(templates):
     _, lists = templates
-    for bad in ["__import__('os').system('true')", "x.real", "[i for i in names]",
-                "open('f')", "lambda: 1", "names[0]"]:
+    for bad in [
+        "__import__('os').system('true')",
+        "x.real",
+        "[i for i in names]",
+        "open('f')",
+        "lambda: 1",
+        "names[0]",
+    ]:
         with pytest.raises(G.TemplateError):
             G._expr(bad, set(lists) | {"x"}, "test")
     with pytest.raises(G.TemplateError, match="not defined"):
@@ -211,24 +218,29 @@ def test_jsonl_round_trip_and_prepare_is_idempotent(tmp_path):
 
 def test_user_files_with_a_field_map(tmp_path):
     path = tmp_path / "mine.jsonl"
-    rows = [{"problem": "1+1?", "solution": 2, "source": "x"},
-            {"problem": "2+2?", "solution": 4, "source": "y"}]
+    rows = [
+        {"problem": "1+1?", "solution": 2, "source": "x"},
+        {"problem": "2+2?", "solution": 4, "source": "y"},
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     problems = load_jsonl_benchmark(path, {"problem": "prompt", "solution": "answer"})
-    assert problems[0] == Problem(id="mine/0", benchmark="mine", prompt="1+1?", answer="2",
-                                  meta={"source": "x"})
+    assert problems[0] == Problem(
+        id="mine/0", benchmark="mine", prompt="1+1?", answer="2", meta={"source": "x"}
+    )
     pq = pytest.importorskip("pyarrow.parquet")
     import pyarrow as pa
 
-    pq.write_table(pa.Table.from_pylist([problem_to_row(p) for p in problems]),
-                   tmp_path / "mine.parquet")
+    pq.write_table(
+        pa.Table.from_pylist([problem_to_row(p) for p in problems]), tmp_path / "mine.parquet"
+    )
     assert load_jsonl_benchmark(tmp_path / "mine.parquet") == problems
 
 
 def test_user_file_errors_name_file_row_and_field(tmp_path):
     path = tmp_path / "bad.jsonl"
-    path.write_text(json.dumps({"problem": "a", "solution": 1}) + "\n"
-                    + json.dumps({"problem": "b"}) + "\n")
+    path.write_text(
+        json.dumps({"problem": "a", "solution": 1}) + "\n" + json.dumps({"problem": "b"}) + "\n"
+    )
     mapping = {"problem": "prompt", "solution": "answer"}
     with pytest.raises(ValueError, match=r"bad\.jsonl: row 2: missing field 'solution'"):
         load_jsonl_benchmark(path, mapping)

@@ -17,18 +17,38 @@ def _samples(n, teacher_value=-1.0):
     out = []
     for i in range(n):
         completion = [40 + i, 41, 42]
-        out.append(Sample(prompt_index=i, sample_index=0, prompt_id=str(i),
-                          messages=[], prompt_ids=[2, 30 + i, 3], completion_ids=completion,
-                          logprobs=[-5.0, -4.0, -6.0], finish_reason="stop",
-                          policy_version=0,
-                          teacher={"logprobs": torch.full((3,), teacher_value)}))
+        out.append(
+            Sample(
+                prompt_index=i,
+                sample_index=0,
+                prompt_id=str(i),
+                messages=[],
+                prompt_ids=[2, 30 + i, 3],
+                completion_ids=completion,
+                logprobs=[-5.0, -4.0, -6.0],
+                finish_reason="stop",
+                policy_version=0,
+                teacher={"logprobs": torch.full((3,), teacher_value)},
+            )
+        )
     return out
 
 
 def _learner(student, stage, micro):
     cfg = LearnerConfig(zero_stage=stage, lr=1e-2, micro_batch_size=micro, grad_clip=1e9)
-    return Learner(0, 1, "127.0.0.1", free_port(), str(student), cfg, ObjectiveConfig(),
-                   total_steps=10, grad_accum_steps=4 // micro, seed=0, device="cpu")
+    return Learner(
+        0,
+        1,
+        "127.0.0.1",
+        free_port(),
+        str(student),
+        cfg,
+        ObjectiveConfig(),
+        total_steps=10,
+        grad_accum_steps=4 // micro,
+        seed=0,
+        device="cpu",
+    )
 
 
 def _params(learner):
@@ -39,22 +59,22 @@ def _params(learner):
 def test_step_updates_and_nonfinite_skips(tiny_pair, stage):
     learner = _learner(tiny_pair["student"], stage, micro=2)
     before = _params(learner)
-    m = learner.train_step(_samples(4), global_tokens=12)
+    m = learner.train_step(_samples(4), normalizer=12)
     after = _params(learner)
     assert m["train/skipped_steps"] == 0
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
     bad = _samples(4)
     bad[3].teacher["logprobs"][1] = float("nan")
-    m = learner.train_step(bad, global_tokens=12)
+    m = learner.train_step(bad, normalizer=12)
     assert m["train/skipped_steps"] == 1
     unchanged = _params(learner)
     assert all(torch.equal(after[k], unchanged[k]) for k in after)
-    learner.train_step(_samples(4), global_tokens=12)  # and training goes on
+    learner.train_step(_samples(4), normalizer=12)  # and training goes on
     assert any(not torch.equal(after[k], v) for k, v in _params(learner).items())
 
 
-def _reference_grad_norm(student, samples, global_tokens):
+def _reference_grad_norm(student, samples, normalizer):
     """The sampled reverse-KL loss, normalized by all tokens, on a plain transformers model."""
     from transformers import AutoModelForCausalLM
 
@@ -68,7 +88,7 @@ def _reference_grad_norm(student, samples, global_tokens):
         old = torch.tensor(s.logprobs)
         advantage = s.teacher["logprobs"] - old
         total = total - (torch.exp(lp_c - old) * advantage).sum()
-    (total / global_tokens).backward()
+    (total / normalizer).backward()
     return torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters())).item()
 
 
@@ -76,5 +96,5 @@ def test_loss_normalization_is_independent_of_micro_batching(tiny_pair):
     want = _reference_grad_norm(tiny_pair["student"], _samples(4), 12)
     for micro in (4, 1):
         learner = _learner(tiny_pair["student"], 2, micro=micro)
-        m = learner.train_step(copy.deepcopy(_samples(4)), global_tokens=12)
+        m = learner.train_step(copy.deepcopy(_samples(4)), normalizer=12)
         assert m["train/grad_norm"] == pytest.approx(want, rel=1e-4), micro

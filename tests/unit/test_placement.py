@@ -7,8 +7,10 @@ from opd.config.schema import Config, LearnerConfig, RolloutConfig
 
 
 def _cfg(**kw):
-    return Config(rollout=RolloutConfig(num_workers=2, num_gpus=kw.get("rollout_gpus", 0)),
-                  learner=LearnerConfig(num_workers=2, num_gpus=kw.get("learner_gpus", 0)))
+    return Config(
+        rollout=RolloutConfig(num_workers=2, num_gpus=kw.get("rollout_gpus", 0)),
+        learner=LearnerConfig(num_workers=2, num_gpus=kw.get("learner_gpus", 0)),
+    )
 
 
 def test_bundles_per_role():
@@ -21,8 +23,11 @@ def test_bundles_per_role():
 def test_check_fits_names_roles_and_resource():
     cfg = _cfg(rollout_gpus=1, learner_gpus=1)
     check_fits(cfg, {"CPU": 8, "GPU": 4})
-    with pytest.raises(ValueError, match=r"needs 4 GPU \(rollout 2, learner 2\) but the cluster "
-                                         r"has 3"):
+    with pytest.raises(
+        ValueError,
+        match=r"needs 4 GPU \(rollout 2, learner 2\) but the cluster "
+        r"has 3",
+    ):
         check_fits(cfg, {"CPU": 8, "GPU": 3})
 
 

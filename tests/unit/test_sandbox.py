@@ -66,7 +66,7 @@ def has_close_elements(numbers: List[float], threshold: float) -> bool:
     True
     """
 '''
-HE_TEST = '''
+HE_TEST = """
 
 METADATA = {'author': 'jt', 'dataset': 'test'}
 
@@ -78,20 +78,22 @@ def check(candidate):
     assert candidate([1.0, 2.0, 5.9, 4.0, 5.0], 0.8) == False
     assert candidate([1.1, 2.2, 3.1, 4.1, 5.1], 1.0) == True
     assert candidate([1.1, 2.2, 3.1, 4.1, 5.1], 0.5) == False
-'''
-HE_BODY = '''    for i, a in enumerate(numbers):
+"""
+HE_BODY = """    for i, a in enumerate(numbers):
         for j, b in enumerate(numbers):
             if i != j and abs(a - b) < threshold:
                 return True
     return False
-'''
+"""
 
 
 def test_humaneval_body_full_def_and_wrong_answer():
     record = {"prompt": HE_PROMPT, "test": HE_TEST, "entry_point": "has_close_elements"}
     assert code_reward(record, HE_BODY) == 1.0
-    fenced = ("Here you go:\n```python\nfrom typing import List\n\n"
-              "def has_close_elements(numbers, threshold):\n" + HE_BODY + "```\nDone.")
+    fenced = (
+        "Here you go:\n```python\nfrom typing import List\n\n"
+        "def has_close_elements(numbers, threshold):\n" + HE_BODY + "```\nDone."
+    )
     assert code_reward(record, fenced) == 1.0
     assert code_reward(record, "    return False\n") == 0.0
     assert code_reward(record, "    return (\n") == 0.0  # syntax error
@@ -123,7 +125,8 @@ def test_cpu_limit_kills_busy_loop():
 
 
 def test_fork_bomb_is_contained():
-    res = _run("""
+    res = _run(
+        """
         import os, time
         print(os.getuid(), flush=True)
         n = 0
@@ -143,7 +146,10 @@ def test_fork_bomb_is_contained():
                 os.fork()
             except OSError:
                 pass
-    """, timeout_s=3.0, max_processes=16)
+    """,
+        timeout_s=3.0,
+        max_processes=16,
+    )
     assert res.status == "timeout" and res.seconds < 10
     lines = res.stdout.splitlines()
     uid, blocked = int(lines[0]), int(lines[1].split()[-1])
@@ -154,7 +160,8 @@ def test_fork_bomb_is_contained():
 
 
 def test_escaped_daemon_is_killed():
-    res = _run("""
+    res = _run(
+        """
         import os, time
         print(os.getuid(), flush=True)
         if os.fork() == 0:
@@ -164,7 +171,9 @@ def test_escaped_daemon_is_killed():
                 time.sleep(60)
             os._exit(0)
         os.wait()
-    """, timeout_s=5.0)
+    """,
+        timeout_s=5.0,
+    )
     assert res.status == "ok"
     if os.geteuid() == 0:
         assert sandbox._uid_pids(int(res.stdout.split()[0])) == []
@@ -187,9 +196,13 @@ def test_file_size_limit():
 @pytest.mark.parametrize("where", ["repo", "root", "tmp", "devshm", "sandbox_module"])
 def test_writes_outside_the_sandbox_leave_no_trace(where):
     name = f"pwned-{uuid.uuid4().hex}"
-    target = {"repo": os.path.join(os.getcwd(), name), "root": os.path.expanduser(f"~/{name}"),
-              "tmp": f"/tmp/{name}", "devshm": f"/dev/shm/{name}",
-              "sandbox_module": sandbox.__file__}[where]
+    target = {
+        "repo": os.path.join(os.getcwd(), name),
+        "root": os.path.expanduser(f"~/{name}"),
+        "tmp": f"/tmp/{name}",
+        "devshm": f"/dev/shm/{name}",
+        "sandbox_module": sandbox.__file__,
+    }[where]
     before = open(target, "rb").read() if os.path.exists(target) else None
     res = _run(f"open({target!r}, 'a').write('pwned')\nraise SystemExit(1)")
     assert res.status == "error"
@@ -207,12 +220,15 @@ def test_network_connect_fails():
     listener.listen(8)
     port = listener.getsockname()[1]
     try:
-        res = _run(f"""
+        res = _run(
+            f"""
             import socket
             s = socket.create_connection(("127.0.0.1", {port}), timeout=2)
             s.sendall(b"exfiltrated")
             print("connected")
-        """, timeout_s=10)
+        """,
+            timeout_s=10,
+        )
         assert res.status == "error" and "connected" not in res.stdout
         listener.settimeout(0.2)
         with pytest.raises(TimeoutError):
@@ -225,7 +241,8 @@ def test_network_connect_fails():
 def test_cannot_kill_parent_or_test_process():
     victim = subprocess.Popen(["sleep", "30"])
     try:
-        res = _run(f"""
+        res = _run(
+            f"""
             import os, signal
             for pid in (os.getppid(), {os.getpid()}, {victim.pid}, -1):
                 try:
@@ -234,7 +251,9 @@ def test_cannot_kill_parent_or_test_process():
                 except OSError as e:
                     print("refused", pid, type(e).__name__)
             raise SystemExit(3)
-        """, timeout_s=10)
+        """,
+            timeout_s=10,
+        )
         assert res.status == "error" and res.returncode == 3
         assert f"refused {os.getpid()}" in res.stdout and f"refused {victim.pid}" in res.stdout
         assert victim.poll() is None  # the host process is alive
@@ -246,11 +265,17 @@ def test_cannot_kill_parent_or_test_process():
 def test_stdout_flood_is_capped():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.monotonic()
-    res = _run("import sys\nwhile True:\n    sys.stdout.write('x' * 65536)\n",
-               max_output_bytes=10_000, timeout_s=20)
+    res = _run(
+        "import sys\nwhile True:\n    sys.stdout.write('x' * 65536)\n",
+        max_output_bytes=10_000,
+        timeout_s=20,
+    )
     assert res.status == "output_limit" and len(res.stdout) == 10_000
-    res = _run("import os\nwhile True:\n    os.write(2, b'y' * 65536)\n",
-               max_output_bytes=10_000, timeout_s=20)
+    res = _run(
+        "import os\nwhile True:\n    os.write(2, b'y' * 65536)\n",
+        max_output_bytes=10_000,
+        timeout_s=20,
+    )
     assert res.status == "output_limit" and len(res.stderr) == 10_000
     assert time.monotonic() - start < 10
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 50_000  # KiB
@@ -259,8 +284,7 @@ def test_stdout_flood_is_capped():
 def test_concurrent_runs_are_independent():
     results: list[sandbox.SandboxResult] = []
     code = "import os, time\ntime.sleep(0.3)\nprint(os.getuid())"
-    threads = [threading.Thread(target=lambda: results.append(run_python(code)))
-               for _ in range(4)]
+    threads = [threading.Thread(target=lambda: results.append(run_python(code))) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
@@ -275,10 +299,18 @@ def test_uid_fallback_reaps_escaped_children():
     python = shutil.which("python3", path="/usr/bin:/usr/local/bin")
     if python is None:
         pytest.skip("no system python (readable by unprivileged uids) to test the fallback")
-    limits = {"cpu_s": 5, "memory_mb": 256, "max_processes": 8, "max_file_mb": 1,
-              "max_open_files": 64, "dir_mb": 16}
-    code = ("import os, time\nprint(os.getuid(), flush=True)\n"
-            "if os.fork() == 0:\n    os.setsid(); os.close(1); os.close(2); time.sleep(60)\n")
+    limits = {
+        "cpu_s": 5,
+        "memory_mb": 256,
+        "max_processes": 8,
+        "max_file_mb": 1,
+        "max_open_files": 64,
+        "dir_mb": 16,
+    }
+    code = (
+        "import os, time\nprint(os.getuid(), flush=True)\n"
+        "if os.fork() == 0:\n    os.setsid(); os.close(1); os.close(2); time.sleep(60)\n"
+    )
     res = sandbox._run(code, "uid", python, 5.0, 10_000, False, limits)
     assert res.ok and not res.network_isolated
     assert sandbox._uid_pids(int(res.stdout.split()[0])) == []

@@ -1,0 +1,57 @@
+"""`opd eval --completions` grades other systems' outputs; `opd plot` renders a run."""
+
+import json
+
+from opd.cli import main
+from opd.eval.benchmarks import load_benchmark
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _eval(tmp_path, benchmark, rows, name):
+    out = tmp_path / f"{name}.json"
+    code = main(["eval", "--benchmark", benchmark, "--completions",
+                 str(_write(tmp_path / f"{name}.jsonl", rows)), "--out", str(out)])
+    assert code == 0
+    return json.loads(out.read_text())
+
+
+def test_humaneval_canonical_solutions_pass_and_broken_fail(tmp_path):
+    problems = load_benchmark("humaneval")
+    canonical = [{"id": p.id, "completion": p.meta["canonical_solution"]} for p in problems]
+    summary = _eval(tmp_path, "humaneval", canonical, "canonical")
+    assert summary["n_problems"] == 164 and summary["pass@1"] == 1.0
+    broken = [{"id": p.id, "completion": "    return None\n"} for p in problems[:20]]
+    summary = _eval(tmp_path, "humaneval", broken, "broken")
+    assert summary["n_problems"] == 20 and summary["pass@1"] == 0.0
+    records = [json.loads(ln) for ln in open(summary["records"])]
+    assert len(records) == 20 and not any(r["correct"] for r in records)
+
+
+def test_gsm8k_references_score_and_pass_at_k_maj(tmp_path):
+    problems = load_benchmark("gsm8k-100", limit=10)
+    rows = []
+    for p in problems:  # two samples each: one right (boxed), one wrong
+        rows.append({"id": p.id, "completion": f"so the answer is \\boxed{{{p.answer}}}"})
+        rows.append({"id": p.id, "completion": "the answer is 123456789"})
+    summary = _eval(tmp_path, "gsm8k-100", rows, "gsm")
+    assert summary["n_problems"] == 10
+    assert summary["pass@1"] == 0.5 and summary["pass@2"] == 1.0
+
+
+def test_unknown_id_is_a_clear_error(tmp_path, capsys):
+    path = _write(tmp_path / "c.jsonl", [{"id": "HumanEval/999", "completion": "x"}])
+    assert main(["eval", "--benchmark", "humaneval", "--completions", str(path)]) == 2
+    assert "c.jsonl:1: id 'HumanEval/999'" in capsys.readouterr().err
+
+
+def test_plot_renders_a_png(tmp_path):
+    rows = [{"step": 0, "heldout/reverse_kl": 2.0},
+            {"step": 1, "train/loss": 1.0, "perf/tokens_per_s": 10.0,
+             "eval/gsm8k-100/pass@1": 0.1}]
+    _write(tmp_path / "metrics.jsonl", rows)
+    assert main(["plot", str(tmp_path)]) == 0
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
