@@ -16,11 +16,17 @@ def benchmark_metrics(cfg, roles, tokenizer, generate) -> dict[str, float]:
     e = cfg.eval
     metrics: dict[str, float] = {}
     for name in e.benchmarks:
-        problems = load_benchmark(name, limit=e.benchmark_limit)
-        prompts = []
-        for p in problems:
+        budget = cfg.rollout.max_model_len - e.benchmark_max_tokens
+        problems, prompts = [], []
+        for p in load_benchmark(name, limit=e.benchmark_limit):
             messages = problem_messages(p)
-            prompts.append(Prompt(p.id, messages, render_ids(tokenizer, messages), {}))
+            ids = render_ids(tokenizer, messages)
+            if len(ids) <= budget:  # longer prompts do not fit rollout.max_model_len
+                problems.append(p)
+                prompts.append(Prompt(p.id, messages, ids, {}))
+        metrics[f"eval/{name}/n_problems"] = len(problems)
+        if not problems:
+            continue
         samples = generate(
             cfg,
             roles,

@@ -292,7 +292,7 @@ def run_python(
     python: str | None = None,
 ) -> SandboxResult:
     """Run ``code`` as ``python -I main.py`` in the sandbox; never raises for what it does."""
-    python = python or sys.executable
+    python = python or default_python()
     limits = {
         "cpu_s": int(cpu_s or math.ceil(timeout_s) + 1),
         "memory_mb": memory_mb,
@@ -304,9 +304,15 @@ def run_python(
     return _run(code, sandbox_mode(python), python, timeout_s, max_output_bytes, network, limits)
 
 
+def default_python() -> str:
+    """The base interpreter, not a venv's: the program needs only the standard library, and a
+    venv may live under /tmp, which the sandbox replaces with its own private tmpfs."""
+    return os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+
+
 def sandbox_mode(python: str | None = None) -> str:
     """The best mode that works for ``python`` here ("ns", "uid" or "plain"); probed once."""
-    return _probe(python or sys.executable)
+    return _probe(python or default_python())
 
 
 @functools.cache

@@ -56,6 +56,11 @@ def test_heldout_reverse_kl_falls_by_30_percent(straight_run):
     kl = {r["step"]: r["heldout/reverse_kl"] for r in rows if "heldout/reverse_kl" in r}
     assert sorted(kl) == [0, 5, 10, 15, 20]
     assert kl[20] <= 0.7 * kl[0], kl
+    # Benchmark scores of the current policy are logged with the held-out KL.
+    scores = [r for r in rows if "eval/gsm8k-100/pass@1" in r]
+    assert [r["step"] for r in scores] == [0, 5, 10, 15, 20]
+    assert all(0.0 <= r["eval/gsm8k-100/pass@1"] <= 1.0 for r in scores)
+    assert all(r["eval/gsm8k-100/n_problems"] >= 1 for r in scores)
     assert [r["step"] for r in rows] == list(range(STEPS + 1))
     for r in rows[1:]:
         for key in (

@@ -13,8 +13,17 @@ def _write(path, rows):
 
 def _eval(tmp_path, benchmark, rows, name):
     out = tmp_path / f"{name}.json"
-    code = main(["eval", "--benchmark", benchmark, "--completions",
-                 str(_write(tmp_path / f"{name}.jsonl", rows)), "--out", str(out)])
+    code = main(
+        [
+            "eval",
+            "--benchmark",
+            benchmark,
+            "--completions",
+            str(_write(tmp_path / f"{name}.jsonl", rows)),
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     return json.loads(out.read_text())
 
@@ -49,9 +58,10 @@ def test_unknown_id_is_a_clear_error(tmp_path, capsys):
 
 
 def test_plot_renders_a_png(tmp_path):
-    rows = [{"step": 0, "heldout/reverse_kl": 2.0},
-            {"step": 1, "train/loss": 1.0, "perf/tokens_per_s": 10.0,
-             "eval/gsm8k-100/pass@1": 0.1}]
+    rows = [
+        {"step": 0, "heldout/reverse_kl": 2.0},
+        {"step": 1, "train/loss": 1.0, "perf/tokens_per_s": 10.0, "eval/gsm8k-100/pass@1": 0.1},
+    ]
     _write(tmp_path / "metrics.jsonl", rows)
     assert main(["plot", str(tmp_path)]) == 0
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
