@@ -100,6 +100,40 @@ def generate(
                 finish_reason=r["finish_reason"],
                 policy_version=r["policy_version"],
                 topk_ids=r["topk_ids"],
+                demonstration=_field(p, cfg.data.demonstration_field),
+            )
+        )
+    return out
+
+
+def _field(prompt: Prompt, name: str | None) -> str | None:
+    if name is None:
+        return None
+    if name not in prompt.row:
+        raise ValueError(f"prompt {prompt.id} has no field {name!r} (data.*_field)")
+    return str(prompt.row[name])
+
+
+def reference_samples(cfg: Config, prompts: list[Prompt], tokenizer, version: int) -> list[Sample]:
+    """Dataset completions in place of student samples (gkd's off-policy batches)."""
+    out = []
+    for i, p in enumerate(prompts):
+        text = _field(p, cfg.data.completion_field)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][: cfg.rollout.max_new_tokens]
+        ids = [*ids, tokenizer.eos_token_id]
+        out.append(
+            Sample(
+                prompt_index=i,
+                sample_index=0,
+                prompt_id=p.id,
+                messages=p.messages,
+                prompt_ids=p.token_ids,
+                completion_ids=ids,
+                logprobs=[0.0] * len(ids),
+                finish_reason="reference",
+                policy_version=version,
+                demonstration=_field(p, cfg.data.demonstration_field),
+                on_policy=False,
             )
         )
     return out
@@ -149,6 +183,7 @@ def save_checkpoint(
 ) -> None:
     tmp = ckpt.begin(step)
     roles.learner.call("save_checkpoint", str(tmp / "learner"))
+    roles.teacher.call("save_state", str(tmp / "teacher"))
     ckpt.commit(
         tmp,
         step,
@@ -183,15 +218,21 @@ def train(cfg: Config) -> Path:
     check_fits(cfg, ray.cluster_resources())
     roles = start_roles(cfg, student, teacher, device)
     sync = make_weight_sync(
-        cfg.rollout.weight_sync, device, roles.learner, roles.rollout, cfg.rollout.dtype
+        cfg.rollout.weight_sync,
+        device,
+        roles.learner,
+        roles.rollout,
+        cfg.rollout.dtype,
+        teacher=roles.teacher if cfg.teacher.mode != "frozen" else None,
     )
     log = MetricsLog(run_dir / "metrics.jsonl", start if resume else None)
     try:
         if resume:
             roles.learner.call("load_checkpoint", str(resume[0] / "learner"))
+            roles.teacher.call("load_state", str(resume[0] / "teacher"))
             data.train.load_state_dict(resume[1]["data"])
             set_rng_state(resume[1]["rng"])
-            sync.push(version=start)
+            sync.push(version=start, update_teacher=False)
         elif cfg.eval.every:
             log.write(
                 0,
@@ -205,17 +246,20 @@ def train(cfg: Config) -> Path:
         for step in range(start + 1, cfg.trainer.steps + 1):
             t0 = time.perf_counter()
             prompts = data.train.take(cfg.rollout.prompts_per_step)
-            samples = generate(
-                cfg,
-                roles,
-                prompts,
-                cfg.rollout.samples_per_prompt,
-                step,
-                "train",
-                request.rollout_topk,
-                cfg.rollout.max_new_tokens,
-                cfg.rollout.temperature,
-            )
+            if _on_policy(objective, step, cfg.run.seed):
+                samples = generate(
+                    cfg,
+                    roles,
+                    prompts,
+                    cfg.rollout.samples_per_prompt,
+                    step,
+                    "train",
+                    request.rollout_topk,
+                    cfg.rollout.max_new_tokens,
+                    cfg.rollout.temperature,
+                )
+            else:
+                samples = reference_samples(cfg, prompts, tokenizer, step - 1)
             t1 = time.perf_counter()
             (samples,) = roles.teacher.call("score", samples, request)
             t2 = time.perf_counter()
@@ -238,6 +282,8 @@ def train(cfg: Config) -> Path:
                     "rollout/truncated": sum(s.finish_reason == "length" for s in samples)
                     / len(samples),
                     "rollout/policy_version": float(samples[0].policy_version),
+                    "rollout/teacher_version": float(samples[0].teacher_version),
+                    "rollout/on_policy": float(samples[0].on_policy),
                 }
             )
             if cfg.eval.every and step % cfg.eval.every == 0:
@@ -254,6 +300,12 @@ def train(cfg: Config) -> Path:
         sync.close()
         roles.shutdown()
     return run_dir
+
+
+def _on_policy(objective, step: int, seed: int) -> bool:
+    """Objectives that mix in dataset completions (gkd) decide per step; others never do."""
+    decide = getattr(objective, "use_student_samples", None)
+    return decide(step, seed) if decide else True
 
 
 def _device(cfg: Config) -> str:

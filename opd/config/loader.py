@@ -96,6 +96,25 @@ def check_resources(cfg: Config) -> list[str]:
         raise ConfigError(
             f"objective.params.k={request.k} exceeds the student's vocabulary ({vocab['student']})"
         )
+    if request.context == "demonstration" and not cfg.data.demonstration_field:
+        raise ConfigError(
+            f"objective {cfg.objective.name!r} shows the teacher a demonstration: set "
+            "data.demonstration_field to the data field that holds it"
+        )
+    # Objectives that may train on dataset completions declare `use_student_samples`; gkd's
+    # `lmbda` is the fraction of student-sample steps, the others (sft) never sample.
+    lmbda = getattr(getattr(objective, "params", None), "lmbda", 0.0)
+    if hasattr(objective, "use_student_samples") and lmbda < 1:
+        if not cfg.data.completion_field:
+            raise ConfigError(
+                f"objective {cfg.objective.name!r} trains on dataset completions "
+                f"(lmbda={lmbda}): set data.completion_field"
+            )
+        if request.signal == "at_ids":
+            raise ConfigError(
+                "dataset completions have no rollout top-k: with objective.params.lmbda < 1 "
+                "use objective.params.estimator=full"
+            )
     if vocab["student"] and vocab["teacher"] and vocab["student"] != vocab["teacher"]:
         raise ConfigError(
             f"student vocab {vocab['student']} != teacher vocab {vocab['teacher']}: objective "

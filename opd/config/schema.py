@@ -43,6 +43,8 @@ class DataConfig:
     prompt_field: str = "question"
     id_field: str | None = None
     system_prompt: str | None = None
+    demonstration_field: str | None = None  # shown to the teacher (sdft's context)
+    completion_field: str | None = None  # reference completions (gkd's off-policy batches)
     max_prompt_tokens: int = 512  # longer prompts are dropped and counted
     shuffle: bool = True
 
@@ -96,6 +98,10 @@ class RolloutConfig:
 
 @dataclass
 class TeacherConfig(ModelConfig):
+    # frozen: fixed weights; ema: phi <- a theta + (1 - a) phi after every learner step;
+    # live: phi = theta. ema and live receive the student's weight pushes (self-distillation).
+    mode: str = "frozen"
+    ema_alpha: float = 0.01
     dtype: str = "float32"
     token_budget: int = 8192  # tokens per forward pass
     logprob_chunk_tokens: int = 1024  # log-softmax computed this many positions at a time
@@ -104,6 +110,9 @@ class TeacherConfig(ModelConfig):
 
     def __post_init__(self) -> None:
         _check_choice("teacher.dtype", self.dtype, DTYPES)
+        _check_choice("teacher.mode", self.mode, ("frozen", "ema", "live"))
+        if not 0 < self.ema_alpha <= 1:
+            raise ValueError(f"teacher.ema_alpha={self.ema_alpha} must lie in (0, 1]")
         _check_positive("teacher.token_budget", self.token_budget)
 
 
@@ -215,6 +224,17 @@ class Config:
                 f"data.max_prompt_tokens={self.data.max_prompt_tokens} + rollout.max_new_tokens="
                 f"{self.rollout.max_new_tokens} exceeds rollout.max_model_len="
                 f"{self.rollout.max_model_len}"
+            )
+
+        if self.teacher.mode != "frozen" and self.teacher.path != self.student.path:
+            raise ValueError(
+                f"teacher.mode={self.teacher.mode!r} makes the teacher a copy of the student, so "
+                f"teacher.path ({self.teacher.path}) must equal student.path ({self.student.path})"
+            )
+        if self.teacher.mode != "frozen" and self.rollout.weight_sync == "nccl":
+            raise ValueError(
+                "teacher.mode ema/live receives weights through rollout.weight_sync="
+                "dir; nccl pushes to the rollout engines only"
             )
 
     @property

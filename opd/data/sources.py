@@ -25,11 +25,11 @@ def _tiny_prompts() -> Path:
     import json
 
     from opd.cache import atomic_write_bytes, cache_root
-    from opd.models.tiny import synthetic_prompts
+    from opd.models.tiny import synthetic_examples
 
-    path = cache_root() / "data" / "tiny-arithmetic.jsonl"
+    path = cache_root() / "data" / "tiny-arithmetic-v2.jsonl"
     if not path.is_file():
-        rows = [{"id": f"tiny/{i}", "question": q} for i, q in enumerate(synthetic_prompts(256, 7))]
+        rows = [{"id": f"tiny/{i}", **r} for i, r in enumerate(synthetic_examples(256, 7))]
         atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
     return path
 

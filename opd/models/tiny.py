@@ -40,14 +40,17 @@ def synthetic_corpus(n_lines: int, seed: int = 0) -> list[str]:
     return lines
 
 
+def synthetic_examples(n: int, seed: int) -> list[dict[str, str]]:
+    """Questions with a worked answer (a demonstration / reference completion)."""
+    rows = []
+    for line in synthetic_corpus(n, seed):
+        question, answer = line.split("? ", 1)
+        rows.append({"question": question + "?", "answer": answer})
+    return rows
+
+
 def synthetic_prompts(n: int, seed: int) -> list[str]:
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        a, b = rng.randint(1, 9), rng.randint(1, 9)
-        who, fruit = rng.choice(["tom", "ann"]), rng.choice(["apples", "pears"])
-        out.append(f"{who} has {a} {fruit} and gets {b} more. how many {fruit}?")
-    return out
+    return [r["question"] for r in synthetic_examples(n, seed)]
 
 
 def build_tokenizer(out_dir: str | Path, vocab_size: int = 384):

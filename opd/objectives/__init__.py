@@ -18,8 +18,9 @@ from opd.objectives.base import (
 from opd.objectives.gkd import GKD
 from opd.objectives.reverse_kl import ReverseKL
 from opd.objectives.sdft import SDFT
+from opd.objectives.sft import SFT
 
-REGISTRY: dict[str, type] = {cls.name: cls for cls in (ReverseKL, GKD, SDFT)}
+REGISTRY: dict[str, type] = {cls.name: cls for cls in (ReverseKL, GKD, SDFT, SFT)}
 
 __all__ = [
     "REGISTRY",

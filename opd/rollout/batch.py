@@ -38,6 +38,8 @@ class Sample:
     topk_ids: list[list[int]] | None = None  # the engine's top-k ids per position, if asked
     teacher: dict[str, Tensor] = field(default_factory=dict)  # filled by the teacher scorer
     teacher_version: int = 0
+    demonstration: str | None = None  # the teacher's extra context (sdft), if any
+    on_policy: bool = True  # False for dataset completions (gkd's off-policy batches)
 
     @property
     def n_tokens(self) -> int:

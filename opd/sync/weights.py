@@ -26,24 +26,45 @@ def default_sync_root() -> Path:
 
 class DirWeightSync:
     def __init__(
-        self, learners: ActorGroup, rollouts: ActorGroup, dtype: str, root: Path | None = None
+        self,
+        learners: ActorGroup,
+        rollouts: ActorGroup,
+        dtype: str,
+        root: Path | None = None,
+        teacher: ActorGroup | None = None,
     ) -> None:
         self.learners, self.rollouts, self.dtype = learners, rollouts, dtype
+        self.teacher = teacher  # a self-distillation teacher that follows the student
         self.root = root or default_sync_root()
         self.root.mkdir(parents=True, exist_ok=True)
         self.current: Path | None = None
 
-    def push(self, version: int) -> dict[str, float]:
+    def push(self, version: int, update_teacher: bool = True) -> dict[str, float]:
+        """Send the learner's weights to every rollout worker (and to a following teacher,
+        which applies its EMA; a resume re-sends to the rollouts only)."""
         t0 = time.perf_counter()
         folder = self.root / f"v{version}"
         nbytes = sum(self.learners.call("export_to_dir", str(folder), self.dtype))
         t1 = time.perf_counter()
-        self.rollouts.call("load_weights_from_dir", str(folder), version)
+        refs = [h.load_weights_from_dir.remote(str(folder), version) for h in self.rollouts.handles]
+        teacher_ref = None
+        if self.teacher is not None and update_teacher:
+            teacher_ref = self.teacher.handles[0].update_from_dir.remote(str(folder), version)
+        self.rollouts.gather(refs, "load_weights_from_dir")
+        metrics = {}
+        if teacher_ref is not None:
+            (norm,) = self.teacher.gather([teacher_ref], "update_from_dir")
+            metrics = {"teacher/update_norm": norm, "teacher/version": float(version)}
         t2 = time.perf_counter()
         if self.current is not None and self.current != folder:
             shutil.rmtree(self.current, ignore_errors=True)
         self.current = folder
-        return {"sync/bytes": float(nbytes), "sync/export_s": t1 - t0, "sync/load_s": t2 - t1}
+        return {
+            "sync/bytes": float(nbytes),
+            "sync/export_s": t1 - t0,
+            "sync/load_s": t2 - t1,
+            **metrics,
+        }
 
     def close(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
@@ -73,7 +94,7 @@ class NcclWeightSync:
         learners.gather(refs, "init_weight_group")
         self.specs = learners.call("weight_specs", dtype)[0]
 
-    def push(self, version: int) -> dict[str, float]:
+    def push(self, version: int, update_teacher: bool = True) -> dict[str, float]:
         t0 = time.perf_counter()
         receive = [h.receive_weights.remote(self.specs, version) for h in self.rollouts.handles]
         send = [h.broadcast_weights.remote(self.dtype) for h in self.learners.handles]
@@ -86,11 +107,17 @@ class NcclWeightSync:
 
 
 def make_weight_sync(
-    transport: str, device: str, learners: ActorGroup, rollouts: ActorGroup, dtype: str
+    transport: str,
+    device: str,
+    learners: ActorGroup,
+    rollouts: ActorGroup,
+    dtype: str,
+    teacher: ActorGroup | None = None,
 ):
-    """`auto` picks NCCL on GPUs and the shared-memory folder on CPUs."""
+    """`auto` picks NCCL on GPUs and the shared-memory folder on CPUs; a teacher that follows
+    the student (sdft's EMA) is fed through the folder."""
     if transport == "auto":
-        transport = "nccl" if device == "cuda" else "dir"
+        transport = "nccl" if device == "cuda" and teacher is None else "dir"
     if transport == "nccl":
         return NcclWeightSync(learners, rollouts, dtype)
-    return DirWeightSync(learners, rollouts, dtype)
+    return DirWeightSync(learners, rollouts, dtype, teacher=teacher)

@@ -7,6 +7,8 @@ are packed into forward passes by a token budget; log-softmax runs in position c
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from opd.config.schema import TeacherConfig
@@ -51,14 +53,77 @@ class TeacherScorer:
         if cfg.chat_template:
             self.tokenizer.chat_template = cfg.chat_template
         self.version = 0
+        self.last_update_norm = 0.0
 
-    def prompt_ids(self, sample: Sample) -> list[int]:
-        return render_ids(self.tokenizer, sample.messages)
+    def prompt_ids(self, sample: Sample, context: str = "prompt") -> list[int]:
+        """The conversation under the teacher's template; with `context="demonstration"` the
+        user turn becomes sdft's teacher prompt (question + demonstration)."""
+        messages = sample.messages
+        if context == "demonstration":
+            from opd.objectives.sdft import teacher_prompt
+
+            if sample.demonstration is None:
+                raise ValueError(
+                    f"prompt {sample.prompt_id}: the objective shows the teacher a "
+                    "demonstration, but the sample has none (data.demonstration_field)"
+                )
+            question = messages[-1]["content"]
+            turn = {"role": "user", "content": teacher_prompt(question, sample.demonstration)}
+            messages = [*messages[:-1], turn]
+        return render_ids(self.tokenizer, messages)
+
+    # -- self-distillation: the teacher follows the student --------------------------------
+
+    @torch.no_grad()
+    def update_from_dir(self, path: str, version: int) -> float:
+        """Apply pushed student weights: `ema` mixes them in, `live` copies them.
+        Returns the norm of the change (0 for a frozen teacher, which ignores pushes)."""
+        if self.cfg.mode == "frozen":
+            return 0.0
+        from safetensors.torch import load_file
+
+        a = 1.0 if self.cfg.mode == "live" else self.cfg.ema_alpha
+        params = dict(self.model.named_parameters())
+        sq = 0.0
+        for file in sorted(Path(path).glob("*.safetensors")):
+            for name, theta in load_file(str(file)).items():
+                phi = params[name]
+                delta = a * (theta.to(phi.device, torch.float32) - phi.float())
+                phi.add_(delta.to(phi.dtype))
+                sq += float(delta.pow(2).sum())
+        self.version = version
+        self.last_update_norm = sq**0.5
+        return self.last_update_norm
+
+    def save_state(self, path: str) -> None:
+        """Weights that the checkpoint must keep: the EMA teacher's (others are recomputable)."""
+        if self.cfg.mode != "ema":
+            return
+        from safetensors.torch import save_file
+
+        Path(path).mkdir(parents=True, exist_ok=True)
+        weights = {k: v.detach().cpu().contiguous() for k, v in self.model.named_parameters()}
+        save_file(weights, str(Path(path) / "teacher.safetensors"))
+        (Path(path) / "version").write_text(str(self.version))
+
+    @torch.no_grad()
+    def load_state(self, path: str) -> None:
+        if self.cfg.mode != "ema":
+            return
+        from safetensors.torch import load_file
+
+        file = Path(path) / "teacher.safetensors"
+        if not file.is_file():
+            raise FileNotFoundError(f"teacher.mode=ema but the checkpoint has no {file}")
+        params = dict(self.model.named_parameters())
+        for name, value in load_file(str(file)).items():
+            params[name].copy_(value)
+        self.version = int((Path(path) / "version").read_text())
 
     @torch.no_grad()
     def score(self, samples: list[Sample], request: TeacherRequest) -> list[Sample]:
         """Fill `sample.teacher` for every sample and return them."""
-        seqs = [self.prompt_ids(s) + s.completion_ids for s in samples]
+        seqs = [self.prompt_ids(s, request.context) + s.completion_ids for s in samples]
         for idx in budget_batches([len(s) for s in seqs], self.cfg.token_budget):
             self._score_batch([samples[i] for i in idx], [seqs[i] for i in idx], request)
         for s in samples:

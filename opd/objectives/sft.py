@@ -1,0 +1,43 @@
+"""Supervised fine-tuning: cross-entropy on the dataset's reference completions.
+
+The baseline that self-distillation is compared with. Every step trains on
+`data.completion_field` (never on student samples), token-mean over completion tokens. It asks
+the teacher for nothing it uses; the sampled-token signal is requested only because every
+batch is scored, and is reported as `sft/teacher_nll`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from opd.objectives.base import LossInputs, LossOutput, Normalizer, TeacherRequest
+
+
+@dataclass
+class SFTParams:
+    pass
+
+
+class SFT:
+    name: ClassVar[str] = "sft"
+    Params: ClassVar[type] = SFTParams
+    normalize_by: ClassVar[Normalizer] = "tokens"
+
+    def __init__(self, params: SFTParams) -> None:
+        self.params = params
+
+    def teacher_request(self) -> TeacherRequest:
+        return TeacherRequest("sampled")
+
+    def use_student_samples(self, step: int, seed: int) -> bool:
+        return False
+
+    def __call__(self, x: LossInputs) -> LossOutput:
+        mask = x.mask_BT
+        nll = -(x.logprobs_BT * mask).sum()
+        metrics = {
+            "sft/nll": nll.detach(),
+            "sft/teacher_nll": -(x.teacher.logprobs_BT * mask).sum(),
+        }
+        return LossOutput(loss_sum=nll, n_tokens=mask.sum(), metrics=metrics)
