@@ -22,7 +22,17 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", help="dotted.key=value")
 
     p = sub.add_parser("eval", help="generate and grade on a math or code benchmark")
-    p.add_argument("--benchmark", required=True)
+    p.add_argument(
+        "--benchmark",
+        required=True,
+        help="a benchmark name, or your own jsonl / parquet / datasets folder",
+    )
+    p.add_argument(
+        "--field-map",
+        default="",
+        help="for your own file: file_field=problem_field,... "
+        "(problem fields: id, prompt, answer, tests, entry_point, prefix)",
+    )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="HF model folder (or registry:<name>) to generate with")
     source.add_argument(
@@ -68,6 +78,14 @@ def _train_or_validate(args) -> int:
     return 0
 
 
+def _field_map(text: str) -> dict[str, str]:
+    pairs = [kv for kv in text.split(",") if kv]
+    bad = [kv for kv in pairs if kv.count("=") != 1]
+    if bad:
+        raise ValueError(f"--field-map entries must look like file_field=problem_field: {bad}")
+    return dict(kv.split("=") for kv in pairs)
+
+
 def _eval(args) -> int:
     from opd.eval.runner import EvalSettings, evaluate, write_report
 
@@ -88,11 +106,14 @@ def _eval(args) -> int:
 
         generate_fn = VllmGenerator(str(resolve_model(args.model)), dtype=args.dtype)
     try:
-        summary, graded = evaluate(args.benchmark, settings, generate_fn, args.completions)
+        field_map = _field_map(args.field_map)
+        summary, graded = evaluate(
+            args.benchmark, settings, generate_fn, args.completions, field_map=field_map
+        )
     except (ValueError, FileNotFoundError) as e:
         print(f"opd eval: {e}", file=sys.stderr)
         return 2
-    out = args.out or Path(f"eval_{args.benchmark}.json")
+    out = args.out or Path(f"eval_{Path(args.benchmark).stem}.json")
     write_report(out, summary, graded)
     print(json.dumps(summary, indent=2))
     return 0

@@ -209,13 +209,21 @@ BENCHMARKS: dict[str, Loader] = {
 
 
 def load_benchmark(
-    name: str, limit: int | None = None, cache: str | Path | None = None
+    name: str,
+    limit: int | None = None,
+    cache: str | Path | None = None,
+    field_map: dict[str, str] | None = None,
 ) -> list[Problem]:
-    """The problems of benchmark `name` (the first `limit` of them if given)."""
-    if name not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(sorted(BENCHMARKS))}")
+    """The problems of benchmark `name` (the first `limit` of them if given). `name` may also
+    be a user's jsonl / parquet file or `datasets` folder, read with `field_map`."""
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
+    if name not in BENCHMARKS:
+        if Path(name).exists():
+            return load_jsonl_benchmark(name, field_map)[:limit]
+        raise ValueError(
+            f"unknown benchmark {name!r} (and no such file); known: {', '.join(sorted(BENCHMARKS))}"
+        )
     return BENCHMARKS[name](limit, cache)
 
 

@@ -139,11 +139,12 @@ def evaluate(
     settings: EvalSettings,
     generate_fn: Callable[[list, EvalSettings], list[tuple[str, int, str, int]]] | None = None,
     completions_file: Path | None = None,
+    field_map: dict[str, str] | None = None,
 ) -> tuple[dict, list[Graded]]:
     """Generate with `generate_fn(problems, settings)` (or read `completions_file`) and grade."""
     from opd.eval.benchmarks import load_benchmark
 
-    problems = load_benchmark(benchmark, limit=settings.limit)
+    problems = load_benchmark(benchmark, limit=settings.limit, field_map=field_map)
     by_id = {p.id: p for p in problems}
     t0 = time.perf_counter()
     if completions_file is not None:

@@ -65,3 +65,44 @@ def test_plot_renders_a_png(tmp_path):
     _write(tmp_path / "metrics.jsonl", rows)
     assert main(["plot", str(tmp_path)]) == 0
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_users_own_file_with_a_field_map(tmp_path, capsys):
+    bench = _write(
+        tmp_path / "mine.jsonl",
+        [{"qid": "a", "q": "1+1?", "final": "2"}, {"qid": "b", "q": "2+3?", "final": "5"}],
+    )
+    rows = [{"id": "a", "completion": "\\boxed{2}"}, {"id": "b", "completion": "\\boxed{6}"}]
+    out = tmp_path / "mine.json"
+    assert (
+        main(
+            [
+                "eval",
+                "--benchmark",
+                str(bench),
+                "--field-map",
+                "qid=id,q=prompt,final=answer",
+                "--completions",
+                str(_write(tmp_path / "c.jsonl", rows)),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert json.loads(out.read_text())["pass@1"] == 0.5
+    assert (
+        main(
+            [
+                "eval",
+                "--benchmark",
+                str(bench),
+                "--field-map",
+                "qid",
+                "--completions",
+                str(tmp_path / "c.jsonl"),
+            ]
+        )
+        == 2
+    )
+    assert "file_field=problem_field" in capsys.readouterr().err
