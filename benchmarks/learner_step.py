@@ -86,6 +86,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, nargs=2, default=(64, 256))
     ap.add_argument("--completion", type=int, nargs=2, default=(128, 1024))
     ap.add_argument("--checkpointing", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="print the top CUDA ops of a step")
     args = ap.parse_args()
 
     from opd.cluster.placement import free_port
@@ -116,6 +117,17 @@ def main() -> None:
             seed=0,
             device="cuda" if cuda else "cpu",
         )
+        if args.profile and cuda:
+            from torch.profiler import ProfilerActivity, profile
+
+            samples = batch(
+                args.batch, args.prompt, args.completion, SHAPES[args.size]["vocab_size"], 99
+            )
+            learner.train_step(samples, sum(s.n_tokens for s in samples))  # warm-up
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                learner.train_step(samples, sum(s.n_tokens for s in samples))
+                torch.cuda.synchronize()
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
         times, tokens = [], []
         for step in range(args.steps + 1):
             samples = batch(

@@ -115,11 +115,9 @@ class Learner:
                 p.register_hook(self._check_grad)
         self.skipped_steps = 0
 
-    def _check_grad(self, grad: torch.Tensor) -> torch.Tensor:
-        """Record a non-finite gradient and zero it, so no buffer ever holds NaN or inf."""
-        bad = ~torch.isfinite(grad).all()
-        self._nonfinite |= bad
-        return torch.where(bad, torch.zeros_like(grad), grad)
+    def _check_grad(self, grad: torch.Tensor) -> None:
+        """Record a non-finite gradient (no host sync); `_step_or_skip` acts on it."""
+        self._nonfinite |= ~torch.isfinite(grad).all()
 
     # -- one step ---------------------------------------------------------------------------
 
@@ -163,6 +161,9 @@ class Learner:
         sums: dict[str, torch.Tensor] = {}
         loss_total = torch.zeros((), dtype=torch.float64, device=self.device)
         self._nonfinite.zero_()
+        # Micro-batches of similar lengths waste less compute on padding; the step's gradient
+        # is a sum over samples, so the grouping does not change it.
+        samples = sorted(samples, key=lambda x: len(x.prompt_ids) + x.n_tokens)
         for i in range(0, len(samples), mbs):
             out = self.objective(self._loss_inputs(collate(samples[i : i + mbs])))
             # The engine averages gradients over ranks: scale by world size to get a sum.

@@ -70,8 +70,10 @@ def test_step_updates_and_nonfinite_skips(tiny_pair, stage):
     assert m["train/skipped_steps"] == 1
     unchanged = _params(learner)
     assert all(torch.equal(after[k], unchanged[k]) for k in after)
-    learner.train_step(_samples(4), normalizer=12)  # and training goes on
-    assert any(not torch.equal(after[k], v) for k, v in _params(learner).items())
+    learner.train_step(_samples(4), normalizer=12)  # and training goes on, unpoisoned
+    later = _params(learner)
+    assert all(torch.isfinite(v).all() for v in later.values())
+    assert any(not torch.equal(after[k], v) for k, v in later.items())
 
 
 def _reference_grad_norm(student, samples, normalizer):
