@@ -237,7 +237,7 @@ def train(cfg: Config) -> Path:
             log.write(
                 0,
                 {
-                    **heldout_reverse_kl(cfg, roles, data.heldout),
+                    **evaluation(cfg, roles, data, tokenizer),
                     "data/dropped_prompts": data.dropped,
                 },
             )
