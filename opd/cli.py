@@ -71,9 +71,13 @@ def _train_or_validate(args) -> int:
         for note in notes:
             print(f"  {note}")
         return 0
-    from opd.loop import train
+    from opd.loop import Preempted, train
 
-    run_dir = train(cfg)
+    try:
+        run_dir = train(cfg)
+    except Preempted as e:
+        print(f"opd train: {e}", file=sys.stderr)
+        return 143  # 128 + SIGTERM, as if the signal had ended the process
     print(f"run directory: {run_dir}")
     return 0
 

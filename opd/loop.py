@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -243,6 +245,7 @@ def train(cfg: Config) -> Path:
             )
 
         progress = Progress(cfg.trainer.steps, start, enabled=cfg.run.progress)
+        preemption = PreemptionFlag()
         for step in range(start + 1, cfg.trainer.steps + 1):
             t0 = time.perf_counter()
             prompts = data.train.take(cfg.rollout.prompts_per_step)
@@ -290,9 +293,15 @@ def train(cfg: Config) -> Path:
                 metrics.update(evaluation(cfg, roles, data, tokenizer))
             log.write(step, metrics)  # before the checkpoint: a resume drops lines past it
             last = step == cfg.trainer.steps
-            if last or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+            if (
+                last
+                or preemption.requested
+                or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
+            ):
                 save_checkpoint(ckpt, roles, cfg, step, data)
             progress.update(step, metrics)
+            if preemption.requested and not last:
+                raise Preempted(f"SIGTERM: checkpoint written at step {step}; re-run to resume")
         progress.close()
         if cfg.checkpoint.export_student:
             roles.learner.call("save_pretrained", str(run_dir / "student"), student)
@@ -300,6 +309,22 @@ def train(cfg: Config) -> Path:
         sync.close()
         roles.shutdown()
     return run_dir
+
+
+class Preempted(RuntimeError):
+    """The run stopped on SIGTERM after checkpointing its last finished step."""
+
+
+class PreemptionFlag:
+    """SIGTERM (a scheduler's pre-emption) lets the current step finish and be checkpointed."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_term)
+
+    def _on_term(self, signum, frame) -> None:
+        self.requested = True
 
 
 def _on_policy(objective, step: int, seed: int) -> bool:

@@ -5,6 +5,10 @@ held-out reverse KL by at least 30 %; the same recipe stopped halfway and re-run
 reproduce its metrics exactly.
 """
 
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,30 +25,31 @@ STEPS = 20
 VOLATILE = ("time/", "perf/", "sync/export_s", "sync/load_s")
 
 
+def _overrides(tiny_pair, out, *extra):
+    return [
+        f"run.output_dir={out}",
+        f"student.path={tiny_pair['student']}",
+        f"teacher.path={tiny_pair['teacher']}",
+        f"data.train_path={tiny_pair['train']}",
+        f"trainer.steps={STEPS}",
+        "eval.every=5",
+        "checkpoint.every=5",
+        "checkpoint.keep_last=2",
+        "learner.num_workers=2",
+        "learner.micro_batch_size=4",
+        "rollout.num_workers=2",
+        "run.progress=false",
+        "cluster.timeout_s=600",
+        "rollout.max_model_len=512",
+        "eval.benchmarks=[gsm8k-100]",
+        "eval.benchmark_limit=4",
+        "eval.benchmark_max_tokens=16",
+        *extra,
+    ]
+
+
 def _cfg(tiny_pair, out, *extra):
-    return load_config(
-        RECIPE,
-        [
-            f"run.output_dir={out}",
-            f"student.path={tiny_pair['student']}",
-            f"teacher.path={tiny_pair['teacher']}",
-            f"data.train_path={tiny_pair['train']}",
-            f"trainer.steps={STEPS}",
-            "eval.every=5",
-            "checkpoint.every=5",
-            "checkpoint.keep_last=2",
-            "learner.num_workers=2",
-            "learner.micro_batch_size=4",
-            "rollout.num_workers=2",
-            "run.progress=false",
-            "cluster.timeout_s=600",
-            "rollout.max_model_len=512",
-            "eval.benchmarks=[gsm8k-100]",
-            "eval.benchmark_limit=4",
-            "eval.benchmark_max_tokens=16",
-            *extra,
-        ],
-    )
+    return load_config(RECIPE, _overrides(tiny_pair, out, *extra))
 
 
 def _stable(rows):
@@ -106,3 +111,37 @@ def test_stop_and_resume_reproduces_the_uninterrupted_run(
     resumed = _stable(read_metrics(out / "metrics.jsonl"))
     assert [r["step"] for r in resumed] == list(range(STEPS + 1))
     assert resumed == straight
+
+
+def test_sigterm_checkpoints_and_a_rerun_matches_the_uninterrupted_run(
+    tiny_pair, straight_run, tmp_path_factory
+):
+    out = tmp_path_factory.mktemp("preempted")
+    cmd = [
+        sys.executable,
+        "-m",
+        "opd.cli",
+        "train",
+        str(RECIPE),
+        *_overrides(tiny_pair, out, "checkpoint.every=0"),
+    ]
+    with open(out / "log.txt", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 600
+        while not _logged_steps(out) >= 3:
+            assert proc.poll() is None and time.time() < deadline, (out / "log.txt").read_text()
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=300) == 143
+    stopped = read_metrics(out / "metrics.jsonl")[-1]["step"]
+    assert 3 <= stopped < STEPS
+    assert (out / "checkpoints/latest").read_text() == f"step_{stopped}"
+    assert subprocess.run(cmd, stdout=subprocess.DEVNULL, timeout=900).returncode == 0
+    assert _stable(read_metrics(out / "metrics.jsonl")) == _stable(
+        read_metrics(straight_run / "metrics.jsonl")
+    )
+
+
+def _logged_steps(out) -> int:
+    path = out / "metrics.jsonl"
+    return read_metrics(path)[-1]["step"] if path.is_file() and path.read_text() else 0
