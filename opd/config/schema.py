@@ -68,9 +68,11 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     dtype: str = "float32"
-    gpu_memory_utilization: float = 0.1  # on GPU, the fraction of its memory vLLM may use
-    # KV-cache size; set it on CPU, where vLLM subtracts its own memory from the RAM fraction
-    kv_cache_memory_bytes: int | None = 512 * 2**20
+    # The fraction of the GPU's memory vLLM may use (default 0.85 on GPU, 0.1 of RAM on CPU).
+    gpu_memory_utilization: float | None = None
+    # KV-cache size (default 512 MiB on CPU, where vLLM subtracts its own memory from the RAM
+    # fraction; on GPU, whatever the utilization leaves)
+    kv_cache_memory_bytes: int | None = None
     max_model_len: int = 1024
     enforce_eager: bool = True
     weight_sync: str = "auto"  # auto (nccl on GPU, dir on CPU) | dir | nccl

@@ -13,19 +13,23 @@ class VllmGenerator:
         model_dir: str,
         dtype: str = "bfloat16",
         max_model_len: int = 4096,
-        kv_cache_memory_bytes: int | None = 1 << 30,
+        kv_cache_memory_bytes: int | None = None,
     ) -> None:
+        import torch
         from transformers import AutoTokenizer
         from vllm import LLM
+
+        gpu = torch.cuda.is_available()
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.llm = LLM(
             model=model_dir,
             dtype=dtype,
             max_model_len=max_model_len,
-            kv_cache_memory_bytes=kv_cache_memory_bytes,
-            enforce_eager=True,
-            gpu_memory_utilization=0.85,
+            # on CPU the cache is sized directly (1 GiB); on GPU by the memory fraction
+            kv_cache_memory_bytes=kv_cache_memory_bytes or (None if gpu else 1 << 30),
+            enforce_eager=not gpu,
+            gpu_memory_utilization=0.85 if gpu else 0.1,
         )
 
     def __call__(self, problems: list, settings: EvalSettings) -> list[tuple[str, int, str, int]]:

@@ -29,18 +29,20 @@ class RolloutWorker:
         from vllm import LLM
 
         self.cfg = cfg
+        gpu = device == "cuda"
         model = os.path.join(model_path, gguf_file) if gguf_file else model_path
         self.llm = LLM(
             model=model,
             tokenizer=model_path,
             dtype=cfg.dtype,
             seed=seed,
-            gpu_memory_utilization=cfg.gpu_memory_utilization,
-            kv_cache_memory_bytes=cfg.kv_cache_memory_bytes,
+            gpu_memory_utilization=cfg.gpu_memory_utilization or (0.85 if gpu else 0.1),
+            # On CPU vLLM subtracts its own memory from the RAM fraction: size the cache instead.
+            kv_cache_memory_bytes=cfg.kv_cache_memory_bytes or (None if gpu else 512 * 2**20),
             max_model_len=cfg.max_model_len,
             enforce_eager=cfg.enforce_eager,
             worker_extension_cls=EXTENSION,
-            enable_sleep_mode=device == "cuda",
+            enable_sleep_mode=gpu,
             # log-probs of the distribution actually sampled from (after temperature, top-p)
             logprobs_mode="processed_logprobs",
         )
