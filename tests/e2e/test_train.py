@@ -123,7 +123,7 @@ def test_sigterm_checkpoints_and_a_rerun_matches_the_uninterrupted_run(
         "opd.cli",
         "train",
         str(RECIPE),
-        *_overrides(tiny_pair, out, "checkpoint.every=0"),
+        *_overrides(tiny_pair, out, "checkpoint.every=0", "cluster.num_cpus=4"),
     ]
     with open(out / "log.txt", "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
