@@ -55,6 +55,15 @@ class TeacherScorer:
         self.version = 0
         self.last_update_norm = 0.0
 
+    @classmethod
+    def from_model(cls, cfg: TeacherConfig, model, tokenizer) -> TeacherScorer:
+        """A scorer around an already-built model (benchmarks, tests)."""
+        scorer = cls.__new__(cls)
+        scorer.cfg, scorer.model, scorer.tokenizer = cfg, model.eval(), tokenizer
+        scorer.device = next(model.parameters()).device
+        scorer.version, scorer.last_update_norm = 0, 0.0
+        return scorer
+
     def prompt_ids(self, sample: Sample, context: str = "prompt") -> list[int]:
         """The conversation under the teacher's template; with `context="demonstration"` the
         user turn becomes sdft's teacher prompt (question + demonstration)."""
