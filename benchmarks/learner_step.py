@@ -20,27 +20,7 @@ import tempfile
 import time
 
 import torch
-
-SHAPES = {
-    "tiny": dict(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        vocab_size=384,
-    ),
-    "qwen2.5-1.5b": dict(
-        hidden_size=1536,
-        intermediate_size=8960,
-        num_hidden_layers=28,
-        num_attention_heads=12,
-        num_key_value_heads=2,
-        vocab_size=151936,
-        tie_word_embeddings=True,
-    ),
-}
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16, SXM
+from common import SHAPES, peak_flops
 
 
 def build(size: str, dtype: str, folder: str) -> int:
@@ -146,7 +126,7 @@ def main() -> None:
     device = torch.cuda.get_device_name(0) if cuda else platform.processor() or "cpu"
     sec = statistics.median(times)
     tok = statistics.median(tokens)
-    peak = next((v for k, v in PEAK_BF16.items() if k in device), None)
+    peak = peak_flops(device)
     result = {
         "benchmark": "learner_step",
         "device": device,

@@ -17,26 +17,7 @@ import statistics
 import time
 
 import torch
-
-SHAPES = {
-    "tiny": dict(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        vocab_size=384,
-    ),
-    "qwen2.5-7b": dict(
-        hidden_size=3584,
-        intermediate_size=18944,
-        num_hidden_layers=28,
-        num_attention_heads=28,
-        num_key_value_heads=4,
-        vocab_size=152064,
-    ),
-}
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
+from common import SHAPES, peak_flops
 
 
 def main() -> None:
@@ -110,7 +91,7 @@ def main() -> None:
         "seconds": sec,
         "tokens_per_s": tok / sec,
     }
-    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+    peak = peak_flops(name)
     if peak:
         result["mfu"] = 2 * n_params * tok / sec / peak
         result["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
