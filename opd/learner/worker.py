@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from opd.config.schema import LearnerConfig, ObjectiveConfig
-from opd.learner.logprobs import final_hidden, gather_positions, token_logprobs
+from opd.learner.logprobs import final_hidden, gather_positions, head_logits, token_logprobs
 from opd.objectives import LossInputs, TeacherScores, build_objective
 from opd.rollout.batch import MicroBatch, Sample, collate
 
@@ -135,8 +135,6 @@ class Learner:
         )
         logits_BTV = None
         if self.request.signal == "full":
-            from opd.learner.logprobs import head_logits
-
             logits_BTV = head_logits(self.model, hidden_BTH)
         teacher = TeacherScores(
             logprobs_BT=mb.teacher_logprobs_BT.to(d),

@@ -59,6 +59,3 @@ class WeightSyncExtension:
         self.reload_weights(weights_iterator=tensors())
         self.opd_version = version
         return version
-
-    def opd_weight_version(self) -> int:
-        return self.opd_version
