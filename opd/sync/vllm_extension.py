@@ -17,8 +17,6 @@ from pathlib import Path
 class WeightSyncExtension:
     """Mixin for vLLM's Worker; `self` is the worker (it has `reload_weights`, `device`)."""
 
-    opd_version: int = 0
-
     def opd_load_from_dir(self, path: str, version: int) -> int:
         from safetensors import safe_open
 
@@ -29,7 +27,6 @@ class WeightSyncExtension:
                         yield name, f.get_tensor(name)
 
         self.reload_weights(weights_iterator=tensors())
-        self.opd_version = version
         return version
 
     def opd_init_weight_group(
@@ -57,5 +54,4 @@ class WeightSyncExtension:
                 yield name, buf
 
         self.reload_weights(weights_iterator=tensors())
-        self.opd_version = version
         return version
