@@ -141,10 +141,10 @@ def reference_samples(cfg: Config, prompts: list[Prompt], tokenizer, version: in
     return out
 
 
-def heldout_reverse_kl(cfg: Config, roles: Roles, heldout: list[Prompt]) -> dict[str, float]:
-    """Mean per-token sampled estimate of KL(student || teacher) at temperature 1, with the same
-    seeds at every evaluation, so successive values differ only through the weights."""
-    samples = generate(
+def heldout_samples(cfg: Config, roles: Roles, heldout: list[Prompt]) -> list[Sample]:
+    """Held-out completions at temperature 1, with the same seeds at every evaluation, so
+    successive evaluations differ only through the weights."""
+    return generate(
         cfg,
         roles,
         heldout,
@@ -155,6 +155,11 @@ def heldout_reverse_kl(cfg: Config, roles: Roles, heldout: list[Prompt]) -> dict
         cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
         temperature=1.0,
     )
+
+
+def heldout_reverse_kl(cfg: Config, roles: Roles, heldout: list[Prompt]) -> dict[str, float]:
+    """Mean per-token sampled estimate of KL(student || teacher) on the held-out prompts."""
+    samples = heldout_samples(cfg, roles, heldout)
     (samples,) = roles.teacher.call("score", samples, TeacherRequest("sampled"))
     diff = torch.cat([torch.tensor(s.logprobs) - s.teacher["logprobs"] for s in samples])
     return {
@@ -163,8 +168,36 @@ def heldout_reverse_kl(cfg: Config, roles: Roles, heldout: list[Prompt]) -> dict
     }
 
 
-def evaluation(cfg: Config, roles: Roles, data: RunData, tokenizer) -> dict[str, float]:
-    metrics = heldout_reverse_kl(cfg, roles, data.heldout)
+def heldout_aligned(
+    cfg: Config, roles: Roles, heldout: list[Prompt], request: TeacherRequest
+) -> dict[str, float]:
+    """A cross-tokenizer teacher cannot score the student's token ids: the learner evaluates
+    the objective itself on the held-out completions (simct: the aligned KL, per token)."""
+    samples = heldout_samples(cfg, roles, heldout)
+    n = len(roles.learner)
+    if len(samples) < n:
+        raise ValueError(
+            f"eval.heldout_prompts x eval.heldout_samples = {len(samples)} is fewer than "
+            f"learner.num_workers={n}: every learner rank needs a held-out sample"
+        )
+    (samples,) = roles.teacher.call("score", samples, request)
+    sums: dict[str, float] = {}
+    for part in roles.learner.call_each("evaluate", [(samples[r::n],) for r in range(n)]):
+        for k, v in part.items():
+            sums[k] = sums.get(k, 0.0) + v
+    tokens = max(1.0, sums.pop("tokens"))
+    out = {f"heldout/{k}": v / tokens for k, v in sums.items()}
+    out["heldout/completion_tokens"] = tokens / len(samples)
+    return out
+
+
+def evaluation(
+    cfg: Config, roles: Roles, data: RunData, tokenizer, request: TeacherRequest
+) -> dict[str, float]:
+    if request.signal == "aligned":
+        metrics = heldout_aligned(cfg, roles, data.heldout, request)
+    else:
+        metrics = heldout_reverse_kl(cfg, roles, data.heldout)
     if cfg.eval.benchmarks:
         from opd.eval.during_training import benchmark_metrics
 
@@ -229,6 +262,9 @@ def train(cfg: Config) -> Path:
     )
     log = MetricsLog(run_dir / "metrics.jsonl", start if resume else None)
     try:
+        if request.signal == "aligned":
+            report = roles.teacher.call("pair_report")[0]
+            _print_pair_report(report)
         if resume:
             roles.learner.call("load_checkpoint", str(resume[0] / "learner"))
             roles.teacher.call("load_state", str(resume[0] / "teacher"))
@@ -239,7 +275,7 @@ def train(cfg: Config) -> Path:
             log.write(
                 0,
                 {
-                    **evaluation(cfg, roles, data, tokenizer),
+                    **evaluation(cfg, roles, data, tokenizer, request),
                     "data/dropped_prompts": data.dropped,
                 },
             )
@@ -290,7 +326,7 @@ def train(cfg: Config) -> Path:
                 }
             )
             if cfg.eval.every and step % cfg.eval.every == 0:
-                metrics.update(evaluation(cfg, roles, data, tokenizer))
+                metrics.update(evaluation(cfg, roles, data, tokenizer, request))
             log.write(step, metrics)  # before the checkpoint: a resume drops lines past it
             last = step == cfg.trainer.steps
             if (
@@ -309,6 +345,17 @@ def train(cfg: Config) -> Path:
         sync.close()
         roles.shutdown()
     return run_dir
+
+
+def _print_pair_report(report: dict) -> None:
+    print(
+        f"cross-tokenizer pair: shared vocabulary {report['shared_vocab']} tokens "
+        f"(student {report['student_vocab']}, teacher {report['teacher_vocab']}); probe text "
+        f"{report['probe_supervised_fraction']:.0%} supervised, "
+        f"{report['probe_one_to_one_fraction']:.0%} 1:1"
+    )
+    for warning in report["warnings"]:
+        print(f"warning: {warning}")
 
 
 class Preempted(RuntimeError):

@@ -54,7 +54,7 @@ def start_roles(cfg: Config, student_path: str, teacher_path: str, device: str) 
         "teacher",
         TeacherScorer,
         bundles["teacher"],
-        lambda i, _: ((cfg.teacher, teacher_path, device), {}),
+        lambda i, _: ((cfg.teacher, teacher_path, device, student_path), {}),
         timeout,
     )
     rollout = spawn(

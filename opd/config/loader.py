@@ -115,7 +115,13 @@ def check_resources(cfg: Config) -> list[str]:
                 "dataset completions have no rollout top-k: with objective.params.lmbda < 1 "
                 "use objective.params.estimator=full"
             )
-    if vocab["student"] and vocab["teacher"] and vocab["student"] != vocab["teacher"]:
+    cross_tokenizer = request.signal == "aligned"
+    if (
+        not cross_tokenizer
+        and vocab["student"]
+        and vocab["teacher"]
+        and vocab["student"] != vocab["teacher"]
+    ):
         raise ConfigError(
             f"student vocab {vocab['student']} != teacher vocab {vocab['teacher']}: objective "
             f"{cfg.objective.name!r} scores the student's token ids with the teacher, so both "

@@ -106,6 +106,9 @@ class TeacherConfig(ModelConfig):
     ema_alpha: float = 0.01
     dtype: str = "float32"
     token_budget: int = 8192  # tokens per forward pass
+    # How a teacher without a chat template (a base model) sees the conversation: a plain-text
+    # format of {prompt} (the user turn) and {system} (empty without one), after its BOS.
+    prompt_format: str = "{system}Question: {prompt}\nAnswer:\n"
     logprob_chunk_tokens: int = 1024  # log-softmax computed this many positions at a time
     num_gpus: float = 0.0
     num_cpus: float = 0.5
@@ -232,6 +235,11 @@ class Config:
             raise ValueError(
                 f"teacher.mode={self.teacher.mode!r} makes the teacher a copy of the student, so "
                 f"teacher.path ({self.teacher.path}) must equal student.path ({self.student.path})"
+            )
+        if self.teacher.mode != "frozen" and self.objective.name == "simct":
+            raise ValueError(
+                f"teacher.mode={self.teacher.mode!r}: simct distills from a teacher with another "
+                "tokenizer, which cannot follow the student's weights; use teacher.mode=frozen"
             )
         if self.teacher.mode != "frozen" and self.rollout.weight_sync == "nccl":
             raise ValueError(

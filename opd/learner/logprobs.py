@@ -1,21 +1,30 @@
 """Log-probabilities of given tokens from a causal LM, without a full [B, T, V] fp32 tensor.
 
-The decoder runs once; the LM head and the log-softmax run `chunk` positions at a time under
-activation checkpointing, so only one chunk's fp32 logits exist at once, in forward and in
-backward. Shared by the learner (with grad) and the teacher scorer (without).
+The decoder runs once, padding-free where the model allows it (`opd.learner.packing`); the LM
+head and the log-softmax run `chunk` positions at a time under activation checkpointing, so
+only one chunk's fp32 logits exist at once, in forward and in backward; given a mask, only
+the real (unmasked) positions go through the head. Shared by the learner (with grad) and the
+teacher scorer (without).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from opd.learner.packing import packed_hidden
 from opd.objectives.base import at_least_fp32
 
 
 def final_hidden(model, input_ids_BL: Tensor, attention_mask_BL: Tensor) -> Tensor:
-    """Last hidden states of a transformers CausalLM, before its LM head."""
+    """Last hidden states of a transformers CausalLM, before its LM head (zeros at pads when
+    the batch ran packed)."""
+    packed = packed_hidden(model, input_ids_BL, attention_mask_BL)
+    if packed is not None:
+        return packed
     out = model.base_model(
         input_ids=input_ids_BL, attention_mask=attention_mask_BL, use_cache=False
     )
@@ -24,7 +33,10 @@ def final_hidden(model, input_ids_BL: Tensor, attention_mask_BL: Tensor) -> Tens
 
 def head_logits(model, hidden: Tensor) -> Tensor:
     """LM head plus the output transforms some families apply (soft-capping, scaling)."""
-    logits = model.get_output_embeddings()(hidden)
+    return _output_transform(model, model.get_output_embeddings()(hidden))
+
+
+def _output_transform(model, logits: Tensor) -> Tensor:
     cfg = (
         model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     )
@@ -35,6 +47,35 @@ def head_logits(model, hidden: Tensor) -> Tensor:
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits
+
+
+@dataclass
+class HeadLogits:
+    """Raw logits at chosen positions and tokens, straight from the final hidden states: only
+    the asked rows of the LM head are multiplied, so no [B, T, V] tensor is formed.
+    (`opd.objectives.base.LogitsAt`; used by cross-tokenizer objectives.)"""
+
+    model: object
+    hidden_BTH: Tensor
+
+    def _head(self) -> tuple[Tensor, Tensor | None]:
+        head = self.model.get_output_embeddings()
+        return head.weight, getattr(head, "bias", None)
+
+    def columns(self, rows_K: Tensor, pos_K: Tensor, vocab_S: Tensor) -> Tensor:
+        weight, bias = self._head()
+        h_KH = self.hidden_BTH[rows_K, pos_K]
+        logits = torch.nn.functional.linear(
+            h_KH, weight[vocab_S], bias[vocab_S] if bias is not None else None
+        )
+        return _output_transform(self.model, logits)
+
+    def at(self, rows_N: Tensor, pos_N: Tensor, ids_N: Tensor) -> Tensor:
+        weight, bias = self._head()
+        logits = (self.hidden_BTH[rows_N, pos_N] * weight[ids_N]).sum(-1)
+        if bias is not None:
+            logits = logits + bias[ids_N]
+        return _output_transform(self.model, logits)
 
 
 def _chunk_logprobs(model, hidden: Tensor, targets: Tensor, ids: Tensor | None):
@@ -58,12 +99,29 @@ def token_logprobs(
     *,
     ids_BTK: Tensor | None = None,
     chunk: int = 1024,
+    mask_BT: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """log p(target) [B, T] and, if `ids_BTK` is given, log p at those ids [B, T, K]."""
+    """log p(target) [B, T] and, if `ids_BTK` is given, log p at those ids [B, T, K].
+    With `mask_BT`, only positions where it is non-zero are computed; the others are 0."""
     B, T, H = hidden_BTH.shape
     flat_h = hidden_BTH.reshape(B * T, H)
     flat_t = targets_BT.reshape(B * T)
     flat_ids = ids_BTK.reshape(B * T, -1) if ids_BTK is not None else None
+    if mask_BT is not None:
+        keep = mask_BT.reshape(-1).nonzero().squeeze(1)
+        lp_N, lp_NK = token_logprobs(
+            model,
+            flat_h.index_select(0, keep).unsqueeze(0),
+            flat_t.index_select(0, keep).unsqueeze(0),
+            ids_BTK=flat_ids.index_select(0, keep).unsqueeze(0) if flat_ids is not None else None,
+            chunk=chunk,
+        )
+        lp_BT = lp_N.new_zeros(B * T).index_copy(0, keep, lp_N[0]).reshape(B, T)
+        lp_BTK = None
+        if lp_NK is not None:
+            lp_BTK = lp_NK.new_zeros(B * T, lp_NK.shape[-1]).index_copy(0, keep, lp_NK[0])
+            lp_BTK = lp_BTK.reshape(B, T, -1)
+        return lp_BT, lp_BTK
     outs_t, outs_ids = [], []
     grad = torch.is_grad_enabled() and flat_h.requires_grad
     for i in range(0, B * T, chunk):

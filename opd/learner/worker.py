@@ -16,7 +16,13 @@ import torch
 import torch.distributed as dist
 
 from opd.config.schema import LearnerConfig, ObjectiveConfig
-from opd.learner.logprobs import final_hidden, gather_positions, head_logits, token_logprobs
+from opd.learner.logprobs import (
+    HeadLogits,
+    final_hidden,
+    gather_positions,
+    head_logits,
+    token_logprobs,
+)
 from opd.objectives import LossInputs, TeacherScores, build_objective
 from opd.rollout.batch import MicroBatch, Sample, collate
 
@@ -95,6 +101,8 @@ class Learner:
                     "betas": list(cfg.betas),
                     "weight_decay": cfg.weight_decay,
                     "torch_adam": True,
+                    # one fused kernel over the fp32 master weights instead of a loop of them
+                    **({"fused": True} if device == "cuda" else {}),
                 },
             },
             "zero_allow_untested_optimizer": True,
@@ -132,16 +140,19 @@ class Learner:
             mb.targets_BT.to(d),
             ids_BTK=ids,
             chunk=self.cfg.logprob_chunk_tokens,
+            mask_BT=mb.mask_BT.to(d),
         )
         logits_BTV = None
         if self.request.signal == "full":
             logits_BTV = head_logits(self.model, hidden_BTH)
         teacher = TeacherScores(
-            logprobs_BT=mb.teacher_logprobs_BT.to(d),
+            logprobs_BT=_to(mb.teacher_logprobs_BT, d),
             ids_BTK=ids,
             logprobs_BTK=_to(mb.teacher_logprobs_BTK, d),
             logprobs_BTV=_to(mb.teacher_logprobs_BTV, d),
+            aligned=_to(mb.aligned, d),
         )
+        aligned = self.request.signal == "aligned"
         return LossInputs(
             logprobs_BT=lp_BT,
             old_logprobs_BT=mb.old_logprobs_BT.to(d),
@@ -149,6 +160,8 @@ class Learner:
             teacher=teacher,
             student_logprobs_BTK=lp_BTK,
             student_logits_BTV=logits_BTV,
+            targets_BT=mb.targets_BT.to(d),
+            student_logits=HeadLogits(self.model, hidden_BTH) if aligned else None,
         )
 
     def train_step(self, samples: list[Sample], normalizer: int) -> dict[str, float]:
@@ -184,7 +197,22 @@ class Learner:
         metrics["train/grad_norm"] = float(norm) if norm is not None else float("nan")
         metrics["train/lr"] = self.engine.get_lr()[0]
         metrics["train/skipped_steps"] = self.skipped_steps
-        return metrics
+        finalize = getattr(self.objective, "finalize_metrics", None)
+        return finalize(metrics) if finalize else metrics
+
+    @torch.no_grad()
+    def evaluate(self, samples: list[Sample]) -> dict[str, float]:
+        """The objective's loss and metric *sums* over `samples` (one forward, no update), and
+        the completion tokens they cover. Under ZeRO-3 every rank must call this with >= 1
+        sample (the forward gathers parameters collectively)."""
+        if not samples:
+            raise ValueError(f"learner rank {self.rank}: evaluate needs at least one sample")
+        self.model.eval()
+        out = self.objective(self._loss_inputs(collate(samples)))
+        sums = {k: float(v) for k, v in out.metrics.items()}
+        sums["loss"] = float(out.loss_sum)
+        sums["tokens"] = float(sum(s.n_tokens for s in samples))
+        return sums
 
     def _step_or_skip(self) -> None:
         flag = self._nonfinite.to(torch.int32)

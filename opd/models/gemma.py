@@ -23,6 +23,7 @@ GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a681
 GEMMA3_VERSION = "1.0.0"
 GEMMA3_PARTS = 4
 GEMMA3_TOKENIZER_DIRNAME = "gemma3-270m-tokenizer"
+GEMMA3_DIRNAME = "gemma3-270m"
 
 
 def _part_member(part: int) -> tuple[str, str]:
@@ -69,6 +70,23 @@ def prepare_gemma3_tokenizer(cache: str | Path | None = None) -> Path:
 
         gguf = gemma3_gguf_path(cache)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        tokenizer.save_pretrained(str(tmp))
+
+    return build_folder(final, build)
+
+
+def prepare_gemma3(cache: str | Path | None = None) -> Path:
+    """`<cache>/models/gemma3-270m/`: Gemma-3-270M (base) as a float32 HF folder.
+
+    The base model has no chat template; the teacher scorer renders prompts as plain text
+    (`teacher.prompt_format`)."""
+    from opd.models.registry import _load_dequantized
+
+    final = cache_root(cache) / "models" / GEMMA3_DIRNAME
+
+    def build(tmp: Path) -> None:
+        model, tokenizer = _load_dequantized(gemma3_gguf_path(cache))
+        model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
 
     return build_folder(final, build)

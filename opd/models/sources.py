@@ -25,6 +25,12 @@ def _smollm2_keep3() -> Path:
     return prepare_layer_dropped(prepare_smollm2(), keep_every=3)
 
 
+def _gemma3() -> Path:
+    from opd.models.gemma import prepare_gemma3
+
+    return prepare_gemma3()
+
+
 def _tiny(role: str) -> Callable[[], Path]:
     """Tiny models built on the fly (tests, CPU smoke runs): a trained teacher, a random student."""
 
@@ -43,6 +49,7 @@ REGISTRY_MODELS: dict[str, tuple[Callable[[], Path], dict]] = {
     "tiny-student": (_tiny("student"), {"vocab_size": 384, "num_hidden_layers": 2}),
     "smollm2-135m-instruct": (_smollm2, {"vocab_size": 49152, "num_hidden_layers": 30}),
     "smollm2-135m-instruct-keep3": (_smollm2_keep3, {"vocab_size": 49152, "num_hidden_layers": 10}),
+    "gemma3-270m": (_gemma3, {"vocab_size": 262144, "num_hidden_layers": 18}),
 }
 
 

@@ -19,8 +19,9 @@ from opd.objectives.gkd import GKD
 from opd.objectives.reverse_kl import ReverseKL
 from opd.objectives.sdft import SDFT
 from opd.objectives.sft import SFT
+from opd.objectives.simct import SimCT
 
-REGISTRY: dict[str, type] = {cls.name: cls for cls in (ReverseKL, GKD, SDFT, SFT)}
+REGISTRY: dict[str, type] = {cls.name: cls for cls in (ReverseKL, GKD, SDFT, SFT, SimCT)}
 
 __all__ = [
     "REGISTRY",

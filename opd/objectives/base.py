@@ -23,13 +23,13 @@ A token sum cannot be turned into a mean of per-sequence means afterwards, hence
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import ClassVar, Literal, Protocol
 
 import torch
 from torch import Tensor
 
-Signal = Literal["sampled", "at_ids", "full"]
+Signal = Literal["sampled", "at_ids", "full", "aligned"]
 Normalizer = Literal["tokens", "sequences"]
 
 
@@ -60,6 +60,9 @@ class TeacherRequest:
     - `at_ids`: log pi_T at the student's top-`k` token ids (the rollout engine's top-k,
       which the rollout therefore also returns), plus the sampled token.
     - `full`: log pi_T over the whole vocabulary, plus the sampled token.
+    - `aligned`: for a teacher with another tokenizer (simct): the completion re-tokenized by
+      the teacher and aligned with the student's tokens, and the teacher's half of each
+      segment's virtual vocabulary (`AlignedScores`); no per-student-token log-probs.
     """
 
     signal: Signal = "sampled"
@@ -77,13 +80,31 @@ class TeacherRequest:
 
 
 @dataclass
+class AlignedScores:
+    """The teacher's half of a cross-tokenizer micro-batch: K segments over its rows (in row
+    order, each row's segments in text order) and S shared-vocabulary tokens."""
+
+    batch_K: Tensor  # micro-batch row of each segment
+    student_start_K: Tensor  # completion position of the segment's first student token
+    student_len_K: Tensor
+    teacher_len_K: Tensor
+    teacher_shared_KS: Tensor  # raw teacher logits at the segment's start, shared vocabulary
+    teacher_span_K: Tensor  # mean raw teacher logit of a span's own tokens (0 on 1:1)
+    student_vocab_S: Tensor  # student ids of the shared vocabulary, in the columns' order
+
+    def to(self, device) -> AlignedScores:
+        return AlignedScores(*(getattr(self, f.name).to(device) for f in fields(self)))
+
+
+@dataclass
 class TeacherScores:
     """The teacher's answer for one batch, aligned with the student's completion tokens."""
 
-    logprobs_BT: Tensor
+    logprobs_BT: Tensor | None  # None for signal "aligned"
     ids_BTK: Tensor | None = None
     logprobs_BTK: Tensor | None = None
     logprobs_BTV: Tensor | None = None
+    aligned: AlignedScores | None = None
 
 
 @dataclass
@@ -96,6 +117,8 @@ class LossInputs:
     teacher: TeacherScores
     student_logprobs_BTK: Tensor | None = None  # learner, with grad, at teacher.ids_BTK
     student_logits_BTV: Tensor | None = None  # learner, with grad, raw logits (signal "full")
+    targets_BT: Tensor | None = None  # the sampled completion tokens
+    student_logits: LogitsAt | None = None  # learner, with grad, logits on demand ("aligned")
 
 
 @dataclass
@@ -103,6 +126,18 @@ class LossOutput:
     loss_sum: Tensor
     n_tokens: Tensor  # units covered: tokens, or sequences if the objective normalizes by them
     metrics: dict[str, Tensor] = field(default_factory=dict)  # sums over the same units, detached
+
+
+class LogitsAt(Protocol):
+    """Raw logits at chosen (row, position) pairs, computed only where asked."""
+
+    def columns(self, rows_K: Tensor, pos_K: Tensor, vocab_S: Tensor) -> Tensor:
+        """[K, S]: the logits of tokens `vocab_S` at each (row, position)."""
+        ...
+
+    def at(self, rows_N: Tensor, pos_N: Tensor, ids_N: Tensor) -> Tensor:
+        """[N]: the logit of token `ids_N[n]` at (row, position) n."""
+        ...
 
 
 class Objective(Protocol):

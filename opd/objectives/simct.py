@@ -21,10 +21,12 @@ accepts `str` pieces (encoded as UTF-8), which is exact whenever no token splits
 Every segment then holds the same bytes on both sides, and the segments concatenate to a
 prefix of the completion's bytes.
 
-This objective does not fit `LossInputs` (the teacher is scored along its *own* tokenization),
-so it is not in the registry: `SimCT` takes a `SimCTBatch`, built by `build_simct_batch` from
-each side's logits and the alignments. The teacher's half (`side_logits`) can be computed by
-the teacher scorer so that only [K, S] logits and [K] span means travel to the learner.
+In the loop (`TeacherRequest("aligned")`): the teacher scorer re-tokenizes each completion,
+aligns it, and computes its half of the virtual vocabulary (`side_logits`), so only [K, S]
+shared logits and [K] span means travel to the learner (`AlignedScores`). The learner computes
+the student's half straight from its hidden states (`LogitsAt`: only the K x S shared columns
+and the span tokens' own logits go through the LM head, never a [B, T, V] tensor), and
+`SimCT.batch_loss` takes the two halves as a `SimCTBatch`.
 """
 
 from __future__ import annotations
@@ -37,7 +39,15 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from opd.objectives.base import LossOutput, Normalizer, at_least_fp32
+from opd.objectives.base import (
+    AlignedScores,
+    LogitsAt,
+    LossInputs,
+    LossOutput,
+    Normalizer,
+    TeacherRequest,
+    at_least_fp32,
+)
 from opd.objectives.divergences import reverse_kl
 
 MODES = ("simct", "shared_only")
@@ -229,8 +239,21 @@ class SegmentIndex:
         return cls(b, s0, s1 - s0, t0, t1 - t0)
 
 
+@dataclass
+class DenseLogits:
+    """`LogitsAt` over a materialized [B, T, V] tensor (tests, small models)."""
+
+    logits_BTV: Tensor
+
+    def columns(self, rows_K: Tensor, pos_K: Tensor, vocab_S: Tensor) -> Tensor:
+        return self.logits_BTV[rows_K[:, None], pos_K[:, None], vocab_S[None, :]]
+
+    def at(self, rows_N: Tensor, pos_N: Tensor, ids_N: Tensor) -> Tensor:
+        return self.logits_BTV[rows_N, pos_N, ids_N]
+
+
 def side_logits(
-    logits_BTV: Tensor,
+    logits: LogitsAt | Tensor,
     ids_BT: Tensor,
     batch_K: Tensor,
     start_K: Tensor,
@@ -241,17 +264,20 @@ def side_logits(
     """One side's (shared_KS, span_K): raw logits at segment starts on the shared vocabulary,
     and per span the mean raw logit of its own tokens (0 on 1:1 segments).
 
-    Row t of `logits_BTV` is the distribution of completion token t (`ids_BT[:, t]`).
+    Position t of `logits` is the distribution of completion token t (`ids_BT[:, t]`); a
+    plain [B, T, V] tensor is accepted too.
     """
-    shared_KS = logits_BTV[batch_K[:, None], start_K[:, None], vocab_ids_S[None, :]]
+    if isinstance(logits, Tensor):
+        logits = DenseLogits(logits)
+    shared_KS = logits.columns(batch_K, start_K, vocab_ids_S)
     span_len_K = torch.where(is_span_K, len_K, torch.zeros_like(len_K))
     k = torch.arange(len(batch_K), device=batch_K.device)
     seg_N = torch.repeat_interleave(k, span_len_K)
     first_N = torch.cumsum(span_len_K, 0)[seg_N] - span_len_K[seg_N]
     pos_N = start_K[seg_N] + torch.arange(len(seg_N), device=k.device) - first_N
     row_N = batch_K[seg_N]
-    own_N = logits_BTV[row_N, pos_N, ids_BT[row_N, pos_N]]
-    sums_K = torch.zeros(len(k), dtype=logits_BTV.dtype, device=k.device).index_add(0, seg_N, own_N)
+    own_N = logits.at(row_N, pos_N, ids_BT[row_N, pos_N])
+    sums_K = torch.zeros(len(k), dtype=own_N.dtype, device=k.device).index_add(0, seg_N, own_N)
     return shared_KS, sums_K / span_len_K.clamp_min(1).to(sums_K.dtype)
 
 
@@ -278,7 +304,8 @@ def build_simct_batch(
     shared: tuple[Tensor, Tensor],
     n_tokens: Tensor | int,
 ) -> SimCTBatch:
-    """`SimCTBatch` from each side's full logits along its own tokenization."""
+    """`SimCTBatch` from each side's full logits along its own tokenization (tests; the loop
+    computes the teacher's half in the scorer and the student's in the learner)."""
     is_span = index.is_span_K
     s_shared, s_span = side_logits(
         student_logits_BTV,
@@ -333,9 +360,35 @@ class SimCTParams:
             raise ValueError(f"objective.params.mode={self.mode!r}; valid: {', '.join(MODES)}")
 
 
+def student_batch(
+    logits: LogitsAt, ids_BT: Tensor, aligned: AlignedScores, n_tokens: Tensor
+) -> SimCTBatch:
+    """The student's half next to the teacher's (`AlignedScores`, from the scorer)."""
+    is_span = (aligned.student_len_K != 1) | (aligned.teacher_len_K != 1)
+    s_shared, s_span = side_logits(
+        logits,
+        ids_BT,
+        aligned.batch_K,
+        aligned.student_start_K,
+        aligned.student_len_K,
+        is_span,
+        aligned.student_vocab_S,
+    )
+    return SimCTBatch(
+        s_shared,
+        s_span,
+        aligned.teacher_shared_KS,
+        aligned.teacher_span_K,
+        is_span,
+        aligned.student_len_K,
+        aligned.teacher_len_K,
+        n_tokens,
+    )
+
+
 class SimCT:
     """Loss sum over segments, normalized by the student's completion tokens (the learner's
-    usual "tokens" normalizer). Not registered: it takes a `SimCTBatch`, not `LossInputs`."""
+    usual "tokens" normalizer); `shared_only` keeps the 1:1 segments alone."""
 
     name: ClassVar[str] = "simct"
     Params: ClassVar[type] = SimCTParams
@@ -344,7 +397,22 @@ class SimCT:
     def __init__(self, params: SimCTParams) -> None:
         self.params = params
 
-    def __call__(self, batch: SimCTBatch) -> LossOutput:
+    def teacher_request(self) -> TeacherRequest:
+        return TeacherRequest(signal="aligned")
+
+    def __call__(self, x: LossInputs) -> LossOutput:
+        if x.teacher.aligned is None or x.student_logits is None or x.targets_BT is None:
+            raise ValueError("simct needs the teacher's aligned scores and the student's logits")
+        n_tokens = x.mask_BT.sum()
+        return self.batch_loss(
+            student_batch(x.student_logits, x.targets_BT, x.teacher.aligned, n_tokens)
+        )
+
+    def finalize_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Called by the learner on the step's reduced metrics."""
+        return _mean_span_lengths(metrics)
+
+    def batch_loss(self, batch: SimCTBatch) -> LossOutput:
         kl_K = virtual_reverse_kl(batch)
         span = batch.is_span_K
         used = ~span if self.params.mode == "shared_only" else torch.ones_like(span)
@@ -367,4 +435,14 @@ def _metrics(batch: SimCTBatch, kl_K: Tensor) -> dict[str, Tensor]:
         "simct/teacher_span_tokens": batch.teacher_len_K[span].sum().to(dtype),
         "simct/kl_one_to_one": kl[~span].sum(),
         "simct/kl_span": kl[span].sum(),
+        "simct/aligned_kl": kl.sum(),  # both kinds, whatever the mode trains on
     }
+
+
+def _mean_span_lengths(metrics: dict[str, float]) -> dict[str, float]:
+    """Ratios of the step's normalized sums: the mean span length, in each tokenization."""
+    spans = metrics.get("simct/spans", 0.0)
+    if spans:
+        metrics["simct/mean_span_len"] = metrics["simct/span_tokens"] / spans
+        metrics["simct/mean_teacher_span_len"] = metrics["simct/teacher_span_tokens"] / spans
+    return metrics

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from opd.objectives.base import AlignedScores
+
 
 def sample_seed(
     run_seed: int, step: int, prompt_index: int, sample_index: int, stream: str = "train"
@@ -56,10 +58,11 @@ class MicroBatch:
     targets_BT: Tensor
     mask_BT: Tensor
     old_logprobs_BT: Tensor
-    teacher_logprobs_BT: Tensor
+    teacher_logprobs_BT: Tensor | None  # None when the teacher sent aligned scores
     topk_ids_BTK: Tensor | None = None
     teacher_logprobs_BTK: Tensor | None = None
     teacher_logprobs_BTV: Tensor | None = None
+    aligned: AlignedScores | None = None
 
 
 def _pad(rows: list[Tensor], length: int, value: float = 0) -> Tensor:
@@ -88,7 +91,9 @@ def collate(samples: list[Sample], pad_id: int = 0) -> MicroBatch:
         targets_BT=col(lambda s: s.completion_ids, torch.long),
         mask_BT=col(lambda s: [1.0] * s.n_tokens),
         old_logprobs_BT=col(lambda s: s.logprobs),
-        teacher_logprobs_BT=col(lambda s: s.teacher["logprobs"]),
+        teacher_logprobs_BT=(
+            col(lambda s: s.teacher["logprobs"]) if "logprobs" in samples[0].teacher else None
+        ),
     )
     if samples[0].topk_ids is not None:
         batch.topk_ids_BTK = _pad(
@@ -98,4 +103,24 @@ def collate(samples: list[Sample], pad_id: int = 0) -> MicroBatch:
         batch.teacher_logprobs_BTK = _pad([s.teacher["logprobs_at_ids"] for s in samples], T)
     if "logprobs_full" in samples[0].teacher:
         batch.teacher_logprobs_BTV = _pad([s.teacher["logprobs_full"] for s in samples], T)
+    if "aligned_segments" in samples[0].teacher:
+        batch.aligned = collate_aligned([s.teacher for s in samples])
     return batch
+
+
+def collate_aligned(teacher: list[dict[str, Tensor]]) -> AlignedScores:
+    """The rows' aligned scores as one K-segment batch (row order, then text order)."""
+    segments = [t["aligned_segments"].reshape(-1, 4) for t in teacher]
+    rows = torch.cat(
+        [torch.full((len(seg),), b, dtype=torch.long) for b, seg in enumerate(segments)]
+    )
+    s0, s1, t0, t1 = torch.cat(segments).unbind(-1)
+    return AlignedScores(
+        batch_K=rows,
+        student_start_K=s0,
+        student_len_K=s1 - s0,
+        teacher_len_K=t1 - t0,
+        teacher_shared_KS=torch.cat([t["aligned_shared"] for t in teacher]),
+        teacher_span_K=torch.cat([t["aligned_span"] for t in teacher]),
+        student_vocab_S=teacher[0]["aligned_vocab"],
+    )

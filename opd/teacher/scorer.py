@@ -1,8 +1,12 @@
 """The teacher scorer: a frozen transformers model that scores the student's own tokens.
 
-It re-renders each conversation under the teacher's chat template, appends the student's
-completion tokens, and returns exactly what the objective's `TeacherRequest` asks for. Sequences
-are packed into forward passes by a token budget; log-softmax runs in position chunks.
+It re-renders each conversation under the teacher's chat template (or, for a base model
+without one, `teacher.prompt_format`), appends the student's completion, and returns exactly
+what the objective's `TeacherRequest` asks for. Sequences are packed into forward passes by a
+token budget; log-softmax runs in position chunks.
+
+A teacher with another tokenizer (`signal="aligned"`, simct) re-tokenizes the completion's
+text, aligns the two tokenizations and returns its half of each segment's virtual vocabulary.
 """
 
 from __future__ import annotations
@@ -13,10 +17,18 @@ import torch
 
 from opd.config.schema import TeacherConfig
 from opd.data.prompts import render_ids
-from opd.learner.logprobs import final_hidden, full_logprobs, gather_positions, token_logprobs
+from opd.learner.logprobs import (
+    HeadLogits,
+    final_hidden,
+    full_logprobs,
+    gather_positions,
+    token_logprobs,
+)
 from opd.learner.worker import TORCH_DTYPES
 from opd.objectives.base import TeacherRequest
+from opd.objectives.simct import SegmentIndex, side_logits
 from opd.rollout.batch import Sample, _pad
+from opd.teacher.pair import PROBE_TEXT, TokenizerPair
 
 
 def load_causal_lm(path: str, gguf_file: str | None, dtype: torch.dtype, device):
@@ -44,7 +56,13 @@ def budget_batches(lengths: list[int], budget: int) -> list[list[int]]:
 
 
 class TeacherScorer:
-    def __init__(self, cfg: TeacherConfig, model_path: str, device: str = "cpu") -> None:
+    def __init__(
+        self,
+        cfg: TeacherConfig,
+        model_path: str,
+        device: str = "cpu",
+        student_path: str | None = None,
+    ) -> None:
         self.cfg = cfg
         self.device = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
         self.model, self.tokenizer = load_causal_lm(
@@ -52,6 +70,8 @@ class TeacherScorer:
         )
         if cfg.chat_template:
             self.tokenizer.chat_template = cfg.chat_template
+        self.student_path = student_path
+        self._pair: TokenizerPair | None = None
         self.version = 0
         self.last_update_norm = 0.0
 
@@ -62,6 +82,7 @@ class TeacherScorer:
         scorer.cfg, scorer.model, scorer.tokenizer = cfg, model.eval(), tokenizer
         scorer.device = next(model.parameters()).device
         scorer.version, scorer.last_update_norm = 0, 0.0
+        scorer.student_path, scorer._pair = None, None
         return scorer
 
     def prompt_ids(self, sample: Sample, context: str = "prompt") -> list[int]:
@@ -79,7 +100,18 @@ class TeacherScorer:
             question = messages[-1]["content"]
             turn = {"role": "user", "content": teacher_prompt(question, sample.demonstration)}
             messages = [*messages[:-1], turn]
-        return render_ids(self.tokenizer, messages)
+        if self.tokenizer.chat_template:
+            return render_ids(self.tokenizer, messages)
+        return self.plain_prompt_ids(messages)
+
+    def plain_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """BOS + `teacher.prompt_format` filled with the user turn (and the system turn)."""
+        system = "".join(m["content"] + "\n\n" for m in messages if m["role"] == "system")
+        user = [m["content"] for m in messages if m["role"] == "user"]
+        text = self.cfg.prompt_format.format(system=system, prompt=user[-1] if user else "")
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        bos = self.tokenizer.bos_token_id
+        return [bos, *ids] if bos is not None else ids
 
     # -- self-distillation: the teacher follows the student --------------------------------
 
@@ -132,12 +164,75 @@ class TeacherScorer:
     @torch.no_grad()
     def score(self, samples: list[Sample], request: TeacherRequest) -> list[Sample]:
         """Fill `sample.teacher` for every sample and return them."""
-        seqs = [self.prompt_ids(s, request.context) + s.completion_ids for s in samples]
-        for idx in budget_batches([len(s) for s in seqs], self.cfg.token_budget):
-            self._score_batch([samples[i] for i in idx], [seqs[i] for i in idx], request)
+        if request.signal == "aligned":
+            self._score_aligned(samples, request)
+        else:
+            seqs = [self.prompt_ids(s, request.context) + s.completion_ids for s in samples]
+            for idx in budget_batches([len(s) for s in seqs], self.cfg.token_budget):
+                self._score_batch([samples[i] for i in idx], [seqs[i] for i in idx], request)
         for s in samples:
             s.teacher_version = self.version
         return samples
+
+    # -- another tokenizer (simct) -----------------------------------------------------------
+
+    def pair(self) -> TokenizerPair:
+        if self._pair is None:
+            if self.student_path is None:
+                raise ValueError("signal 'aligned' needs the student's tokenizer (student_path)")
+            self._pair = TokenizerPair.load(self.student_path, self.tokenizer)
+        return self._pair
+
+    def pair_report(self, probe: str = PROBE_TEXT) -> dict:
+        """Start-up check of a cross-tokenizer pair: the shared-vocabulary size, and warnings
+        where templates or special tokens make the texts the two sides see differ."""
+        return self.pair().report(probe, uses_chat_template=bool(self.tokenizer.chat_template))
+
+    def _score_aligned(self, samples: list[Sample], request: TeacherRequest) -> None:
+        pair = self.pair()
+        completions = [pair.retokenize(s.completion_ids) for s in samples]
+        segments = [
+            pair.align(s.completion_ids, c) for s, c in zip(samples, completions, strict=True)
+        ]
+        prompts = [self.prompt_ids(s, request.context) for s in samples]
+        lengths = [len(p) + len(c) for p, c in zip(prompts, completions, strict=True)]
+        for idx in budget_batches(lengths, self.cfg.token_budget):
+            shared, span = self._aligned_batch(
+                [prompts[i] for i in idx], [completions[i] for i in idx], [segments[i] for i in idx]
+            )
+            counts = [len(segments[i]) for i in idx]
+            for i, sh, sp in zip(idx, shared.split(counts), span.split(counts), strict=True):
+                samples[i].teacher = {
+                    "aligned_segments": torch.tensor(segments[i], dtype=torch.long).reshape(-1, 4),
+                    "aligned_shared": sh.cpu(),
+                    "aligned_span": sp.cpu(),
+                    "aligned_vocab": pair.student_vocab,
+                    "teacher_tokens": torch.tensor(len(completions[i])),
+                }
+
+    def _aligned_batch(self, prompts, completions, segments) -> tuple[torch.Tensor, torch.Tensor]:
+        d = self.device
+        seqs = [p + c for p, c in zip(prompts, completions, strict=True)]
+        rows = [torch.tensor(s, dtype=torch.long) for s in seqs]
+        L, U = max(len(r) for r in rows), max(1, max(len(c) for c in completions))
+        input_ids = _pad(rows, L).to(d)
+        attention = _pad([torch.ones(len(r), dtype=torch.long) for r in rows], L).to(d)
+        positions = _pad(
+            [torch.arange(len(p) - 1, len(p) - 1 + len(c)) for p, c in zip(prompts, completions)],
+            U,
+        ).to(d)
+        ids = _pad([torch.tensor(c, dtype=torch.long) for c in completions], U).to(d)
+        hidden = gather_positions(final_hidden(self.model, input_ids, attention), positions)
+        index = SegmentIndex.from_alignments(segments, device=d)
+        return side_logits(
+            HeadLogits(self.model, hidden),
+            ids,
+            index.batch_K,
+            index.teacher_start_K,
+            index.teacher_len_K,
+            index.is_span_K,
+            self.pair().teacher_vocab.to(d),
+        )
 
     def _score_batch(
         self, samples: list[Sample], seqs: list[list[int]], request: TeacherRequest

@@ -274,7 +274,7 @@ def test_virtual_kl_matches_brute_force_value_and_grad(mode):
     t_logits.requires_grad_()  # the teacher must get no gradient
     index = SegmentIndex.from_alignments(ALIGN)
     batch = build_simct_batch(s_logits, s_ids, t_logits, t_ids, index, shared, sum(LENGTHS))
-    out = SimCT(SimCTParams(mode=mode))(batch)
+    out = SimCT(SimCTParams(mode=mode)).batch_loss(batch)
     out.loss_sum.backward()
     want, want_grad = _brute(s_logits, t_logits, s_ids, t_ids, shared, mode == "shared_only")
     assert out.loss_sum.item() == pytest.approx(want, rel=1e-10)
@@ -287,8 +287,8 @@ def test_shared_only_is_simct_on_one_to_one_segments_and_metrics():
     s_logits, t_logits, s_ids, t_ids, shared = _setup(1)
     index = SegmentIndex.from_alignments(ALIGN)
     batch = build_simct_batch(s_logits, s_ids, t_logits, t_ids, index, shared, sum(LENGTHS))
-    full = SimCT(SimCTParams())(batch)
-    base = SimCT(SimCTParams(mode="shared_only"))(batch)
+    full = SimCT(SimCTParams()).batch_loss(batch)
+    base = SimCT(SimCTParams(mode="shared_only")).batch_loss(batch)
     m = full.metrics
     assert base.loss_sum.item() == pytest.approx(m["simct/kl_one_to_one"].item(), rel=1e-12)
     assert full.loss_sum.item() == pytest.approx(
@@ -313,7 +313,7 @@ def test_same_tokenizer_and_logits_give_zero_loss():
     batch = build_simct_batch(
         logits, ids, logits, ids, SegmentIndex.from_alignments(align), (vocab, vocab), 10
     )
-    out = SimCT(SimCTParams())(batch)
+    out = SimCT(SimCTParams()).batch_loss(batch)
     assert out.loss_sum.item() == pytest.approx(0.0, abs=1e-12)
     assert out.metrics["simct/span_tokens"].item() == 0
 
@@ -333,7 +333,7 @@ def test_real_pair_batch_is_finite(pair):
     batch = build_simct_batch(
         s_logits, pad(s_rows), t_logits, pad(t_rows), index, shared, sum(map(len, s_rows))
     )
-    out = SimCT(SimCTParams())(batch)
+    out = SimCT(SimCTParams()).batch_loss(batch)
     out.loss_sum.backward()
     assert torch.isfinite(out.loss_sum) and torch.isfinite(s_logits.grad).all()
     assert out.metrics["simct/dropped_tokens"].item() == 0

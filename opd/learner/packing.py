@@ -1,0 +1,188 @@
+"""Padding-free forward passes: the rows of a right-padded batch packed into one sequence.
+
+`packed_hidden` drops the padding, runs the decoder once over the concatenated sequences
+(`position_ids` restart at 0 for each; attention stays inside each sequence through
+variable-length attention with cumulative sequence lengths) and puts the hidden states back
+into the padded [B, L, H] layout, zeros at the pads. No FLOPs are spent on padding, and the
+matrix products see one long [N, H] operand instead of B short ones.
+
+Attention is registered in transformers' `AttentionInterface` as `opd_varlen` and selected
+only for the duration of the call. On CUDA it is the flash-attention kernel that ships with
+PyTorch (`aten._flash_attention_forward/_backward` with `cu_seqlens`, native grouped-query
+heads when the kernel accepts them, else repeated key/value heads); elsewhere, and for dtypes
+or head sizes that kernel does not take, a loop of causal SDPA calls, one per sequence.
+Only decoder families whose attention is plain causal over the whole sequence are packed
+(`PACKABLE_TYPES`, no sliding windows); others keep the padded path.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+NAME = "opd_varlen"
+PACKABLE_TYPES = {"llama", "qwen2", "qwen3", "mistral"}
+ENABLED = True  # benchmarks switch it off to time the padded path
+_native_gqa: bool | None = None  # does the flash kernel take fewer key/value heads? (probed)
+
+
+class _FlashVarlen(torch.autograd.Function):
+    """Causal flash attention over packed sequences: q [N, Hq, D], k and v [N, Hk, D]."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_len, scale):
+        out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, 0.0, True, False, scale=scale
+        )
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, rng, unused)
+        ctx.max_len, ctx.scale = max_len, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, cu, rng, unused = ctx.saved_tensors
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            grad_out.contiguous(),
+            q,
+            k,
+            v,
+            out,
+            lse,
+            cu,
+            cu,
+            ctx.max_len,
+            ctx.max_len,
+            0.0,
+            True,
+            rng,
+            unused,
+            scale=ctx.scale,
+        )
+        return dq, dk, dv, None, None, None
+
+
+def _probe_native_gqa(device: torch.device, dtype: torch.dtype) -> bool:
+    """One tiny forward + backward with 4 query heads on 2 key/value heads."""
+    try:
+        q = torch.randn(8, 4, 64, device=device, dtype=dtype, requires_grad=True)
+        kv = torch.randn(8, 2, 64, device=device, dtype=dtype, requires_grad=True)
+        cu = torch.tensor([0, 3, 8], device=device, dtype=torch.int32)
+        _FlashVarlen.apply(q, kv, kv, cu, 5, 0.125).sum().backward()
+        return kv.grad is not None and kv.grad.shape == kv.shape
+    except RuntimeError:
+        return False
+
+
+def _flash(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int, scale: float) -> Tensor:
+    global _native_gqa
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        if _native_gqa is None:
+            _native_gqa = _probe_native_gqa(q.device, q.dtype)
+        if not _native_gqa:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return _FlashVarlen.apply(q, k.contiguous(), v.contiguous(), cu, max_len, scale)
+
+
+def _sdpa_segments(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, scale: float) -> Tensor:
+    """Reference path: causal SDPA on each sequence; [N, H, D] in and out."""
+    bounds = cu.tolist()
+    outs = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        o = F.scaled_dot_product_attention(
+            q[a:b].transpose(0, 1),
+            k[a:b].transpose(0, 1),
+            v[a:b].transpose(0, 1),
+            is_causal=True,
+            scale=scale,
+            enable_gqa=k.shape[1] != q.shape[1],
+        )
+        outs.append(o.transpose(0, 1))
+    return torch.cat(outs)
+
+
+def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
+    """transformers attention function: query [1, Hq, N, D], key/value [1, Hk, N, D]."""
+    cu, max_len = kw["cu_seq_lens_q"], kw["max_length_q"]
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    q = query[0].transpose(0, 1).contiguous()
+    k = key[0].transpose(0, 1)
+    v = value[0].transpose(0, 1)
+    flash = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
+    out = _flash(q, k, v, cu, max_len, scale) if flash else _sdpa_segments(q, k, v, cu, scale)
+    return out.unsqueeze(0), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(NAME, varlen_attention)
+
+
+_register()
+
+
+def packable(model) -> bool:
+    cfg = model.config
+    if not ENABLED or getattr(cfg, "model_type", None) not in PACKABLE_TYPES:
+        return False
+    if getattr(cfg, "use_sliding_window", False):
+        return False
+    return all(t == "full_attention" for t in (getattr(cfg, "layer_types", None) or []))
+
+
+@contextmanager
+def _attention(model, name: str):
+    before = model.config._attn_implementation
+    model.config._attn_implementation = name
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = before
+
+
+def pack(attention_mask_BL: Tensor) -> tuple[Tensor, Tensor, Tensor, int] | None:
+    """(flat indices of the real tokens in B*L, position ids, cu_seqlens, longest row), or None
+    when the mask is not right-padded (then the caller keeps the padded path)."""
+    B, L = attention_mask_BL.shape
+    mask = attention_mask_BL.bool()
+    lengths = mask.sum(1)
+    expected = torch.arange(L, device=mask.device).unsqueeze(0) < lengths.unsqueeze(1)
+    if not torch.equal(mask, expected):
+        return None
+    lens = lengths.tolist()
+    index = torch.cat([torch.arange(i * L, i * L + n) for i, n in enumerate(lens)])
+    positions = torch.cat([torch.arange(n) for n in lens])
+    cu = torch.zeros(B + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lens).cumsum(0)
+    d = attention_mask_BL.device
+    return index.to(d), positions.to(d), cu.to(d), max(lens)
+
+
+def packed_hidden(model, input_ids_BL: Tensor, attention_mask_BL: Tensor) -> Tensor | None:
+    """Last hidden states [B, L, H] (zeros at pads) from one packed pass, or None when the
+    batch or the model cannot be packed."""
+    if not packable(model):
+        return None
+    packed = pack(attention_mask_BL)
+    if packed is None:
+        return None
+    index, positions, cu, max_len = packed
+    B, L = input_ids_BL.shape
+    ids = input_ids_BL.reshape(-1).index_select(0, index).unsqueeze(0)
+    with _attention(model, NAME):
+        out = model.base_model(
+            input_ids=ids,
+            position_ids=positions.unsqueeze(0),
+            use_cache=False,
+            cu_seq_lens_q=cu,
+            cu_seq_lens_k=cu,
+            max_length_q=max_len,
+            max_length_k=max_len,
+        )
+    hidden_NH = (out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])[0]
+    full = hidden_NH.new_zeros(B * L, hidden_NH.shape[-1]).index_copy(0, index, hidden_NH)
+    return full.view(B, L, -1)

@@ -1,0 +1,160 @@
+"""simct in the loop: the teacher scorer's aligned scores (its own tokenization, plain-text
+prompt, token-budget batches) + the learner's on-demand student logits give the same loss,
+metrics and gradients as a dense reference built from both models' full logits."""
+
+import pytest
+import torch
+
+from opd.config.schema import TeacherConfig
+from opd.data.prompts import render_ids
+from opd.learner.logprobs import HeadLogits, final_hidden, gather_positions
+from opd.objectives import build_objective
+from opd.objectives.base import LossInputs, TeacherRequest, TeacherScores
+from opd.objectives.simct import SegmentIndex, build_simct_batch, shared_vocab
+from opd.rollout.batch import Sample, collate
+from opd.teacher.pair import TokenizerPair
+from opd.teacher.scorer import TeacherScorer
+
+TEXTS = ["the answer is 42", "apples and pears 7 + 5 = 12", "", "Tom has 3 cats"]
+
+
+def _teacher_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from opd.models.tiny import synthetic_corpus
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=500,
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(synthetic_corpus(300, seed=5), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", bos_token="<s>")
+
+
+def _model(vocab: int, seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=16,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(cfg).double().eval()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from opd.models.tiny import build_tokenizer
+
+    s_tok = build_tokenizer(tmp_path_factory.mktemp("student_tok"))
+    t_tok = _teacher_tokenizer()
+    assert t_tok.chat_template is None  # the scorer renders prompts as plain text
+    student, teacher = _model(len(s_tok), 0), _model(len(t_tok), 1)
+    scorer = TeacherScorer.from_model(TeacherConfig(path="-", token_budget=64), teacher, t_tok)
+    scorer._pair = TokenizerPair(s_tok, t_tok, *shared_vocab(s_tok, t_tok))
+    samples = []
+    for i, text in enumerate(TEXTS):
+        messages = [{"role": "user", "content": f"question {i}: what is {i} + {i}?"}]
+        ids = s_tok(text, add_special_tokens=False)["input_ids"] + [s_tok.eos_token_id]
+        prompt = render_ids(s_tok, messages)
+        samples.append(Sample(i, 0, str(i), messages, prompt, ids, [0.0] * len(ids), "stop", 0))
+    return s_tok, t_tok, student, teacher, scorer, samples
+
+
+def _dense_reference(setup, samples, mode):
+    """Both sides' full logits along their own tokenizations, then `build_simct_batch`."""
+    s_tok, t_tok, student, teacher, scorer, _ = setup
+    pair = scorer.pair()
+    s_rows, t_rows, s_logits, t_logits, aligns = [], [], [], [], []
+    for s in samples:
+        t_ids = pair.retokenize(s.completion_ids)
+        aligns.append(pair.align(s.completion_ids, t_ids))
+        for model, prompt, ids, rows, out in (
+            (student, s.prompt_ids, s.completion_ids, s_rows, s_logits),
+            (teacher, scorer.prompt_ids(s), t_ids, t_rows, t_logits),
+        ):
+            seq = torch.tensor([prompt + ids])
+            logits = model(input_ids=seq).logits[0, len(prompt) - 1 : len(prompt) - 1 + len(ids)]
+            rows.append(torch.tensor(ids))
+            out.append(logits)
+    pad = lambda xs: torch.nn.utils.rnn.pad_sequence(xs, batch_first=True)  # noqa: E731
+    batch = build_simct_batch(
+        pad(s_logits),
+        pad(s_rows),
+        pad(t_logits).detach(),
+        pad(t_rows),
+        SegmentIndex.from_alignments(aligns),
+        (pair.student_vocab, pair.teacher_vocab),
+        sum(s.n_tokens for s in samples),
+    )
+    return build_objective("simct", {"mode": mode}).batch_loss(batch)
+
+
+@pytest.mark.parametrize("mode", ["simct", "shared_only"])
+def test_scorer_and_learner_halves_match_dense_reference(setup, mode):
+    s_tok, t_tok, student, teacher, scorer, samples = setup
+    objective = build_objective("simct", {"mode": mode})
+    assert objective.teacher_request() == TeacherRequest("aligned")
+    scored = scorer.score([_copy(s) for s in samples], objective.teacher_request())
+    assert all("logprobs" not in s.teacher for s in scored)
+    mb = collate(scored)
+    hidden = final_hidden(student, mb.input_ids_BL, mb.attention_mask_BL)
+    x = LossInputs(
+        logprobs_BT=torch.zeros_like(mb.mask_BT),
+        old_logprobs_BT=mb.old_logprobs_BT,
+        mask_BT=mb.mask_BT,
+        teacher=TeacherScores(logprobs_BT=None, aligned=mb.aligned),
+        targets_BT=mb.targets_BT,
+        student_logits=HeadLogits(student, gather_positions(hidden, mb.positions_BT)),
+    )
+    student.zero_grad()
+    out = objective(x)
+    out.loss_sum.backward()
+    got_grad = {n: p.grad.clone() for n, p in student.named_parameters()}
+
+    student.zero_grad()
+    want = _dense_reference(setup, samples, mode)
+    want.loss_sum.backward()
+    assert out.loss_sum.item() == pytest.approx(want.loss_sum.item(), rel=1e-9)
+    assert out.loss_sum.item() > 0
+    for k, v in want.metrics.items():
+        assert out.metrics[k].item() == pytest.approx(v.item(), rel=1e-9, abs=1e-12), k
+    for n, p in student.named_parameters():
+        assert torch.allclose(got_grad[n], p.grad, rtol=1e-7, atol=1e-12), n
+    assert teacher.lm_head.weight.grad is None
+
+
+def test_plain_prompt_and_pair_report(setup):
+    s_tok, t_tok, _, _, scorer, samples = setup
+    ids = scorer.prompt_ids(samples[1])
+    assert ids[0] == t_tok.bos_token_id
+    assert t_tok.decode(ids[1:]) == "Question: question 1: what is 1 + 1?\nAnswer:\n"
+    report = scorer.pair_report()
+    assert report["shared_vocab"] == len(scorer.pair().student_vocab) > 0
+    assert 0 < report["probe_one_to_one_fraction"] <= report["probe_supervised_fraction"] <= 1
+    assert any("plain text" in w for w in report["warnings"])
+
+
+def test_objective_registry_and_metrics_finalize():
+    objective = build_objective("simct", {})
+    m = objective.finalize_metrics(
+        {"simct/spans": 0.5, "simct/span_tokens": 1.5, "simct/teacher_span_tokens": 1.0}
+    )
+    assert m["simct/mean_span_len"] == 3.0 and m["simct/mean_teacher_span_len"] == 2.0
+    with pytest.raises(ValueError, match="mode"):
+        build_objective("simct", {"mode": "spans"})
+
+
+def _copy(s: Sample) -> Sample:
+    return Sample(**{**s.__dict__, "teacher": {}})
