@@ -1,6 +1,11 @@
-"""Shared by the benchmarks: Qwen2-family model shapes and the devices' peak bf16 FLOP/s."""
+"""Shared by the benchmarks: Qwen2-family model shapes, the devices' peak rates, FLOP counts
+and the environment line every benchmark prints."""
 
 from __future__ import annotations
+
+import json
+import platform
+import sys
 
 SHAPES = {
     "tiny": dict(
@@ -28,11 +33,100 @@ SHAPES = {
         num_key_value_heads=4,
         vocab_size=152064,
     ),
+    # the GKD side-by-side pair (TRL vs opd): Qwen2-0.5B- and Qwen2-1.5B-shaped, untied
+    "student-0.6b": dict(
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=False,
+    ),
+    "teacher-1.8b": dict(
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=False,
+    ),
+    "tiny-teacher": dict(
+        hidden_size=192,
+        intermediate_size=384,
+        num_hidden_layers=3,
+        num_attention_heads=3,
+        num_key_value_heads=1,
+        vocab_size=384,
+        tie_word_embeddings=False,
+    ),
 }
 
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16, SXM
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16, SXM datasheet
+HBM_BYTES_S = {"H100": 3.35e12, "H200": 4.8e12}  # datasheet
+NVLINK_BYTES_S = {"H100": 450e9, "H200": 450e9}  # NVLink 4, one direction, datasheet
+
+
+def _lookup(table: dict, device_name: str) -> float | None:
+    return next((v for k, v in table.items() if k in device_name), None)
 
 
 def peak_flops(device_name: str) -> float | None:
     """The device's dense bf16 peak, or None where it is not known (CPUs)."""
-    return next((v for k, v in PEAK_BF16.items() if k in device_name), None)
+    return _lookup(PEAK_BF16, device_name)
+
+
+def hbm_bandwidth(device_name: str) -> float | None:
+    return _lookup(HBM_BYTES_S, device_name)
+
+
+def nvlink_bandwidth(device_name: str) -> float | None:
+    return _lookup(NVLINK_BYTES_S, device_name)
+
+
+def param_counts(shape: dict) -> dict[str, int]:
+    """Parameter counts of a Qwen2 shape: total, the decoder layers, embedding, LM head."""
+    h, i, n = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+    heads, kv = shape["num_attention_heads"], shape["num_key_value_heads"]
+    d = h // heads
+    attn = h * heads * d + 2 * h * kv * d + heads * d * h + heads * d + 2 * kv * d  # + biases
+    layer = attn + 3 * h * i + 2 * h
+    embed = shape["vocab_size"] * h
+    head = 0 if shape.get("tie_word_embeddings") else embed
+    layers = n * layer
+    return {"total": layers + embed + head + h, "layers": layers, "embed": embed, "head": head}
+
+
+def forward_flops(shape: dict, seqs: list[tuple[int, int]]) -> float:
+    """FLOPs a forward pass must do for (prompt, completion) sequences without padding: the
+    decoder's matrix products on every token, causal attention, and the LM head on completion
+    positions only (what the learner and the teacher compute)."""
+    h, n = shape["hidden_size"], shape["num_hidden_layers"]
+    layers = param_counts(shape)["layers"]
+    tokens = sum(p + c for p, c in seqs)
+    completions = sum(c for _, c in seqs)
+    attn = sum(4 * h * (p + c) * (p + c + 1) / 2 for p, c in seqs) * n  # QK^T and AV, causal
+    return 2 * layers * tokens + attn + 2 * h * shape["vocab_size"] * completions
+
+
+def environment() -> dict:
+    import torch
+
+    info = {"python": platform.python_version(), "torch": torch.__version__}
+    for mod in ("transformers", "deepspeed", "vllm", "trl", "ray"):
+        m = sys.modules.get(mod)
+        if m is not None:
+            info[mod] = getattr(m, "__version__", "?")
+    if torch.cuda.is_available():
+        info["device"] = torch.cuda.get_device_name(0)
+        info["gpus"] = torch.cuda.device_count()
+        info["cuda"] = torch.version.cuda
+    else:
+        info["device"] = platform.processor() or platform.machine() or "cpu"
+    return info
+
+
+def report(result: dict) -> None:
+    """One JSON line with the environment merged in (what RESULTS.md tables are built from)."""
+    print(json.dumps({**environment(), **result}), flush=True)

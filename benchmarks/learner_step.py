@@ -1,26 +1,37 @@
 """Learner train-step throughput as a fraction of the device's peak (MFU).
 
-    python benchmarks/learner_step.py --size tiny          # CPU smoke
-    python benchmarks/learner_step.py --size qwen2.5-1.5b  # GPU: random init, real shape
+    python benchmarks/learner_step.py --size tiny                         # CPU smoke
+    python benchmarks/learner_step.py --size qwen2.5-1.5b --configs 64x16 64x16:ckpt 64x16:pad
+    python benchmarks/learner_step.py --size qwen2.5-1.5b --world 2 --configs 64x16:zero3
 
-Runs the real `opd.learner.worker.Learner` (DeepSpeed, world size 1) on variable-length
-synthetic batches with the sampled reverse-KL objective, and reports seconds per step and
-MFU = 6 * N_params * tokens / (seconds * peak FLOP/s). Attention FLOPs are not counted, so
-the figure slightly understates the work done.
+Runs the real `opd.learner.worker.Learner` (DeepSpeed) on variable-length synthetic batches
+with the sampled reverse-KL objective, one configuration after another in one process (one
+process per rank with `--world N`, one GPU each). A configuration is BATCHxMICRO (samples
+per rank per step, samples per micro-batch) with flags: `ckpt` (activation checkpointing),
+`zeroN` (ZeRO stage, default 2 on GPU), `pad` (the padded path instead of packing).
+
+Reported per configuration: seconds per step (median of the measured steps; the first step
+is warm-up), tokens/s over all ranks, MFU = 6 N T / (s x ranks x peak) with N all parameters
+and T all prompt + completion tokens (the issue's definition), and `mfu_work`: the FLOPs the
+step must do (decoder products on every token, causal attention, the LM head on completion
+tokens only, x3 for forward + backward; recomputation not counted) over the same time.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
+import gc
+import os
 import random
 import statistics
+import sys
 import tempfile
 import time
 
 import torch
-from common import SHAPES, peak_flops
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import SHAPES, forward_flops, peak_flops, report  # noqa: E402
 
 
 def build(size: str, dtype: str, folder: str) -> int:
@@ -57,93 +68,136 @@ def batch(n: int, prompt: tuple[int, int], completion: tuple[int, int], vocab: i
     return out
 
 
+def parse(spec: str, cuda: bool) -> dict:
+    head, *flags = spec.split(":")
+    b, m = (int(x) for x in head.split("x"))
+    zero = next((int(f[4:]) for f in flags if f.startswith("zero")), 2 if cuda else 0)
+    return dict(spec=spec, batch=b, micro=m, ckpt="ckpt" in flags, zero=zero, pad="pad" in flags)
+
+
+def run_config(args, c: dict, folder: str, rank: int, world: int, port: int, cuda: bool) -> dict:
+    from opd.config.schema import LearnerConfig, ObjectiveConfig
+    from opd.learner import packing
+    from opd.learner.worker import Learner
+
+    packing.ENABLED = not c["pad"]
+    dtype = "bfloat16" if cuda else "float32"
+    cfg = LearnerConfig(
+        dtype=dtype,
+        micro_batch_size=c["micro"],
+        zero_stage=c["zero"],
+        gradient_checkpointing=c["ckpt"],
+        lr=1e-6,
+    )
+    learner = Learner(
+        rank,
+        world,
+        "127.0.0.1",
+        port,
+        folder,
+        cfg,
+        ObjectiveConfig(),
+        total_steps=args.steps + 1,
+        grad_accum_steps=c["batch"] // c["micro"],
+        seed=0,
+        device="cuda" if cuda else "cpu",
+    )
+    shape = SHAPES[args.size]
+    times, seqs_per_step = [], []
+    for step in range(args.steps + 1):
+        # every rank draws the whole step's batch and keeps its shard
+        full = batch(c["batch"] * world, args.prompt, args.completion, shape["vocab_size"], step)
+        mine = full[rank::world]
+        normalizer = sum(s.n_tokens for s in full)
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        learner.train_step(mine, normalizer)
+        if cuda:
+            torch.cuda.synchronize()
+        if step:  # the first step includes warm-up
+            times.append(time.perf_counter() - t0)
+            seqs_per_step.append([(len(s.prompt_ids), s.n_tokens) for s in full])
+    peak_mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    del learner
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    sec = statistics.median(times)
+    mid = times.index(sec) if sec in times else 0
+    seqs = seqs_per_step[mid]
+    tokens = sum(p + c for p, c in seqs)
+    out = {
+        "config": c["spec"],
+        "world": world,
+        "zero": c["zero"],
+        "checkpointing": c["ckpt"],
+        "packing": not c["pad"],
+        "batch_per_rank": c["batch"],
+        "micro_batch": c["micro"],
+        "tokens_per_step": tokens,
+        "seconds_per_step": round(sec, 4),
+        "step_times": [round(t, 4) for t in times],
+        "tokens_per_s": round(tokens / sec, 1),
+        "peak_memory_gb": round(peak_mem, 2) if peak_mem is not None else None,
+    }
+    return out, seqs, sec
+
+
+def worker(rank: int, world: int, args, folder: str, n_params: int, port: int) -> None:
+    if world > 1:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(rank)
+    cuda = torch.cuda.is_available()
+    device = torch.cuda.get_device_name(0) if cuda else "cpu"
+    peak = peak_flops(device)
+    for spec in args.configs:
+        c = parse(spec, cuda)
+        try:
+            out, seqs, sec = run_config(args, c, folder, rank, world, port, cuda)
+        except torch.OutOfMemoryError as e:
+            out, seqs, sec = {"config": spec, "error": f"out of memory: {e}"[:200]}, None, None
+            gc.collect()
+            torch.cuda.empty_cache()
+        if rank != 0:
+            continue
+        result = {
+            "benchmark": "learner_step",
+            "size": args.size,
+            "params": n_params,
+            "dtype": "bfloat16" if cuda else "float32",
+            **out,
+        }
+        if peak and seqs:
+            tokens = sum(p + c for p, c in seqs)
+            result["mfu"] = round(6 * n_params * tokens / (sec * world * peak), 4)
+            work = 3 * forward_flops(SHAPES[args.size], seqs)
+            result["mfu_work"] = round(work / (sec * world * peak), 4)
+        report(result)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", choices=sorted(SHAPES), default="tiny")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--micro", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--configs", nargs="+", default=["8x4"])
+    ap.add_argument("--world", type=int, default=1, help="ranks, one GPU each")
+    ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--prompt", type=int, nargs=2, default=(64, 256))
     ap.add_argument("--completion", type=int, nargs=2, default=(128, 1024))
-    ap.add_argument("--checkpointing", action="store_true")
-    ap.add_argument("--profile", action="store_true", help="print the top CUDA ops of a step")
     args = ap.parse_args()
 
     from opd.cluster.placement import free_port
-    from opd.config.schema import LearnerConfig, ObjectiveConfig
-    from opd.learner.worker import Learner
 
-    cuda = torch.cuda.is_available()
-    dtype = "bfloat16" if cuda else "float32"
+    dtype = "bfloat16" if args.world > 1 or torch.cuda.is_available() else "float32"
+    port = free_port()
     with tempfile.TemporaryDirectory() as folder:
         n_params = build(args.size, dtype, folder)
-        cfg = LearnerConfig(
-            dtype=dtype,
-            micro_batch_size=args.micro,
-            zero_stage=2 if cuda else 0,
-            gradient_checkpointing=args.checkpointing,
-            lr=1e-6,
-        )
-        learner = Learner(
-            0,
-            1,
-            "127.0.0.1",
-            free_port(),
-            folder,
-            cfg,
-            ObjectiveConfig(),
-            total_steps=args.steps + 1,
-            grad_accum_steps=args.batch // args.micro,
-            seed=0,
-            device="cuda" if cuda else "cpu",
-        )
-        if args.profile and cuda:
-            from torch.profiler import ProfilerActivity, profile
-
-            samples = batch(
-                args.batch, args.prompt, args.completion, SHAPES[args.size]["vocab_size"], 99
+        if args.world == 1:
+            worker(0, 1, args, folder, n_params, port)
+        else:
+            torch.multiprocessing.spawn(
+                worker, args=(args.world, args, folder, n_params, port), nprocs=args.world
             )
-            learner.train_step(samples, sum(s.n_tokens for s in samples))  # warm-up
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                learner.train_step(samples, sum(s.n_tokens for s in samples))
-                torch.cuda.synchronize()
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
-        times, tokens = [], []
-        for step in range(args.steps + 1):
-            samples = batch(
-                args.batch, args.prompt, args.completion, SHAPES[args.size]["vocab_size"], step
-            )
-            n_tok = sum(len(s.prompt_ids) + s.n_tokens for s in samples)
-            if cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            learner.train_step(samples, sum(s.n_tokens for s in samples))
-            if cuda:
-                torch.cuda.synchronize()
-            if step:  # the first step includes warm-up
-                times.append(time.perf_counter() - t0)
-                tokens.append(n_tok)
-    device = torch.cuda.get_device_name(0) if cuda else platform.processor() or "cpu"
-    sec = statistics.median(times)
-    tok = statistics.median(tokens)
-    peak = peak_flops(device)
-    result = {
-        "benchmark": "learner_step",
-        "device": device,
-        "torch": torch.__version__,
-        "size": args.size,
-        "params": n_params,
-        "dtype": dtype,
-        "batch": args.batch,
-        "micro_batch": args.micro,
-        "tokens_per_step": tok,
-        "seconds_per_step": sec,
-        "tokens_per_s": tok / sec,
-        "checkpointing": args.checkpointing,
-    }
-    if peak:
-        result["mfu"] = 6 * n_params * tok / sec / peak
-    print(json.dumps(result))
 
 
 if __name__ == "__main__":
