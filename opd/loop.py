@@ -5,12 +5,15 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import ray
 import torch
 
+from opd.cluster.group import Pending, RoleError
 from opd.cluster.placement import check_devices, check_fits
 from opd.cluster.roles import Roles, start_roles
 from opd.config import Config, to_yaml
@@ -60,7 +63,16 @@ def load_data(cfg: Config, tokenizer) -> RunData:
     return RunData(PromptStream(train, cfg.run.seed, d.shuffle), heldout[:n_held], dropped)
 
 
-def generate(
+@dataclass
+class Generation:
+    """A batch being generated: requests spread over the rollout workers, in flight."""
+
+    prompts: list[Prompt]
+    pending: Pending
+    versions: list[int]  # the policy version each worker must sample with
+
+
+def submit_generation(
     cfg: Config,
     roles: Roles,
     prompts: list[Prompt],
@@ -70,26 +82,51 @@ def generate(
     topk: int,
     max_new_tokens: int,
     temperature: float,
-) -> list[Sample]:
-    """n samples per prompt, seeded by (run.seed, step, prompt, sample), spread over workers."""
+    version: int,
+) -> Generation:
+    """n samples per prompt, seeded by (run.seed, step, prompt, sample), spread over workers;
+    returns at once. `version` is the policy version the workers hold now."""
     requests = [
         GenerationRequest(p.token_ids, sample_seed(cfg.run.seed, step, i, j, stream), (i, j))
         for i, p in enumerate(prompts)
         for j in range(samples_per_prompt)
     ]
     n = len(roles.rollout)
-    shards = [requests[w::n] for w in range(n)]
-    results = roles.rollout.call_each(
+    pending = roles.rollout.submit_each(
         "generate",
-        [(s,) for s in shards],
+        [(requests[w::n],) for w in range(n)],
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_p=cfg.rollout.top_p if stream == "train" else 1.0,
         topk=topk,
     )
+    return Generation(prompts, pending, [version] * n)
+
+
+def collect_generation(cfg: Config, roles: Roles, gen: Generation, sync) -> list[Sample]:
+    """The batch's samples, in (prompt, sample) order. A worker that died is restarted by Ray,
+    given the current weights and its requests again (same seeds: same samples); a worker
+    that came back while idle is caught by the version it reports."""
+
+    def restore(i: int) -> None:
+        sync.restore(roles.rollout, i)
+        gen.versions[i] = sync.version
+
+    results = roles.rollout.collect(gen.pending, on_restart=restore)
+    for i, part in enumerate(results):
+        if any(r["policy_version"] != gen.versions[i] for r in part):
+            restore(i)  # restarted between calls: it sampled with its initial weights
+            roles.rollout.restarts += 1
+            roles.rollout.resubmit(gen.pending, i)
+            results[i] = roles.rollout.collect_one(gen.pending, i, on_restart=restore)
+            if any(r["policy_version"] != gen.versions[i] for r in results[i]):
+                raise RoleError(
+                    f"rollout[{i}] samples with policy version "
+                    f"{results[i][0]['policy_version']}, expected {gen.versions[i]}"
+                )
     out = []
     for r in sorted((r for rs in results for r in rs), key=lambda r: r["key"]):
-        p = prompts[r["key"][0]]
+        p = gen.prompts[r["key"][0]]
         out.append(
             Sample(
                 prompt_index=r["key"][0],
@@ -106,6 +143,13 @@ def generate(
             )
         )
     return out
+
+
+def generate(cfg: Config, roles: Roles, prompts: list[Prompt], *args, sync=None, **kwargs):
+    """`submit_generation` + `collect_generation`, blocking (evaluation)."""
+    version = sync.version if sync is not None else 0
+    gen = submit_generation(cfg, roles, prompts, *args, **kwargs, version=version)
+    return collect_generation(cfg, roles, gen, sync)
 
 
 def _field(prompt: Prompt, name: str | None) -> str | None:
@@ -141,7 +185,14 @@ def reference_samples(cfg: Config, prompts: list[Prompt], tokenizer, version: in
     return out
 
 
-def heldout_samples(cfg: Config, roles: Roles, heldout: list[Prompt]) -> list[Sample]:
+def score(roles: Roles, sync, samples: list[Sample], request: TeacherRequest) -> list[Sample]:
+    """The teacher's scores; a teacher that died is restarted by Ray (a following teacher gets
+    the current weights again) and scores the same batch."""
+    pending = roles.teacher.submit_each("score", [(samples, request)])
+    return roles.teacher.collect_one(pending, 0, lambda i: sync.restore(roles.teacher, i))
+
+
+def heldout_samples(cfg: Config, roles: Roles, sync, heldout: list[Prompt]) -> list[Sample]:
     """Held-out completions at temperature 1, with the same seeds at every evaluation, so
     successive evaluations differ only through the weights."""
     return generate(
@@ -154,13 +205,13 @@ def heldout_samples(cfg: Config, roles: Roles, heldout: list[Prompt]) -> list[Sa
         0,
         cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
         temperature=1.0,
+        sync=sync,
     )
 
 
-def heldout_reverse_kl(cfg: Config, roles: Roles, heldout: list[Prompt]) -> dict[str, float]:
+def heldout_reverse_kl(cfg: Config, roles: Roles, sync, heldout: list[Prompt]) -> dict[str, float]:
     """Mean per-token sampled estimate of KL(student || teacher) on the held-out prompts."""
-    samples = heldout_samples(cfg, roles, heldout)
-    (samples,) = roles.teacher.call("score", samples, TeacherRequest("sampled"))
+    samples = score(roles, sync, heldout_samples(cfg, roles, sync, heldout), TeacherRequest())
     diff = torch.cat([torch.tensor(s.logprobs) - s.teacher["logprobs"] for s in samples])
     return {
         "heldout/reverse_kl": diff.mean().item(),
@@ -169,18 +220,18 @@ def heldout_reverse_kl(cfg: Config, roles: Roles, heldout: list[Prompt]) -> dict
 
 
 def heldout_aligned(
-    cfg: Config, roles: Roles, heldout: list[Prompt], request: TeacherRequest
+    cfg: Config, roles: Roles, sync, heldout: list[Prompt], request: TeacherRequest
 ) -> dict[str, float]:
     """A cross-tokenizer teacher cannot score the student's token ids: the learner evaluates
     the objective itself on the held-out completions (simct: the aligned KL, per token)."""
-    samples = heldout_samples(cfg, roles, heldout)
+    samples = heldout_samples(cfg, roles, sync, heldout)
     n = len(roles.learner)
     if len(samples) < n:
         raise ValueError(
             f"eval.heldout_prompts x eval.heldout_samples = {len(samples)} is fewer than "
             f"learner.num_workers={n}: every learner rank needs a held-out sample"
         )
-    (samples,) = roles.teacher.call("score", samples, request)
+    samples = score(roles, sync, samples, request)
     sums: dict[str, float] = {}
     for part in roles.learner.call_each("evaluate", [(samples[r::n],) for r in range(n)]):
         for k, v in part.items():
@@ -192,16 +243,16 @@ def heldout_aligned(
 
 
 def evaluation(
-    cfg: Config, roles: Roles, data: RunData, tokenizer, request: TeacherRequest
+    cfg: Config, roles: Roles, sync, data: RunData, tokenizer, request: TeacherRequest
 ) -> dict[str, float]:
     if request.signal == "aligned":
-        metrics = heldout_aligned(cfg, roles, data.heldout, request)
+        metrics = heldout_aligned(cfg, roles, sync, data.heldout, request)
     else:
-        metrics = heldout_reverse_kl(cfg, roles, data.heldout)
+        metrics = heldout_reverse_kl(cfg, roles, sync, data.heldout)
     if cfg.eval.benchmarks:
         from opd.eval.during_training import benchmark_metrics
 
-        metrics.update(benchmark_metrics(cfg, roles, tokenizer, generate))
+        metrics.update(benchmark_metrics(cfg, roles, tokenizer, partial(generate, sync=sync)))
     return metrics
 
 
@@ -214,7 +265,7 @@ def learn(roles: Roles, samples: list[Sample], objective) -> dict[str, float]:
 
 
 def save_checkpoint(
-    ckpt: CheckpointDir, roles: Roles, cfg: Config, step: int, data: RunData
+    ckpt: CheckpointDir, roles: Roles, cfg: Config, step: int, data_state: dict
 ) -> None:
     tmp = ckpt.begin(step)
     roles.learner.call("save_checkpoint", str(tmp / "learner"))
@@ -222,8 +273,79 @@ def save_checkpoint(
     ckpt.commit(
         tmp,
         step,
-        {"step": step, "data": data.train.state_dict(), "rng": rng_state(), "config": to_yaml(cfg)},
+        {"step": step, "data": data_state, "rng": rng_state(), "config": to_yaml(cfg)},
     )
+
+
+@dataclass
+class Batch:
+    """One step's batch, from the moment its prompts are taken until the learner uses it."""
+
+    step: int
+    data_state: dict  # the prompt stream's position before this batch's prompts were taken
+    generation: Generation | None = None  # None: dataset completions (gkd's off-policy steps)
+    samples: list[Sample] | None = None
+
+
+class Rollouts:
+    """Batches generated up to `rollout.max_staleness` steps ahead of the learner.
+
+    The batch of step t is submitted once the weights of step t - 1 - k have been pushed, so
+    it samples from a policy at most k updates old; with k = 0 it is submitted after the
+    previous step's push: the synchronous loop. The rollout workers run calls in the order
+    they are sent, so a push queued behind a generation takes effect after it.
+    """
+
+    def __init__(self, cfg: Config, roles: Roles, sync, data: RunData, objective, request):
+        self.cfg, self.roles, self.sync, self.data = cfg, roles, sync, data
+        self.objective, self.request = objective, request
+        self.queue: deque[Batch] = deque()
+        self.next_step = 0
+
+    def start(self, step: int) -> None:
+        self.next_step = step
+
+    def fill(self, learner_step: int, tokenizer) -> None:
+        """Submit batches through step `learner_step + k` (or the last step)."""
+        last = min(learner_step + self.cfg.rollout.max_staleness, self.cfg.trainer.steps)
+        while self.next_step <= last:
+            step = self.next_step
+            batch = Batch(step, self.data.train.state_dict())
+            prompts = self.data.train.take(self.cfg.rollout.prompts_per_step)
+            if _on_policy(self.objective, step, self.cfg.run.seed):
+                batch.generation = submit_generation(
+                    self.cfg,
+                    self.roles,
+                    prompts,
+                    self.cfg.rollout.samples_per_prompt,
+                    step,
+                    "train",
+                    self.request.rollout_topk,
+                    self.cfg.rollout.max_new_tokens,
+                    self.cfg.rollout.temperature,
+                    version=self.sync.version,
+                )
+            else:
+                batch.samples = reference_samples(self.cfg, prompts, tokenizer, self.sync.version)
+            self.queue.append(batch)
+            self.next_step += 1
+
+    def take(self, step: int) -> list[Sample]:
+        batch = self.queue.popleft()
+        assert batch.step == step, (batch.step, step)
+        if batch.samples is None:
+            batch.samples = collect_generation(self.cfg, self.roles, batch.generation, self.sync)
+        stale = (step - 1) - min(s.policy_version for s in batch.samples)
+        if stale > self.cfg.rollout.max_staleness:
+            raise RuntimeError(
+                f"step {step}: batch sampled {stale} updates ago, over rollout.max_staleness="
+                f"{self.cfg.rollout.max_staleness}"
+            )
+        return batch.samples
+
+    def data_state(self) -> dict:
+        """Where a resume must take prompts from: before the first batch not yet learned."""
+        return self.queue[0].data_state if self.queue else self.data.train.state_dict()
 
 
 def train(cfg: Config) -> Path:
@@ -261,10 +383,10 @@ def train(cfg: Config) -> Path:
         teacher=roles.teacher if cfg.teacher.mode != "frozen" else None,
     )
     log = MetricsLog(run_dir / "metrics.jsonl", start if resume else None)
+    colocated = cfg.cluster.placement == "colocated"
     try:
         if request.signal == "aligned":
-            report = roles.teacher.call("pair_report")[0]
-            _print_pair_report(report)
+            _print_pair_report(roles.teacher.call("pair_report")[0])
         if resume:
             roles.learner.call("load_checkpoint", str(resume[0] / "learner"))
             roles.teacher.call("load_state", str(resume[0] / "teacher"))
@@ -275,39 +397,33 @@ def train(cfg: Config) -> Path:
             log.write(
                 0,
                 {
-                    **evaluation(cfg, roles, data, tokenizer, request),
+                    **evaluation(cfg, roles, sync, data, tokenizer, request),
                     "data/dropped_prompts": data.dropped,
                 },
             )
 
         progress = Progress(cfg.trainer.steps, start, enabled=cfg.run.progress)
         preemption = PreemptionFlag()
+        rollouts = Rollouts(cfg, roles, sync, data, objective, request)
+        rollouts.start(start + 1)
         for step in range(start + 1, cfg.trainer.steps + 1):
             t0 = time.perf_counter()
-            prompts = data.train.take(cfg.rollout.prompts_per_step)
-            if _on_policy(objective, step, cfg.run.seed):
-                samples = generate(
-                    cfg,
-                    roles,
-                    prompts,
-                    cfg.rollout.samples_per_prompt,
-                    step,
-                    "train",
-                    request.rollout_topk,
-                    cfg.rollout.max_new_tokens,
-                    cfg.rollout.temperature,
-                )
-            else:
-                samples = reference_samples(cfg, prompts, tokenizer, step - 1)
+            rollouts.fill(step, tokenizer)
+            samples = rollouts.take(step)
             t1 = time.perf_counter()
-            (samples,) = roles.teacher.call("score", samples, request)
+            if colocated:
+                roles.rollout.call("sleep")  # the learner gets the devices
+            samples = score(roles, sync, samples, request)
             t2 = time.perf_counter()
             metrics = learn(roles, samples, objective)
             t3 = time.perf_counter()
+            if colocated:
+                roles.rollout.call("wake_up")
             metrics.update(sync.push(version=step))
             t4 = time.perf_counter()
 
             tokens = sum(s.n_tokens for s in samples)
+            versions = [s.policy_version for s in samples]
             metrics.update(
                 {
                     "time/rollout": t1 - t0,
@@ -316,17 +432,20 @@ def train(cfg: Config) -> Path:
                     "time/sync": t4 - t3,
                     "time/step": t4 - t0,
                     "perf/tokens_per_s": tokens / (t4 - t0),
-                    "perf/rollout_tokens_per_s": tokens / (t1 - t0),
+                    "rollout/samples": float(len(samples)),
                     "rollout/completion_tokens": tokens / len(samples),
                     "rollout/truncated": sum(s.finish_reason == "length" for s in samples)
                     / len(samples),
-                    "rollout/policy_version": float(samples[0].policy_version),
+                    "rollout/policy_version": float(min(versions)),
+                    "rollout/staleness": float(step - 1 - min(versions)),
                     "rollout/teacher_version": float(samples[0].teacher_version),
                     "rollout/on_policy": float(samples[0].on_policy),
+                    "rollout/restarts": float(roles.rollout.restarts),
+                    "teacher/restarts": float(roles.teacher.restarts),
                 }
             )
             if cfg.eval.every and step % cfg.eval.every == 0:
-                metrics.update(evaluation(cfg, roles, data, tokenizer, request))
+                metrics.update(evaluation(cfg, roles, sync, data, tokenizer, request))
             log.write(step, metrics)  # before the checkpoint: a resume drops lines past it
             last = step == cfg.trainer.steps
             if (
@@ -334,7 +453,7 @@ def train(cfg: Config) -> Path:
                 or preemption.requested
                 or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
             ):
-                save_checkpoint(ckpt, roles, cfg, step, data)
+                save_checkpoint(ckpt, roles, cfg, step, rollouts.data_state())
             progress.update(step, metrics)
             if preemption.requested and not last:
                 raise Preempted(f"SIGTERM: checkpoint written at step {step}; re-run to resume")

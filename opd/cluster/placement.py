@@ -1,8 +1,11 @@
-"""Where the roles run: one placement group per role, checked against the cluster first.
+"""Where the roles run: placement groups, checked against the cluster first.
 
-Split placement: rollout workers, the teacher and the learners each get their own bundles
-(`<role>.num_gpus` / `<role>.num_cpus` per actor). A recipe that asks for more than the
-cluster has fails before any actor starts, naming the role and the resource.
+Split placement (`cluster.placement: split`): rollout workers, the teacher and the learners
+each get their own placement group, one bundle per actor (`<role>.num_gpus` / `num_cpus`).
+Colocated placement: learner rank i and rollout worker i share bundle i of one group, whose
+size is the sum of their shares (e.g. 0.5 + 0.5 GPU = the same GPU); the teacher keeps its own.
+A recipe that asks for more than the cluster has fails before any actor starts, naming the
+role and the resource.
 """
 
 from __future__ import annotations
@@ -79,19 +82,21 @@ def _address_and_port() -> tuple[str, int]:
     return ray.util.get_node_ip_address(), free_port()
 
 
-def spawn(
-    role: str,
-    cls,
-    bundles: list[dict[str, float]],
-    args_for,
-    timeout_s: float,
-    max_restarts: int = 0,
-) -> ActorGroup:
-    """Start one actor per bundle in a fresh placement group.
+def colocated_bundles(cfg: Config) -> list[dict[str, float]]:
+    """Bundle i holds learner rank i and, for i < rollout.num_workers, rollout worker i."""
+    out = []
+    for i in range(cfg.learner.num_workers):
+        shares = [cfg.learner] + ([cfg.rollout] if i < cfg.rollout.num_workers else [])
+        b = {"CPU": sum(r.num_cpus for r in shares)}
+        gpus = sum(r.num_gpus for r in shares)
+        if gpus:
+            b["GPU"] = gpus
+        out.append(b)
+    return out
 
-    `args_for(i, master)` gives actor i's (args, kwargs); `master` is an (address, port) on the
-    node of bundle 0, for roles that form a process group (the learners).
-    """
+
+def reserve(role: str, bundles: list[dict[str, float]], timeout_s: float):
+    """A ready placement group for `bundles`, or a RoleError naming `role`."""
     pg = placement_group(bundles, strategy="PACK")
     try:
         ray.get(pg.ready(), timeout=timeout_s)
@@ -101,6 +106,28 @@ def spawn(
             f"{role}: no resources for {bundles} within {timeout_s:.0f} s "
             f"(available: {ray.available_resources()})"
         ) from e
+    return pg
+
+
+def spawn(
+    role: str,
+    cls,
+    bundles: list[dict[str, float]],
+    args_for,
+    timeout_s: float,
+    max_restarts: int = 0,
+    pg=None,
+) -> ActorGroup:
+    """Start one actor per bundle (actor i asks for `bundles[i]`, in bundle i of `pg`).
+
+    Without `pg`, a fresh placement group of `bundles` is reserved and owned by the group
+    (removed when it is killed). `args_for(i, master)` gives actor i's (args, kwargs);
+    `master` is an (address, port) on the node of bundle 0, for roles that form a process group
+    (the learners).
+    """
+    owned = pg is None
+    if owned:
+        pg = reserve(role, bundles, timeout_s)
     master = ray.get(
         _address_and_port.options(
             scheduling_strategy=PlacementGroupSchedulingStrategy(
@@ -123,6 +150,8 @@ def spawn(
                 ),
             ).remote(*args, **kwargs)
         )
-    group = ActorGroup(role, handles, timeout_s, placement_group=pg)
+    group = ActorGroup(
+        role, handles, timeout_s, placement_group=pg if owned else None, max_restarts=max_restarts
+    )
     group.call("ping")  # surface constructor errors here, named by role
     return group

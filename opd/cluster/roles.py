@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from opd.cluster.group import ActorGroup
-from opd.cluster.placement import role_bundles, spawn
+from opd.cluster.placement import colocated_bundles, reserve, role_bundles, spawn
 from opd.config.schema import Config
 
 
@@ -16,7 +16,7 @@ class Roles:
     learner: ActorGroup
 
     def shutdown(self) -> None:
-        for group in (self.rollout, self.teacher, self.learner):
+        for group in (self.rollout, self.teacher, self.learner):  # learners last: see above
             group.kill()
 
 
@@ -28,6 +28,10 @@ def start_roles(cfg: Config, student_path: str, teacher_path: str, device: str) 
     bundles = role_bundles(cfg)
     timeout = cfg.cluster.timeout_s
     world = cfg.learner.num_workers
+    restarts = cfg.cluster.max_restarts
+    shared = None
+    if cfg.cluster.placement == "colocated":
+        shared = reserve("learner+rollout (colocated)", colocated_bundles(cfg), timeout)
     learner = spawn(
         "learner",
         Learner,
@@ -49,13 +53,18 @@ def start_roles(cfg: Config, student_path: str, teacher_path: str, device: str) 
             {},
         ),
         timeout,
+        pg=shared,
     )
+    if shared is not None:
+        learner.placement_group = shared  # the learners own it: killed last, it goes with them
     teacher = spawn(
         "teacher",
         TeacherScorer,
         bundles["teacher"],
         lambda i, _: ((cfg.teacher, teacher_path, device, student_path), {}),
         timeout,
+        # an EMA teacher's state lives in the actor: a restart would silently reset it
+        max_restarts=restarts if cfg.teacher.mode != "ema" else 0,
     )
     rollout = spawn(
         "rollout",
@@ -63,5 +72,7 @@ def start_roles(cfg: Config, student_path: str, teacher_path: str, device: str) 
         bundles["rollout"],
         lambda i, _: ((student_path, cfg.rollout, cfg.run.seed, device, cfg.student.gguf_file), {}),
         timeout,
+        max_restarts=restarts,
+        pg=shared,
     )
     return Roles(rollout=rollout, teacher=teacher, learner=learner)

@@ -76,6 +76,9 @@ class RolloutConfig:
     max_model_len: int = 1024
     enforce_eager: bool = True
     weight_sync: str = "auto"  # auto (nccl on GPU, dir on CPU) | dir | nccl
+    # Async rollouts: batches are generated up to this many steps ahead of the learner, so a
+    # batch may come from a policy this many updates old (0: the synchronous loop).
+    max_staleness: int = 0
     num_gpus: float = 0.0  # per worker
     num_cpus: float = 0.5  # per worker (Ray scheduling only)
 
@@ -84,6 +87,8 @@ class RolloutConfig:
             _check_positive(f"rollout.{key}", getattr(self, key))
         _check_choice("rollout.dtype", self.dtype, DTYPES)
         _check_choice("rollout.weight_sync", self.weight_sync, ("auto", "dir", "nccl"))
+        if self.max_staleness < 0:
+            raise ValueError(f"rollout.max_staleness={self.max_staleness} must be >= 0")
         _check_positive("rollout.temperature", self.temperature)
         if not 0 < self.top_p <= 1:
             raise ValueError(f"rollout.top_p={self.top_p} must lie in (0, 1]")
@@ -199,6 +204,18 @@ class ClusterConfig:
     address: str | None = None  # Ray address; None starts (or joins) a local instance
     num_cpus: int | None = None  # for a local instance
     timeout_s: float = 1800.0  # every remote call; a timeout names the role
+    # split: rollout, teacher and learner on their own resources. colocated: rollout worker i
+    # shares learner rank i's bundle (its devices); vLLM sleeps while the learner updates.
+    placement: str = "split"
+    # A rollout or teacher actor that dies is restarted by Ray up to this many times and its
+    # work re-done; a learner that dies stops the run (re-run to resume from the checkpoint).
+    max_restarts: int = 2
+
+    def __post_init__(self) -> None:
+        _check_choice("cluster.placement", self.placement, ("split", "colocated"))
+        if self.max_restarts < 0:
+            raise ValueError(f"cluster.max_restarts={self.max_restarts} must be >= 0")
+        _check_positive("cluster.timeout_s", self.timeout_s)
 
 
 @dataclass
@@ -235,6 +252,21 @@ class Config:
             raise ValueError(
                 f"teacher.mode={self.teacher.mode!r} makes the teacher a copy of the student, so "
                 f"teacher.path ({self.teacher.path}) must equal student.path ({self.student.path})"
+            )
+        if (
+            self.cluster.placement == "colocated"
+            and self.rollout.num_workers > self.learner.num_workers
+        ):
+            raise ValueError(
+                f"cluster.placement=colocated puts rollout worker i on learner rank i's "
+                f"devices: rollout.num_workers={self.rollout.num_workers} exceeds "
+                f"learner.num_workers={self.learner.num_workers}"
+            )
+        if self.cluster.placement == "colocated" and self.rollout.max_staleness:
+            raise ValueError(
+                f"rollout.max_staleness={self.rollout.max_staleness} generates while the "
+                "learner updates, but cluster.placement=colocated puts vLLM to sleep then: "
+                "use split placement for async rollouts"
             )
         if self.teacher.mode != "frozen" and self.objective.name == "simct":
             raise ValueError(

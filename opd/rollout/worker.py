@@ -47,6 +47,7 @@ class RolloutWorker:
             logprobs_mode="processed_logprobs",
         )
         self.version = 0
+        self.sleep_mode, self.asleep = gpu, False
 
     def generate(
         self,
@@ -59,6 +60,9 @@ class RolloutWorker:
     ) -> list[dict]:
         """One completion per request: tokens, their log-probs, and the top-`topk` ids."""
         from vllm import SamplingParams
+
+        if self.asleep:
+            raise RuntimeError("generate on a sleeping rollout worker: wake_up comes first")
 
         params = [
             SamplingParams(
@@ -116,11 +120,22 @@ class RolloutWorker:
         self.version = version
         return version
 
-    def sleep(self) -> None:
+    def sleep(self) -> bool:
+        """Colocated placement: free the device for the learner (weights offloaded, KV cache
+        dropped). vLLM's sleep mode needs CUDA; on CPU this only records the state. Returns
+        whether memory was actually released."""
+        self.asleep = True
+        if not self.sleep_mode:
+            return False
         self.llm.sleep(level=1)
+        return True
 
-    def wake_up(self) -> None:
+    def wake_up(self) -> bool:
+        self.asleep = False
+        if not self.sleep_mode:
+            return False
         self.llm.wake_up()
+        return True
 
     def ping(self) -> int:
         return self.version

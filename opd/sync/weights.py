@@ -15,7 +15,7 @@ import time
 import uuid
 from pathlib import Path
 
-from opd.cluster.group import ActorGroup
+from opd.cluster.group import ActorGroup, RoleError
 
 
 def default_sync_root() -> Path:
@@ -38,6 +38,7 @@ class DirWeightSync:
         self.root = root or default_sync_root()
         self.root.mkdir(parents=True, exist_ok=True)
         self.current: Path | None = None
+        self.version = 0
 
     def push(self, version: int, update_teacher: bool = True) -> dict[str, float]:
         """Send the learner's weights to every rollout worker (and to a following teacher,
@@ -58,13 +59,22 @@ class DirWeightSync:
         t2 = time.perf_counter()
         if self.current is not None and self.current != folder:
             shutil.rmtree(self.current, ignore_errors=True)
-        self.current = folder
+        self.current, self.version = folder, version
         return {
             "sync/bytes": float(nbytes),
             "sync/export_s": t1 - t0,
             "sync/load_s": t2 - t1,
             **metrics,
         }
+
+    def restore(self, group: ActorGroup, i: int) -> None:
+        """Re-send the current weights to actor i of `group` (rollouts, or a teacher that
+        follows the student) after Ray restarted it with the initial ones."""
+        if self.current is None:
+            return
+        method = "load_weights_from_dir" if group is self.rollouts else "update_from_dir"
+        handle = group.handles[i]
+        group.gather([getattr(handle, method).remote(str(self.current), self.version)], method)
 
     def close(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
@@ -93,6 +103,7 @@ class NcclWeightSync:
         refs += [h.init_weight_group.remote(address, port, world) for h in learners.handles]
         learners.gather(refs, "init_weight_group")
         self.specs = learners.call("weight_specs", dtype)[0]
+        self.version = 0
 
     def push(self, version: int, update_teacher: bool = True) -> dict[str, float]:
         t0 = time.perf_counter()
@@ -100,7 +111,16 @@ class NcclWeightSync:
         send = [h.broadcast_weights.remote(self.dtype) for h in self.learners.handles]
         nbytes = sum(self.learners.gather(send, "broadcast_weights"))
         self.rollouts.gather(receive, "receive_weights")
+        self.version = version
         return {"sync/bytes": float(nbytes), "sync/broadcast_s": time.perf_counter() - t0}
+
+    def restore(self, group: ActorGroup, i: int) -> None:
+        if self.version == 0 or group is not self.rollouts:  # the teacher is frozen here
+            return
+        raise RoleError(
+            f"{group.role}[{i}] was restarted, but a restarted vLLM engine cannot rejoin the "
+            "NCCL weight group: use rollout.weight_sync=dir to survive rollout restarts"
+        )
 
     def close(self) -> None:
         pass
