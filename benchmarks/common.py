@@ -130,3 +130,40 @@ def environment() -> dict:
 def report(result: dict) -> None:
     """One JSON line with the environment merged in (what RESULTS.md tables are built from)."""
     print(json.dumps({**environment(), **result}), flush=True)
+
+
+def build_folder(size: str, folder: str, dtype: str = "bfloat16", seed: int = 0) -> int:
+    """A random-init Qwen2 of shape `size` saved as an HF folder with a small BPE tokenizer
+    (token ids past the tokenizer's vocabulary are never detokenized); returns parameters."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from opd.models.tiny import build_tokenizer
+
+    tok = build_tokenizer(folder, vocab_size=384)
+    cfg = Qwen2Config(
+        **SHAPES[size],
+        max_position_embeddings=4096,
+        bos_token_id=None,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = Qwen2ForCausalLM(cfg).to(getattr(torch, dtype))
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(folder)
+    return sum(p.numel() for p in model.parameters())
+
+
+def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    import random
+
+    rng = random.Random(seed)
+    return [[rng.randrange(8, vocab) for _ in range(length)] for _ in range(n)]
+
+
+def visible_devices(first: int, n: int) -> str:
+    """CUDA_VISIBLE_DEVICES for a process whose cuda:0 must be GPU `first` while the other
+    GPUs stay visible (so that NCCL can use peer-to-peer links between them)."""
+    return ",".join(str((first + i) % n) for i in range(n))

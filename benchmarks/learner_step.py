@@ -31,7 +31,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import SHAPES, forward_flops, peak_flops, report  # noqa: E402
+from common import SHAPES, forward_flops, peak_flops, report, visible_devices  # noqa: E402
 
 
 def build(size: str, dtype: str, folder: str) -> int:
@@ -146,8 +146,8 @@ def run_config(args, c: dict, folder: str, rank: int, world: int, port: int, cud
 
 
 def worker(rank: int, world: int, args, folder: str, n_params: int, port: int) -> None:
-    if world > 1:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(rank)
+    if world > 1:  # this rank's GPU first (the learner uses cuda:0); the others stay visible
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices(rank, world)
     cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name(0) if cuda else "cpu"
     peak = peak_flops(device)

@@ -1,23 +1,56 @@
 """Teacher scoring throughput as a fraction of the device's peak (MFU).
 
-    python benchmarks/teacher_scoring.py --size tiny         # CPU smoke
-    python benchmarks/teacher_scoring.py --size qwen2.5-7b   # GPU: random init, real shape
+    python benchmarks/teacher_scoring.py --size tiny                          # CPU smoke
+    python benchmarks/teacher_scoring.py --size qwen2.5-7b --budgets 32768 65536 131072
 
-Runs the real `TeacherScorer.score` (token-budget batches, chunked log-softmax) with the
-`at_ids` signal (log-probs at the student's top-k ids) on synthetic variable-length samples;
-MFU = 2 * N_params * tokens / (seconds * peak). Memory for the scores is O(T k).
+Runs the real `TeacherScorer.score` (token-budget batches, packed decoder pass, chunked
+log-softmax) with the `at_ids` signal (log-probs at the student's top-k ids) on synthetic
+variable-length samples, for each token budget in turn on one model. MFU = 2 N T / (s x peak)
+with N all parameters and T all tokens (the issue's definition); `mfu_work` counts the FLOPs
+the pass must do instead (decoder products on every token, causal attention, the LM head on
+completion positions). The scores take O(T k) memory.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import random
 import statistics
+import sys
 import time
 
 import torch
-from common import SHAPES, peak_flops
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import SHAPES, forward_flops, peak_flops, report  # noqa: E402
+
+
+def samples_for(n: int, k: int, vocab: int, rng: random.Random, tensor_topk: bool):
+    from opd.rollout.batch import Sample
+
+    out = []
+    for i in range(n):
+        p, c = rng.randint(64, 256), rng.randint(128, 1024)
+        topk = torch.randint(0, vocab, (c, k)) if tensor_topk else None
+        if not tensor_topk:
+            row = [rng.randrange(vocab) for _ in range(k)]
+            topk = [list(row) for _ in range(c)]
+        out.append(
+            Sample(
+                i,
+                0,
+                str(i),
+                [],
+                [rng.randrange(vocab) for _ in range(p)],
+                [rng.randrange(vocab) for _ in range(c)],
+                [0.0] * c,
+                "length",
+                0,
+                topk_ids=topk,
+            )
+        )
+    return out
 
 
 def main() -> None:
@@ -25,17 +58,26 @@ def main() -> None:
     ap.add_argument("--size", choices=sorted(SHAPES), default="tiny")
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--k", type=int, default=64)
-    ap.add_argument("--budget", type=int, default=32768)
+    ap.add_argument("--budgets", type=int, nargs="+", default=[32768])
+    ap.add_argument("--chunk", type=int, default=2048, help="teacher.logprob_chunk_tokens")
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument(
+        "--topk-format",
+        choices=("list", "tensor"),
+        default="list",
+        help="student top-k ids as Python lists (what the rollout worker sends) or a tensor",
+    )
+    ap.add_argument("--pad", action="store_true", help="the padded path instead of packing")
     args = ap.parse_args()
 
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from opd.config.schema import TeacherConfig
+    from opd.learner import packing
     from opd.objectives import TeacherRequest
-    from opd.rollout.batch import Sample
     from opd.teacher.scorer import TeacherScorer
 
+    packing.ENABLED = not args.pad
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -44,58 +86,52 @@ def main() -> None:
     with device:
         model = Qwen2ForCausalLM(config).to(dtype)
     n_params = sum(p.numel() for p in model.parameters())
-    cfg = TeacherConfig(path="-", token_budget=args.budget, logprob_chunk_tokens=2048)
-    scorer = TeacherScorer.from_model(cfg, model, tokenizer=None)
-    # samples carry the teacher's prompt ids already: no chat template needed here
-    scorer.prompt_ids = lambda sample, context="prompt": sample.prompt_ids
-    vocab, rng = config.vocab_size, random.Random(0)
-    times, tokens = [], []
-    for step in range(args.steps + 1):
-        samples = []
-        for i in range(args.samples):
-            p, c = rng.randint(64, 256), rng.randint(128, 1024)
-            samples.append(
-                Sample(
-                    i,
-                    0,
-                    str(i),
-                    [],
-                    [rng.randrange(vocab) for _ in range(p)],
-                    [rng.randrange(vocab) for _ in range(c)],
-                    [0.0] * c,
-                    "length",
-                    0,
-                    topk_ids=[[rng.randrange(vocab) for _ in range(args.k)]] * c,
-                )
-            )
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        scorer.score(samples, TeacherRequest("at_ids", k=args.k))
-        if cuda:
-            torch.cuda.synchronize()
-        if step:
-            times.append(time.perf_counter() - t0)
-            tokens.append(sum(len(s.prompt_ids) + s.n_tokens for s in samples))
     name = torch.cuda.get_device_name(0) if cuda else "cpu"
-    sec, tok = statistics.median(times), statistics.median(tokens)
-    result = {
-        "benchmark": "teacher_scoring",
-        "device": name,
-        "torch": torch.__version__,
-        "size": args.size,
-        "params": n_params,
-        "samples": args.samples,
-        "k": args.k,
-        "tokens_per_call": tok,
-        "seconds": sec,
-        "tokens_per_s": tok / sec,
-    }
     peak = peak_flops(name)
-    if peak:
-        result["mfu"] = 2 * n_params * tok / sec / peak
-        result["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-    print(json.dumps(result))
+    for budget in args.budgets:
+        cfg = TeacherConfig(path="-", token_budget=budget, logprob_chunk_tokens=args.chunk)
+        scorer = TeacherScorer.from_model(cfg, model, tokenizer=None)
+        # samples carry the teacher's prompt ids already: no chat template needed here
+        scorer.prompt_ids = lambda sample, context="prompt": sample.prompt_ids
+        rng = random.Random(0)
+        times, seqs_per_call = [], []
+        for step in range(args.steps + 1):
+            samples = samples_for(
+                args.samples, args.k, config.vocab_size, rng, args.topk_format == "tensor"
+            )
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            scorer.score(samples, TeacherRequest("at_ids", k=args.k))
+            if cuda:
+                torch.cuda.synchronize()
+            if step:
+                times.append(time.perf_counter() - t0)
+                seqs_per_call.append([(len(s.prompt_ids), s.n_tokens) for s in samples])
+        sec = statistics.median(times)
+        seqs = seqs_per_call[times.index(sec)]
+        tok = sum(p + c for p, c in seqs)
+        result = {
+            "benchmark": "teacher_scoring",
+            "size": args.size,
+            "params": n_params,
+            "samples": args.samples,
+            "k": args.k,
+            "token_budget": budget,
+            "chunk": args.chunk,
+            "topk_format": args.topk_format,
+            "packing": not args.pad,
+            "tokens_per_call": tok,
+            "seconds": round(sec, 4),
+            "call_times": [round(t, 4) for t in times],
+            "tokens_per_s": round(tok / sec, 1),
+        }
+        if peak:
+            result["mfu"] = round(2 * n_params * tok / sec / peak, 4)
+            result["mfu_work"] = round(forward_flops(SHAPES[args.size], seqs) / sec / peak, 4)
+            result["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        report(result)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,11 @@ class RolloutWorker:
         seed: int,
         device: str = "cpu",
         gguf_file: str | None = None,
+        compilation_config: dict | None = None,
     ) -> None:
+        """`compilation_config` goes to vLLM as is (GPU, `enforce_eager: false`): e.g.
+        `{"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}` captures CUDA graphs for decode
+        without a torch.compile pass at start-up; None keeps vLLM's default."""
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM
 
@@ -45,6 +49,7 @@ class RolloutWorker:
             enable_sleep_mode=gpu,
             # log-probs of the distribution actually sampled from (after temperature, top-p)
             logprobs_mode="processed_logprobs",
+            **({"compilation_config": compilation_config} if compilation_config else {}),
         )
         self.version = 0
         self.sleep_mode, self.asleep = gpu, False
@@ -71,6 +76,7 @@ class RolloutWorker:
                 max_tokens=max_new_tokens,
                 seed=r.seed,
                 logprobs=max(topk, 0),
+                detokenize=False,  # the loop works on token ids; no text is read back
             )
             for r in requests
         ]
@@ -105,6 +111,15 @@ class RolloutWorker:
 
     def load_weights_from_dir(self, path: str, version: int) -> int:
         self.llm.collective_rpc("opd_load_from_dir", args=(path, version))
+        self.llm.reset_prefix_cache()
+        self.version = version
+        return version
+
+    def load_weights_from_tensors(self, named: list[tuple[str, object]], version: int) -> int:
+        """Colocated transport: the learner's tensors, on the same device, copied straight into
+        the engine's weights. Only for an engine in this process (VLLM_ENABLE_V1_MULTIPROCESSING
+        =0): otherwise the tensors would be pickled to the engine process."""
+        self.llm.collective_rpc("opd_load_tensors", args=(named, version))
         self.llm.reset_prefix_cache()
         self.version = version
         return version

@@ -5,6 +5,8 @@ which also redoes the layout repacking the CPU backend applies after loading. Tr
 differ in how the tensors reach the worker process:
 
 - `opd_load_from_dir`: safetensors files in a shared-memory folder (CPU, or any single host);
+- `opd_load_tensors`: tensors handed over in the same process (a learner colocated with an
+  in-process engine: one device-to-device copy per weight);
 - `opd_init_weight_group` + `opd_receive_broadcast`: a NCCL broadcast from the learner's rank 0
   (GPU; the learner joins the same process group as rank 0).
 """
@@ -27,6 +29,11 @@ class WeightSyncExtension:
                         yield name, f.get_tensor(name)
 
         self.reload_weights(weights_iterator=tensors())
+        return version
+
+    def opd_load_tensors(self, named: list, version: int) -> int:
+        """(name, tensor) pairs handed over in-process (a colocated learner's weights)."""
+        self.reload_weights(weights_iterator=iter(named))
         return version
 
     def opd_init_weight_group(

@@ -1,0 +1,166 @@
+"""Rollout decode throughput and colocated weight sync, against memory-bandwidth bounds.
+
+    python benchmarks/rollout_decode.py --size tiny --batches 4 --new-tokens 16   # CPU
+    python benchmarks/rollout_decode.py --size student-0.6b --batches 8 64 256     # GPU
+
+Runs opd's `RolloutWorker` (vLLM, engine in this process) on random prompts of a random-init
+Qwen2 shape and times `generate` for each batch size (one warm-up call, then the median of
+`--repeats`). Each decode step must read every weight the step uses (the decoder layers and
+the LM head, bf16) plus the keys and values of every sequence's context; the sum of those
+bytes over the steps, over the HBM bandwidth, is the floor (prefill and sampling are not in
+it, so the fraction is conservative). Then the colocated weight sync: an HF copy of the model
+on the same device is loaded into vLLM's weights through `reload_weights`
+(`RolloutWorker.load_weights_from_tensors`); its floor is reading and writing 2 N bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import SHAPES, build_folder, hbm_bandwidth, param_counts, random_prompts, report  # noqa: E402,I001
+
+
+def decode_bytes(shape: dict, batch: int, prompt: int, new: int, nbytes: int = 2) -> float:
+    """Bytes a decode must read: per step, the weights once and each sequence's KV cache."""
+    counts = param_counts(shape)
+    head = counts["head"] or counts["embed"]
+    weights = (counts["layers"] + head) * nbytes
+    d = shape["hidden_size"] // shape["num_attention_heads"]
+    kv_token = shape["num_hidden_layers"] * 2 * shape["num_key_value_heads"] * d * nbytes
+    kv = sum(batch * (prompt + s) * kv_token for s in range(new))
+    return new * weights + kv
+
+
+def copy_bandwidth() -> float | None:
+    """Measured device-to-device copy rate (bytes read + written per second)."""
+    if not torch.cuda.is_available():
+        return None
+    a = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    return 2 * 20 * a.numel() / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", choices=sorted(SHAPES), default="tiny")
+    ap.add_argument("--batches", type=int, nargs="+", default=[8])
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--eager", action="store_true", help="vLLM without CUDA graphs")
+    ap.add_argument("--cudagraph-mode", default="FULL_DECODE_ONLY")
+    ap.add_argument("--vllm-memory", type=float, default=0.5)
+    args = ap.parse_args()
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+    from transformers import AutoModelForCausalLM
+
+    from opd.config.schema import RolloutConfig
+    from opd.rollout.batch import GenerationRequest
+    from opd.rollout.worker import RolloutWorker
+
+    cuda = torch.cuda.is_available()
+    dtype = "bfloat16" if cuda else "float32"
+    folder = tempfile.mkdtemp()
+    n_params = build_folder(args.size, folder, dtype)
+    shape = SHAPES[args.size]
+    compilation = None
+    if cuda and not args.eager:
+        compilation = {"mode": 0, "cudagraph_mode": args.cudagraph_mode}
+    t0 = time.perf_counter()
+    worker = RolloutWorker(
+        folder,
+        RolloutConfig(
+            dtype=dtype,
+            max_model_len=args.prompt_len + args.new_tokens + 8,
+            enforce_eager=args.eager or not cuda,
+            gpu_memory_utilization=args.vllm_memory if cuda else None,
+        ),
+        seed=0,
+        device="cuda" if cuda else "cpu",
+        compilation_config=compilation,
+    )
+    startup = time.perf_counter() - t0
+    device = torch.cuda.get_device_name(0) if cuda else "cpu"
+    bw = hbm_bandwidth(device)
+    copy_bw = copy_bandwidth()
+    common = {
+        "size": args.size,
+        "params": n_params,
+        "dtype": dtype,
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        "cuda_graphs": compilation["cudagraph_mode"] if compilation else "none (eager)",
+        "engine_startup_s": round(startup, 1),
+        "copy_bytes_per_s": copy_bw,
+    }
+    for b in args.batches:
+        prompts = random_prompts(b, args.prompt_len, shape["vocab_size"], seed=b)
+        times, generated = [], 0
+        for r in range(args.repeats + 1):
+            reqs = [GenerationRequest(p, 1000 * r + i, (i, 0)) for i, p in enumerate(prompts)]
+            t0 = time.perf_counter()
+            out = worker.generate(reqs, max_new_tokens=args.new_tokens, temperature=1.0, top_p=1.0)
+            if r:
+                times.append(time.perf_counter() - t0)
+                generated = sum(len(o["completion_ids"]) for o in out)
+        sec = statistics.median(times)
+        result = {
+            "benchmark": "rollout_decode",
+            **common,
+            "batch": b,
+            "seconds": round(sec, 4),
+            "generated_tokens": generated,
+            "tokens_per_s": round(generated / sec, 1),
+        }
+        if bw:
+            floor = decode_bytes(shape, b, args.prompt_len, args.new_tokens) / bw
+            result["bandwidth_floor_s"] = round(floor, 4)
+            result["bandwidth_fraction"] = round(floor / sec, 4)
+        report(result)
+
+    # colocated weight sync: an HF copy on the same device -> vLLM's weights
+    source = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype))
+    source = source.to("cuda" if cuda else "cpu")
+    named = [(n, p.detach()) for n, p in source.named_parameters()]
+    nbytes = sum(p.numel() * p.element_size() for _, p in named)
+    times = []
+    for v in range(1, args.repeats + 2):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        worker.load_weights_from_tensors(named, v)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    sec = statistics.median(times[1:])
+    result = {
+        "benchmark": "weight_sync_colocated",
+        **common,
+        "bytes": nbytes,
+        "seconds": round(sec, 4),
+        "sync_times": [round(t, 4) for t in times],
+    }
+    if bw:
+        result["floor_s"] = round(2 * nbytes / bw, 5)  # read + write once, datasheet HBM
+        result["bandwidth_fraction"] = round(2 * nbytes / bw / sec, 4)
+    report(result)
+
+
+if __name__ == "__main__":
+    main()
