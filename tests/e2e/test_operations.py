@@ -65,7 +65,9 @@ def test_colocated_placement_matches_split(tiny_pair, ray_session, tmp_path, spl
 
 
 @pytest.mark.parametrize("k", [1, 2])
-def test_async_rollouts_respect_the_staleness_bound(tiny_pair, ray_session, tmp_path, k):
+def test_async_rollouts_respect_the_staleness_bound(
+    tiny_pair, ray_session, tmp_path, split_rows, k
+):
     rows = _run(tiny_pair, tmp_path, f"rollout.max_staleness={k}")
     steps = [r for r in rows if r["step"] > 0]
     # Step t trains on a batch sampled by the policy of step t - 1 - k (or the initial one).
