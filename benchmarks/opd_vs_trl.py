@@ -182,6 +182,7 @@ def run_opd(args, student: str, teacher: str, prompts: list[list[int]]) -> dict:
             max_model_len=len(prompts[0]) + args.new_tokens + 8,
             enforce_eager=args.eager,
             gpu_memory_utilization=args.vllm_memory if cuda else None,
+            kv_cache_memory_bytes=4 * 2**30 if cuda else None,  # no profiling next to others
         ),
         seed=0,
         device=device,

@@ -89,6 +89,7 @@ def make_rollout_and_teacher(args, student: str, teacher: str):
             max_model_len=args.prompt_len + args.new_tokens + 8,
             enforce_eager=not cuda,
             gpu_memory_utilization=args.vllm_memory if cuda else None,
+            kv_cache_memory_bytes=4 * 2**30 if cuda else None,  # no profiling next to others
         ),
         seed=0,
         device=device,

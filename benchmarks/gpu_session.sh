@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The GPU measurements behind benchmarks/RESULTS.md, one phase per call on a machine with two
+# H200s and no package index (the lent device): what each phase needs must already be there.
+#   bash benchmarks/gpu_session.sh PHASE    PHASE: mfu | scaling | vllm | split
+# Needs: .gpu-bundle (ray, deepspeed, ...; /work/shared/gpu/make-bundle.sh), .whl (trl 1.16.0,
+# datasets 4.7.0, dill, multiprocess) for `mfu`; for `vllm` and `split` a vLLM site staged in
+# /tmp/vsite (benchmarks/stage_vllm.sh pieces, carried one per call). Logs and JSON lines go
+# to $OUT (at most 8 files come back from a call).
+set -uo pipefail
+phase=${1:?phase}
+OUT=${OUT:-/tmp/opd-gpu-out}
+mkdir -p "$OUT" /tmp/vparts
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1 HF_HUB_OFFLINE=1
+export TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 VLLM_HOST_IP=127.0.0.1 MASTER_ADDR=127.0.0.1
+export PYTHONPATH=/tmp/site:$PWD
+[ -d /tmp/site/deepspeed ] || bash .gpu-bundle/install.sh > /dev/null 2>&1
+# a vLLM piece carried by this call stays on the machine for the assembling call
+for d in .vstage2/p*; do [ -d "$d" ] && cp -n "$d"/* /tmp/vparts/; done
+B=benchmarks
+
+vllm_env() {
+  if [ ! -d /tmp/vsite/vllm ]; then
+    mkdir -p /tmp/vsite
+    cat /tmp/vparts/part_* | xz -d -T0 | tar -x -C /tmp/vsite || return 1
+    python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/vsite \
+      .vstage2/run/*.whl > /dev/null 2>&1
+  fi
+  export PYTHONPATH=/tmp/site:/tmp/vsite:$PWD VLLM_USE_V2_MODEL_RUNNER=0
+  export VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_LOGGING_LEVEL=INFO
+}
+
+case $phase in
+mfu)  # GPU 0: packing check + learner configurations; GPU 1: teacher budgets, then TRL
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+    > /dev/null 2>&1
+  nvidia-smi topo -m > "$OUT/topo.txt" 2>&1
+  (export CUDA_VISIBLE_DEVICES=0
+   python3 $B/packing_check.py --size qwen2.5-1.5b
+   python3 $B/learner_step.py --size qwen2.5-1.5b --steps 4 \
+     --configs 64x16 64x16:pad 64x32 64x16:zero1 64x64:ckpt) > "$OUT/learner.log" 2>&1 &
+  (export CUDA_VISIBLE_DEVICES=1
+   python3 $B/teacher_scoring.py --size qwen2.5-7b --samples 64 --steps 3 \
+     --budgets 32768 65536 131072
+   python3 $B/teacher_scoring.py --size qwen2.5-7b --samples 64 --steps 3 \
+     --budgets 65536 --topk-format tensor
+   timeout 240 python3 $B/opd_vs_trl.py --systems trl) > "$OUT/teacher_trl.log" 2>&1 &
+  wait ;;
+scaling)  # learner ranks: ZeRO-3 on 1 and 2 GPUs, ZeRO-2 on 2 (same per-rank batch)
+  python3 $B/learner_step.py --size qwen2.5-1.5b --steps 4 --configs 64x16:zero3 \
+    > "$OUT/scaling.log" 2>&1
+  python3 $B/learner_step.py --size qwen2.5-1.5b --steps 4 --world 2 \
+    --configs 64x16:zero3 64x16:zero2 >> "$OUT/scaling.log" 2>&1 ;;
+vllm)  # GPU 0: TRL vs opd (colocated, in one process); GPU 1: decode + colocated sync
+  vllm_env || exit 1
+  (export CUDA_VISIBLE_DEVICES=1
+   timeout -s ABRT 420 python3 $B/rollout_decode.py --size student-0.6b \
+     --batches 8 64 256) > "$OUT/rollout.log" 2>&1 &
+  (export CUDA_VISIBLE_DEVICES=0
+   timeout -s ABRT 480 python3 $B/opd_vs_trl.py) > "$OUT/opd_vs_trl.log" 2>&1 &
+  wait ;;
+split)  # 1 learner GPU + 1 rollout/teacher GPU over NCCL, then the same all on one GPU
+  vllm_env || exit 1
+  timeout -s ABRT 300 python3 $B/split_step.py --layout split > "$OUT/split.log" 2>&1
+  CUDA_VISIBLE_DEVICES=0 timeout -s ABRT 240 python3 $B/split_step.py --layout colocated \
+    >> "$OUT/split.log" 2>&1 ;;
+*) echo "unknown phase $phase" >&2; exit 2 ;;
+esac
+grep -h '^{' "$OUT"/*.log | cut -c1-1500
