@@ -22,9 +22,10 @@ B=benchmarks
 vllm_env() {
   if [ ! -d /tmp/vsite/vllm ]; then
     mkdir -p /tmp/vsite
-    cat /tmp/vparts/part_* | xz -d -T0 | tar -x -C /tmp/vsite || return 1
+    cat ${VPARTS:-/tmp/vparts}/part_* | xz -d -T0 | tar -x -C /tmp/vsite || return 1
     python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/vsite \
-      .vstage2/run/*.whl > /dev/null 2>&1
+      ${VRUN:-.vstage2/run}/*.whl > /dev/null 2>&1
+    rm -rf /tmp/vsite/flashinfer /tmp/vsite/flashinfer_python-*.dist-info
   fi
   export PYTHONPATH=/tmp/site:/tmp/vsite:$PWD VLLM_USE_V2_MODEL_RUNNER=0
   export VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_LOGGING_LEVEL=INFO
