@@ -84,15 +84,21 @@ def test_async_rollouts_respect_the_staleness_bound(
     assert kl[-1] < kl[0]
 
 
-def _kill_a_rollout_worker_after(metrics: Path, step: int, killed: list) -> None:
-    from ray.util.state import list_actors
+def _rollout_worker_pids() -> list[int]:
+    # The GCS actor table (the state API needs the dashboard, which the test session omits).
+    from ray._private.state import actors
 
+    return sorted(
+        a["Pid"]
+        for a in actors().values()
+        if a["ActorClassName"] == "RolloutWorker" and a["State"] == "ALIVE" and a["Pid"]
+    )
+
+
+def _kill_a_rollout_worker_after(metrics: Path, step: int, killed: list) -> None:
     while not killed:
         if metrics.is_file() and any(r["step"] >= step for r in read_metrics(metrics)):
-            alive = list_actors(
-                filters=[("class_name", "=", "RolloutWorker"), ("state", "=", "ALIVE")]
-            )
-            pid = sorted(a.pid for a in alive)[0]
+            pid = _rollout_worker_pids()[0]
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
             return
