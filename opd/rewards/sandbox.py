@@ -1,21 +1,22 @@
 """Run untrusted Python (model-written code) with hard limits; used by code rewards.
 
-``run_python(code)`` runs ``python -I main.py`` through a bootstrap (this file, run as
-``python -I -S sandbox.py``) and returns a :class:`SandboxResult`. The parent only reads capped
-pipes, enforces a wall-clock deadline and tears everything down; it never runs untrusted code.
+``run_python(code)`` runs ``python -I main.py`` through a bootstrap (:mod:`.sandbox_child`, run
+as ``python -I -S sandbox_child.py``; how it sets each mode up is described there) and returns a
+:class:`SandboxResult`. This side (the parent) picks the mode and the run's uid, only reads
+capped pipes, enforces a wall-clock deadline and tears everything down; it never runs untrusted
+code.
 
 Modes, picked once per interpreter by probing (``sandbox_mode()``), best first:
 
 ``"ns"`` (root and the kernel allows namespaces; the mode on the dev VM):
-  * new PID, mount and network namespaces. A tiny init (PID 1) reaps everything and, when the
-    program exits or the init dies (parent-death signal), the kernel kills every process left in
-    the namespace: daemonised or ``setsid`` children cannot escape.
-  * network: a fresh namespace holding only a downed loopback -- no TCP/UDP anywhere, no abstract
-    unix sockets of the host (``network=True`` keeps the host network).
-  * filesystem: every inherited mount is remounted read-only; the cwd ``/tmp`` (= HOME = TMPDIR)
-    is a private tmpfs of ``max_dir_mb`` (gone with the namespace), ``/dev/shm`` likewise; a
-    fresh ``/proc`` shows only sandbox processes. Interpreter dirs under a non-world-traversable
-    parent (pyenv in ``/root``) are bind-mounted read-only onto a tmpfs hiding the rest of it.
+  * new PID, mount and network namespaces; when the program exits or the bootstrap is killed,
+    every process left in them dies: daemonised or ``setsid`` children cannot escape.
+  * network: none -- no TCP/UDP anywhere, no abstract unix sockets of the host
+    (``network=True`` keeps the host network).
+  * filesystem: everything read-only except the cwd ``/tmp`` (= HOME = TMPDIR), a private tmpfs
+    of ``max_dir_mb`` gone with the run, and a private ``/dev/shm``; ``/proc`` shows only
+    sandbox processes. Interpreter dirs under a non-world-traversable parent (pyenv in
+    ``/root``) are visible read-only, the rest of that parent is not.
   * credentials: a per-run unprivileged uid/gid (``UID_BASE + slot``, slot locked with flock so
     concurrent runs never share one), no supplementary groups, ``no_new_privs``. Hence
     RLIMIT_NPROC is enforced per run (it is not for root), the program cannot signal or ptrace
@@ -38,7 +39,6 @@ past the cap), a parent-death signal on every level. Not enforced: aggregate mem
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import functools
 import json
@@ -46,7 +46,6 @@ import logging
 import math
 import os
 import random
-import resource
 import selectors
 import shutil
 import signal
@@ -58,35 +57,26 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from opd.rewards import sandbox_child
+
 UID_BASE, UID_SLOTS = 1_600_000_000, 4096
-_NEWNS, _NEWPID, _NEWNET = 0x00020000, 0x20000000, 0x40000000
-_RDONLY, _NOSUID, _NODEV, _NOEXEC, _REMOUNT, _BIND, _REC, _PRIVATE = (
-    1,
-    2,
-    4,
-    8,
-    32,
-    4096,
-    16384,
-    1 << 18,
-)
-_OPT_FLAGS = {
-    "nosuid": _NOSUID,
-    "nodev": _NODEV,
-    "noexec": _NOEXEC,
-    "noatime": 1024,
-    "nodiratime": 2048,
-    "relatime": 1 << 21,
+_CHILD = sandbox_child.__file__  # the bootstrap, run as a plain script
+_log = logging.getLogger(__name__)
+_ENV = {
+    "PATH": "/usr/local/bin:/usr/bin:/bin",
+    "LANG": "C.UTF-8",
+    "OMP_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
 }
-_SETUP_FAILED = 125
-_AUDIT_HOOK = (
-    "import runpy, sys\n"
-    "def _deny(event, args):\n"
-    "    if event.startswith('socket.'):\n"
-    "        raise PermissionError('network disabled in sandbox: ' + event)\n"
-    "sys.addaudithook(_deny)\nsys.argv = sys.argv[1:]\n"
-    "runpy.run_path(sys.argv[0], run_name='__main__')\n"
-)
+_PROBE_LIMITS = {
+    "cpu_s": 30,
+    "memory_mb": 512,
+    "max_processes": 32,
+    "max_file_mb": 16,
+    "max_open_files": 64,
+    "dir_mb": 16,
+}
 
 
 class SandboxError(RuntimeError):
@@ -106,175 +96,6 @@ class SandboxResult:
     @property
     def ok(self) -> bool:
         return self.status == "ok"
-
-
-# ---------------------------------------------------------------- bootstrap (runs as the child)
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _sys(ret: int, what: str) -> None:
-    if ret != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-
-
-def _mount(
-    src: str | None, target: str, fstype: str | None, flags: int, data: str | None = None
-) -> None:
-    enc = lambda s: None if s is None else s.encode()
-    _sys(
-        _libc.mount(enc(src), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)),
-        f"mount {target}",
-    )
-
-
-def _prctl(option: int, value: int) -> None:
-    _sys(_libc.prctl(option, ctypes.c_ulong(value), 0, 0, 0), f"prctl {option}")
-
-
-def _readonly_fs() -> None:
-    _mount(None, "/", None, _REC | _PRIVATE)
-    with open("/proc/self/mountinfo") as f:
-        mounts = [line.split() for line in f]
-    for fields in mounts:
-        target = fields[4].encode().decode("unicode_escape")
-        flags = sum(_OPT_FLAGS.get(o, 0) for o in fields[5].split(","))
-        try:
-            _mount(None, target, None, _BIND | _REMOUNT | _RDONLY | flags)
-        except OSError:
-            if target == "/":
-                raise
-
-
-def _expose(pairs: list[list[str]]) -> None:
-    """Mount a tmpfs over each hidden top dir, then bind the needed paths back read-only."""
-    tops: dict[str, list[tuple[str, int]]] = {}
-    for top, path in pairs:
-        tops.setdefault(top, []).append((path, os.open(path, os.O_PATH | os.O_DIRECTORY)))
-    for top, items in tops.items():
-        _mount("tmpfs", top, "tmpfs", _NOSUID | _NODEV, "mode=755,size=1m")
-        for path, fd in items:
-            os.makedirs(path, exist_ok=True)
-            _mount(f"/proc/self/fd/{fd}", path, None, _BIND | _REC)
-            _mount(None, path, None, _BIND | _REMOUNT | _RDONLY | _NOSUID | _NODEV)
-            os.close(fd)
-        _mount(None, top, None, _REMOUNT | _RDONLY | _NOSUID | _NODEV, "mode=755,size=1m")
-
-
-def _setup_namespace(cfg: dict, code: bytes) -> str:
-    _readonly_fs()
-    _expose(cfg["expose"])
-    uid, opts = cfg["uid"], f"size={cfg['dir_mb']}m,nr_inodes=4096"
-    _mount("tmpfs", "/tmp", "tmpfs", _NOSUID | _NODEV, f"mode=700,uid={uid},gid={uid},{opts}")
-    _mount("tmpfs", "/dev/shm", "tmpfs", _NOSUID | _NODEV | _NOEXEC, "mode=1777,size=1m")
-    _mount("proc", "/proc", "proc", _NOSUID | _NODEV | _NOEXEC)
-    return "/tmp"
-
-
-def _exec_program(cfg: dict, workdir: str, code: bytes) -> None:
-    with open(os.path.join(workdir, "main.py"), "wb") as f:
-        f.write(code)
-    os.chdir(workdir)
-    os.write(cfg["ready_fd"], b"R")
-    os.closerange(3, 1 << 20)
-    cpu, mb = cfg["cpu_s"], 1 << 20
-    for res, soft in (
-        (resource.RLIMIT_CPU, cpu),
-        (resource.RLIMIT_AS, cfg["memory_mb"] * mb),
-        (resource.RLIMIT_NPROC, cfg["max_processes"]),
-        (resource.RLIMIT_CORE, 0),
-        (resource.RLIMIT_FSIZE, cfg["max_file_mb"] * mb),
-        (resource.RLIMIT_NOFILE, cfg["max_open_files"]),
-    ):
-        resource.setrlimit(res, (soft, soft + 1 if res == resource.RLIMIT_CPU else soft))
-    if cfg["uid"] is not None:
-        _become(cfg["uid"])
-    _prctl(38, 1)  # PR_SET_NO_NEW_PRIVS: setuid binaries cannot raise privileges
-    _prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (reset by setuid, so set it afterwards)
-    env = dict(cfg["env"], HOME=workdir, TMPDIR=workdir)
-    hook = [] if cfg["netns"] or cfg["network"] else ["-c", _AUDIT_HOOK]
-    os.execve(cfg["python"], [cfg["python"], "-I", *hook, "main.py"], env)
-
-
-def _init(cfg: dict, code: bytes, status_fd: int) -> None:
-    """PID 1 of the namespace: set it up, run the program, report its wait status."""
-    _prctl(1, signal.SIGKILL)
-    workdir = _setup_namespace(cfg, code)
-    pid = os.fork()
-    if pid == 0:
-        _exec_program(cfg, workdir, code)
-    while True:
-        done, status = os.wait()
-        if done == pid:
-            os.write(status_fd, str(status).encode())
-            os._exit(0)  # the kernel now kills whatever the program left behind
-
-
-def _relay(init_pid: int, status_r: int) -> None:
-    os.waitpid(init_pid, 0)
-    raw = os.read(status_r, 64)
-    code = os.waitstatus_to_exitcode(int(raw)) if raw else -signal.SIGKILL
-    if code < 0:
-        if -code not in (signal.SIGKILL, signal.SIGSTOP):
-            signal.signal(-code, signal.SIG_DFL)
-        os.kill(os.getpid(), -code)
-    os._exit(code if code >= 0 else 128 - code)
-
-
-def _boot(cfg: dict) -> None:
-    code = sys.stdin.buffer.read()
-    os.dup2(os.open("/dev/null", os.O_RDONLY), 0)
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    _prctl(1, signal.SIGKILL)
-    if cfg["mode"] != "ns":
-        _exec_program(cfg, cfg["workdir"], code)
-    _sys(_libc.unshare(_NEWNS | _NEWPID | (_NEWNET if cfg["netns"] else 0)), "unshare")
-    status_r, status_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(status_r)
-        _guarded(_init, cfg, code, status_w)
-    os.close(status_w)
-    _relay(pid, status_r)
-
-
-def _become(uid: int) -> None:
-    os.setgroups([])
-    os.setresgid(uid, uid, uid)
-    os.setresuid(uid, uid, uid)
-
-
-def _kill_uid(uid: int) -> None:
-    _become(uid)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(-1, signal.SIGKILL)  # every process of this uid, atomically w.r.t. fork
-
-
-def _guarded(fn, *args) -> None:
-    try:
-        fn(*args)
-    except BaseException as e:  # noqa: BLE001 - report any setup failure, never run on
-        os.write(2, f"opd-sandbox: setup failed: {e!r}\n".encode())
-        os._exit(_SETUP_FAILED)
-
-
-# ---------------------------------------------------------------- host side (the caller)
-_log = logging.getLogger(__name__)
-_ENV = {
-    "PATH": "/usr/local/bin:/usr/bin:/bin",
-    "LANG": "C.UTF-8",
-    "OMP_NUM_THREADS": "1",
-    "OPENBLAS_NUM_THREADS": "1",
-    "MKL_NUM_THREADS": "1",
-}
-_PROBE_LIMITS = {
-    "cpu_s": 30,
-    "memory_mb": 512,
-    "max_processes": 32,
-    "max_file_mb": 16,
-    "max_open_files": 64,
-    "dir_mb": 16,
-}
 
 
 def run_python(
@@ -366,7 +187,7 @@ def _run(
         start = time.monotonic()
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", __file__, "--boot", json.dumps(cfg)],
+                [sys.executable, "-I", "-S", _CHILD, "--boot", json.dumps(cfg)],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -470,7 +291,7 @@ def _uid_pids(uid: int) -> list[int]:
 def _reap_uid(uid: int, wait_s: float = 5.0) -> None:
     """Kill every process of ``uid`` and wait until they are gone."""
     subprocess.run(
-        [sys.executable, "-I", "-S", __file__, "--kill-uid", str(uid)],
+        [sys.executable, "-I", "-S", _CHILD, "--kill-uid", str(uid)],
         env=_ENV,
         timeout=30,
         check=False,
@@ -529,11 +350,3 @@ def _hidden_paths(python: str) -> list[list[str]]:
                 pairs.append([cur, path])
                 break
     return pairs
-
-
-if __name__ == "__main__":
-    if sys.argv[1] == "--kill-uid":
-        _guarded(_kill_uid, int(sys.argv[2]))
-    else:
-        _guarded(_boot, json.loads(sys.argv[2]))
-    sys.exit(0)

@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 
-from opd.rewards import sandbox
+from opd.rewards import sandbox, sandbox_child
 from opd.rewards.code import code_reward, humaneval_program
 from opd.rewards.sandbox import run_python
 
@@ -193,7 +193,9 @@ def test_file_size_limit():
     assert res.status == "error" and "File too large" in res.stderr
 
 
-@pytest.mark.parametrize("where", ["repo", "root", "tmp", "devshm", "sandbox_module"])
+@pytest.mark.parametrize(
+    "where", ["repo", "root", "tmp", "devshm", "sandbox_module", "sandbox_child_module"]
+)
 def test_writes_outside_the_sandbox_leave_no_trace(where):
     name = f"pwned-{uuid.uuid4().hex}"
     target = {
@@ -202,6 +204,7 @@ def test_writes_outside_the_sandbox_leave_no_trace(where):
         "tmp": f"/tmp/{name}",
         "devshm": f"/dev/shm/{name}",
         "sandbox_module": sandbox.__file__,
+        "sandbox_child_module": sandbox_child.__file__,
     }[where]
     before = open(target, "rb").read() if os.path.exists(target) else None
     res = _run(f"open({target!r}, 'a').write('pwned')\nraise SystemExit(1)")
