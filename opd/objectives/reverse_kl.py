@@ -38,6 +38,9 @@ class ReverseKLParams:
     gamma: float = 0.0  # discount of future per-token advantages (sampled only)
     k: int = 64  # support size for `topk`
     full_chunk_tokens: int = 256  # tokens per chunk for `full`
+    # `sampled` with stale samples (rollout.max_staleness > 0): PPO-style pessimistic clip of
+    # the ratio pi_theta / pi_old to [1 - eps, 1 + eps]; 0 leaves the ratio unclipped.
+    ratio_clip: float = 0.0
 
     def __post_init__(self) -> None:
         if self.estimator not in ESTIMATORS:
@@ -48,6 +51,8 @@ class ReverseKLParams:
             raise ValueError(f"objective.params.gamma={self.gamma} must lie in [0, 1]")
         if self.k < 1:
             raise ValueError(f"objective.params.k={self.k} must be >= 1")
+        if not 0.0 <= self.ratio_clip < 1.0:
+            raise ValueError(f"objective.params.ratio_clip={self.ratio_clip} must lie in [0, 1)")
 
 
 def discounted_returns(values_BT: Tensor, mask_BT: Tensor, gamma: float) -> Tensor:
@@ -102,7 +107,13 @@ class ReverseKL:
         if p.estimator == "sampled":
             advantage = discounted_returns(-p.coef * sampled_kl, mask, p.gamma).detach()
             ratio = torch.exp(x.logprobs_BT - x.old_logprobs_BT.detach())
-            loss_sum = -(ratio * advantage * mask).sum()
+            surrogate = ratio * advantage
+            if p.ratio_clip:
+                clipped = ratio.clamp(1.0 - p.ratio_clip, 1.0 + p.ratio_clip) * advantage
+                surrogate = torch.minimum(surrogate, clipped)
+                outside = (ratio.detach() - 1.0).abs() > p.ratio_clip
+                metrics["reverse_kl/clipped"] = (outside.to(mask.dtype) * mask).sum()
+            loss_sum = -(surrogate * mask).sum()
             metrics["reverse_kl/ratio"] = (ratio.detach() * mask).sum()
         elif p.estimator == "topk":
             if x.student_logprobs_BTK is None or x.teacher.logprobs_BTK is None:

@@ -53,6 +53,37 @@ def test_sampled_matches_brute_force_value_and_grad():
     assert out.metrics["reverse_kl/sampled_kl"].item() == pytest.approx(want_kl)
 
 
+def test_sampled_ratio_clip_matches_ppo_brute_force():
+    mask = _mask()
+    old = torch.log_softmax(_logits(6), -1)[..., 0]
+    teacher = torch.log_softmax(_logits(7), -1)[..., 0]
+    # stale samples: the current policy moved away from the one that sampled
+    lp = (old + 0.5 * torch.randn(B, T, dtype=torch.float64)).requires_grad_()
+    eps = 0.2
+    obj = build_objective("reverse_kl", {"estimator": "sampled", "ratio_clip": eps})
+    out = obj(LossInputs(lp, old, mask, TeacherScores(logprobs_BT=teacher)))
+    out.loss_sum.backward()
+
+    expected, grad, clipped = 0.0, torch.zeros(B, T, dtype=torch.float64), 0
+    for b in range(B):
+        for t in range(T):
+            if not mask[b, t]:
+                continue
+            adv = -(old[b, t] - teacher[b, t]).item()
+            ratio = math.exp(lp[b, t].item() - old[b, t].item())
+            bounded = min(max(ratio, 1 - eps), 1 + eps)
+            expected += -min(ratio * adv, bounded * adv)
+            # the gradient flows only where the unclipped term is the smaller one
+            grad[b, t] = -ratio * adv if ratio * adv <= bounded * adv else 0.0
+            clipped += abs(ratio - 1) > eps
+    assert 0 < clipped < mask.sum().item()  # both regimes are exercised
+    assert out.loss_sum.item() == pytest.approx(expected, rel=1e-9)
+    assert torch.allclose(lp.grad, grad, rtol=1e-9, atol=1e-12)
+    assert out.metrics["reverse_kl/clipped"].item() == clipped
+    with pytest.raises(ValueError, match="ratio_clip"):
+        build_objective("reverse_kl", {"ratio_clip": 1.5})
+
+
 def test_discounted_returns_gamma_zero_is_identity_on_mask():
     v, m = torch.randn(B, T), _mask()
     assert torch.equal(discounted_returns(v, m, 0.0), v * m)
