@@ -115,6 +115,9 @@ class ReverseKL:
                 metrics["reverse_kl/clipped"] = (outside.to(mask.dtype) * mask).sum()
             loss_sum = -(surrogate * mask).sum()
             metrics["reverse_kl/ratio"] = (ratio.detach() * mask).sum()
+            # how far the learner has moved from the sampling policy (0 when on-policy)
+            log_ratio = (x.logprobs_BT.detach() - x.old_logprobs_BT).abs()
+            metrics["reverse_kl/abs_log_ratio"] = (log_ratio * mask).sum()
         elif p.estimator == "topk":
             if x.student_logprobs_BTK is None or x.teacher.logprobs_BTK is None:
                 raise ValueError("reverse_kl topk needs student and teacher log-probs at ids")
