@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements behind benchmarks/RESULTS.md, one phase per call on a machine with two
 # H200s and no package index (the lent device): what each phase needs must already be there.
-#   bash benchmarks/gpu_session.sh PHASE    PHASE: mfu | scaling | vllm | split
+#   bash benchmarks/gpu_session.sh PHASE    PHASE: mfu | scaling | vllm | split | tune
 # Needs: .gpu-bundle (ray, deepspeed, ...; /work/shared/gpu/make-bundle.sh), .whl (trl 1.16.0,
 # datasets 4.7.0, dill, multiprocess) for `mfu`; for `vllm` and `split` a vLLM site staged in
 # /tmp/vsite (benchmarks/stage_vllm.sh pieces, carried one per call). Logs and JSON lines go
@@ -47,6 +47,15 @@ mfu)  # GPU 0: packing check + learner configurations; GPU 1: teacher budgets, t
      --budgets 65536 --topk-format tensor
    timeout 240 python3 $B/opd_vs_trl.py --systems trl) > "$OUT/teacher_trl.log" 2>&1 &
   wait ;;
+tune)  # one GPU: packing check, learner variants with a profile, teacher profile and compile
+  (timeout -s ABRT 330 python3 $B/packing_check.py --size qwen2.5-1.5b
+   timeout -s ABRT 330 python3 $B/learner_step.py --size qwen2.5-1.5b --steps 4 --configs \
+     64x16:zero1:prof 64x16:zero0 64x64:ckpt:zero1 64x32:ckpt:zero1 64x16:zero1:compile
+  ) > "$OUT/tune_learner.log" 2>&1
+  (timeout -s ABRT 120 python3 $B/teacher_scoring.py --size qwen2.5-7b --samples 64 --steps 3 \
+     --budgets 65536 --topk-format tensor --profile
+   timeout -s ABRT 150 python3 $B/teacher_scoring.py --size qwen2.5-7b --samples 64 --steps 3 \
+     --budgets 65536 --topk-format tensor --compile) > "$OUT/tune_teacher.log" 2>&1 ;;
 scaling)  # learner ranks: ZeRO-3 on 1 and 2 GPUs, ZeRO-2 on 2 (same per-rank batch)
   python3 $B/learner_step.py --size qwen2.5-1.5b --steps 4 --configs 64x16:zero3 \
     > "$OUT/scaling.log" 2>&1
@@ -55,15 +64,15 @@ scaling)  # learner ranks: ZeRO-3 on 1 and 2 GPUs, ZeRO-2 on 2 (same per-rank ba
 vllm)  # GPU 0: TRL vs opd (colocated, in one process); GPU 1: decode + colocated sync
   vllm_env || exit 1
   (export CUDA_VISIBLE_DEVICES=1
-   timeout -s ABRT 420 python3 $B/rollout_decode.py --size student-0.6b \
+   timeout -s ABRT 330 python3 $B/rollout_decode.py --size student-0.6b \
      --batches 8 64 256) > "$OUT/rollout.log" 2>&1 &
   (export CUDA_VISIBLE_DEVICES=0
-   timeout -s ABRT 480 python3 $B/opd_vs_trl.py) > "$OUT/opd_vs_trl.log" 2>&1 &
+   timeout -s ABRT 380 python3 $B/opd_vs_trl.py) > "$OUT/opd_vs_trl.log" 2>&1 &
   wait ;;
 split)  # 1 learner GPU + 1 rollout/teacher GPU over NCCL, then the same all on one GPU
   vllm_env || exit 1
-  timeout -s ABRT 300 python3 $B/split_step.py --layout split > "$OUT/split.log" 2>&1
-  CUDA_VISIBLE_DEVICES=0 timeout -s ABRT 240 python3 $B/split_step.py --layout colocated \
+  NCCL_DEBUG=INFO timeout -s ABRT 200 python3 $B/split_step.py --layout split > "$OUT/split.log" 2>&1
+  CUDA_VISIBLE_DEVICES=0 timeout -s ABRT 170 python3 $B/split_step.py --layout colocated \
     >> "$OUT/split.log" 2>&1 ;;
 *) echo "unknown phase $phase" >&2; exit 2 ;;
 esac

@@ -8,7 +8,9 @@ Runs the real `opd.learner.worker.Learner` (DeepSpeed) on variable-length synthe
 with the sampled reverse-KL objective, one configuration after another in one process (one
 process per rank with `--world N`, one GPU each). A configuration is BATCHxMICRO (samples
 per rank per step, samples per micro-batch) with flags: `ckpt` (activation checkpointing),
-`zeroN` (ZeRO stage, default 2 on GPU), `pad` (the padded path instead of packing).
+`zeroN` (ZeRO stage, default 2 on GPU), `pad` (the padded path instead of packing),
+`compile` (each decoder layer through torch.compile), `prof` (one more step under the torch
+profiler: summed kernel time against wall time, top kernels on stderr).
 
 Reported per configuration: seconds per step (median of the measured steps; the first step
 is warm-up), tokens/s over all ranks, MFU = 6 N T / (s x ranks x peak) with N all parameters
@@ -72,7 +74,38 @@ def parse(spec: str, cuda: bool) -> dict:
     head, *flags = spec.split(":")
     b, m = (int(x) for x in head.split("x"))
     zero = next((int(f[4:]) for f in flags if f.startswith("zero")), 2 if cuda else 0)
-    return dict(spec=spec, batch=b, micro=m, ckpt="ckpt" in flags, zero=zero, pad="pad" in flags)
+    return dict(
+        spec=spec,
+        batch=b,
+        micro=m,
+        ckpt="ckpt" in flags,
+        zero=zero,
+        pad="pad" in flags,
+        compile="compile" in flags,
+        prof="prof" in flags,
+    )
+
+
+def profile_step(step_fn) -> dict:
+    """One step under the torch profiler: summed CUDA kernel time against wall time, and the
+    top kernels (printed)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step_fn()
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    kernel = sum(e.self_device_time_total for e in events) / 1e6
+    print(events.table(sort_by="self_device_time_total", row_limit=15), file=sys.stderr)
+    top = sorted(events, key=lambda e: -e.self_device_time_total)[:8]
+    return {
+        "profile_wall_s": round(wall, 4),
+        "profile_cuda_kernel_s": round(kernel, 4),
+        "profile_top": [(e.key[:60], round(e.self_device_time_total / 1e6, 4)) for e in top],
+    }
 
 
 def run_config(args, c: dict, folder: str, rank: int, world: int, port: int, cuda: bool) -> dict:
@@ -88,6 +121,7 @@ def run_config(args, c: dict, folder: str, rank: int, world: int, port: int, cud
         zero_stage=c["zero"],
         gradient_checkpointing=c["ckpt"],
         lr=1e-6,
+        logprob_chunk_tokens=args.chunk,
     )
     learner = Learner(
         rank,
@@ -102,6 +136,9 @@ def run_config(args, c: dict, folder: str, rank: int, world: int, port: int, cud
         seed=0,
         device="cuda" if cuda else "cpu",
     )
+    if c["compile"]:  # each decoder layer through torch.compile (elementwise ops fused)
+        for layer in learner.model.base_model.layers:
+            layer.compile(dynamic=True)
     shape = SHAPES[args.size]
     times, seqs_per_step = [], []
     for step in range(args.steps + 1):
@@ -119,6 +156,13 @@ def run_config(args, c: dict, folder: str, rank: int, world: int, port: int, cud
             times.append(time.perf_counter() - t0)
             seqs_per_step.append([(len(s.prompt_ids), s.n_tokens) for s in full])
     peak_mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    prof = {}
+    if c["prof"] and cuda:
+        full = batch(c["batch"] * world, args.prompt, args.completion, shape["vocab_size"], 1)
+        mine, normalizer = full[rank::world], sum(s.n_tokens for s in full)
+        train_step = learner.train_step
+        prof = profile_step(lambda: train_step(mine, normalizer))
+        del train_step
     del learner
     gc.collect()
     if cuda:
@@ -141,6 +185,8 @@ def run_config(args, c: dict, folder: str, rank: int, world: int, port: int, cud
         "step_times": [round(t, 4) for t in times],
         "tokens_per_s": round(tokens / sec, 1),
         "peak_memory_gb": round(peak_mem, 2) if peak_mem is not None else None,
+        "compiled_layers": c["compile"],
+        **prof,
     }
     return out, seqs, sec
 
@@ -155,10 +201,11 @@ def worker(rank: int, world: int, args, folder: str, n_params: int, port: int) -
         c = parse(spec, cuda)
         try:
             out, seqs, sec = run_config(args, c, folder, rank, world, port, cuda)
-        except torch.OutOfMemoryError as e:
-            out, seqs, sec = {"config": spec, "error": f"out of memory: {e}"[:200]}, None, None
+        except Exception as e:  # out of memory, or a configuration that does not run: say so
+            out, seqs, sec = {"config": spec, "error": f"{type(e).__name__}: {e}"[:300]}, None, None
             gc.collect()
-            torch.cuda.empty_cache()
+            if cuda:
+                torch.cuda.empty_cache()
         if rank != 0:
             continue
         result = {
@@ -184,6 +231,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--prompt", type=int, nargs=2, default=(64, 256))
     ap.add_argument("--completion", type=int, nargs=2, default=(128, 1024))
+    ap.add_argument("--chunk", type=int, default=1024, help="learner.logprob_chunk_tokens")
     args = ap.parse_args()
 
     from opd.cluster.placement import free_port

@@ -68,6 +68,8 @@ def main() -> None:
         help="student top-k ids as Python lists (what the rollout worker sends) or a tensor",
     )
     ap.add_argument("--pad", action="store_true", help="the padded path instead of packing")
+    ap.add_argument("--compile", action="store_true", help="decoder layers via torch.compile")
+    ap.add_argument("--profile", action="store_true", help="one more call under the profiler")
     args = ap.parse_args()
 
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -86,6 +88,9 @@ def main() -> None:
     with device:
         model = Qwen2ForCausalLM(config).to(dtype)
     n_params = sum(p.numel() for p in model.parameters())
+    if args.compile:
+        for layer in model.model.layers:
+            layer.compile(dynamic=True)
     name = torch.cuda.get_device_name(0) if cuda else "cpu"
     peak = peak_flops(name)
     for budget in args.budgets:
@@ -112,6 +117,12 @@ def main() -> None:
         sec = statistics.median(times)
         seqs = seqs_per_call[times.index(sec)]
         tok = sum(p + c for p, c in seqs)
+        prof = {}
+        if args.profile and cuda:
+            from learner_step import profile_step
+
+            req = TeacherRequest("at_ids", k=args.k)
+            prof = profile_step(lambda s=scorer, x=samples, r=req: s.score(x, r))
         result = {
             "benchmark": "teacher_scoring",
             "size": args.size,
@@ -126,6 +137,8 @@ def main() -> None:
             "seconds": round(sec, 4),
             "call_times": [round(t, 4) for t in times],
             "tokens_per_s": round(tok / sec, 1),
+            "compiled_layers": args.compile,
+            **prof,
         }
         if peak:
             result["mfu"] = round(2 * n_params * tok / sec / peak, 4)

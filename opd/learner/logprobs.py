@@ -100,9 +100,13 @@ def token_logprobs(
     ids_BTK: Tensor | None = None,
     chunk: int = 1024,
     mask_BT: Tensor | None = None,
+    n_chunks: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """log p(target) [B, T] and, if `ids_BTK` is given, log p at those ids [B, T, K].
-    With `mask_BT`, only positions where it is non-zero are computed; the others are 0."""
+    With `mask_BT`, only positions where it is non-zero are computed; the others are 0.
+    `n_chunks` fixes the number of LM-head calls (some may be empty) instead of `chunk`: under
+    ZeRO-3 every head call gathers the head's weight collectively, so all ranks must make the
+    same number (`chunks_needed` + a MAX all-reduce gives it)."""
     B, T, H = hidden_BTH.shape
     flat_h = hidden_BTH.reshape(B * T, H)
     flat_t = targets_BT.reshape(B * T)
@@ -115,6 +119,7 @@ def token_logprobs(
             flat_t.index_select(0, keep).unsqueeze(0),
             ids_BTK=flat_ids.index_select(0, keep).unsqueeze(0) if flat_ids is not None else None,
             chunk=chunk,
+            n_chunks=n_chunks,
         )
         lp_BT = lp_N.new_zeros(B * T).index_copy(0, keep, lp_N[0]).reshape(B, T)
         lp_BTK = None
@@ -124,12 +129,14 @@ def token_logprobs(
         return lp_BT, lp_BTK
     outs_t, outs_ids = [], []
     grad = torch.is_grad_enabled() and flat_h.requires_grad
-    for i in range(0, B * T, chunk):
-        args = (
-            flat_h[i : i + chunk],
-            flat_t[i : i + chunk],
-            flat_ids[i : i + chunk] if flat_ids is not None else None,
-        )
+    N = B * T
+    if n_chunks is None:
+        bounds = list(range(0, N, chunk)) + [N]
+    else:  # n_chunks pieces of near-equal size, the last ones possibly empty
+        size = -(-N // n_chunks)
+        bounds = [min(N, i * size) for i in range(n_chunks + 1)]
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        args = (flat_h[a:b], flat_t[a:b], flat_ids[a:b] if flat_ids is not None else None)
         if grad:
             lp_t, lp_ids = checkpoint(_chunk_logprobs, model, *args, use_reentrant=False)
         else:
@@ -139,6 +146,10 @@ def token_logprobs(
     lp_BT = torch.cat(outs_t).reshape(B, T)
     lp_BTK = torch.cat(outs_ids).reshape(B, T, -1) if flat_ids is not None else None
     return lp_BT, lp_BTK
+
+
+def chunks_needed(n_tokens: int, chunk: int) -> int:
+    return max(1, -(-n_tokens // chunk))
 
 
 def full_logprobs(model, hidden_BTH: Tensor, *, chunk: int = 1024) -> Tensor:

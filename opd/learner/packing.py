@@ -6,8 +6,12 @@ variable-length attention with cumulative sequence lengths) and puts the hidden 
 into the padded [B, L, H] layout, zeros at the pads. No FLOPs are spent on padding, and the
 matrix products see one long [N, H] operand instead of B short ones.
 
-Attention is registered in transformers' `AttentionInterface` as `opd_varlen` and selected
-only for the duration of the call. On CUDA it is the flash-attention kernel that ships with
+Attention is registered in transformers' `AttentionInterface` as `opd_varlen`, and a packable
+model (whose attention was `sdpa`) is switched to it for good: a call that carries the packed
+sequence lengths (`cu_seq_lens_q`) runs variable-length attention, any other call is handed to
+`sdpa` with the mask `sdpa` would get, so padded calls and generation are unchanged. (Switching
+only around the packed forward is not enough: activation checkpointing recomputes each layer
+during backward, outside such a window.) On CUDA it is the flash-attention kernel that ships with
 PyTorch (`aten._flash_attention_forward/_backward` with `cu_seqlens`, native grouped-query
 heads when the kernel accepts them, else repeated key/value heads); elsewhere, and for dtypes
 or head sizes that kernel does not take, a loop of causal SDPA calls, one per sequence.
@@ -65,7 +69,9 @@ class _FlashVarlen(torch.autograd.Function):
 
 
 def _probe_native_gqa(device: torch.device, dtype: torch.dtype) -> bool:
-    """One tiny forward + backward with 4 query heads on 2 key/value heads."""
+    """One tiny forward + backward with 4 query heads on 2 key/value heads. Run before the
+    model's forward, never inside it: inside an activation-checkpointed layer its saved tensors
+    would make the recomputation differ from the first pass."""
     try:
         q = torch.randn(8, 4, 64, device=device, dtype=dtype, requires_grad=True)
         kv = torch.randn(8, 2, 64, device=device, dtype=dtype, requires_grad=True)
@@ -77,12 +83,9 @@ def _probe_native_gqa(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def _flash(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int, scale: float) -> Tensor:
-    global _native_gqa
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
-        if _native_gqa is None:
-            _native_gqa = _probe_native_gqa(q.device, q.dtype)
-        if not _native_gqa:
+        if not _native_gqa:  # probed by `packed_hidden` before the forward
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     return _FlashVarlen.apply(q, k.contiguous(), v.contiguous(), cu, max_len, scale)
 
@@ -105,7 +108,14 @@ def _sdpa_segments(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, scale: float) ->
 
 
 def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
-    """transformers attention function: query [1, Hq, N, D], key/value [1, Hk, N, D]."""
+    """transformers attention function: query [1, Hq, N, D], key/value [1, Hk, N, D] for a
+    packed call; any other call goes to `sdpa` unchanged."""
+    if kw.get("cu_seq_lens_q") is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kw
+        )
     cu, max_len = kw["cu_seq_lens_q"], kw["max_length_q"]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     q = query[0].transpose(0, 1).contiguous()
@@ -116,10 +126,25 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     return out.unsqueeze(0), None
 
 
+_packed_call = False  # inside a packed forward: no mask is built
+
+
+def varlen_mask(*args, **kwargs):
+    """The mask `sdpa` would get, except during a packed forward (sequences are separated by
+    `cu_seq_lens_q` there, and a [N, N] mask would cost O(N^2))."""
+    if _packed_call:
+        return None
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(*args, **kwargs)
+
+
 def _register() -> None:
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(NAME, varlen_attention)
+    AttentionMaskInterface.register(NAME, varlen_mask)
 
 
 _register()
@@ -129,19 +154,22 @@ def packable(model) -> bool:
     cfg = model.config
     if not ENABLED or getattr(cfg, "model_type", None) not in PACKABLE_TYPES:
         return False
+    if cfg._attn_implementation not in ("sdpa", NAME):
+        return False
     if getattr(cfg, "use_sliding_window", False):
         return False
     return all(t == "full_attention" for t in (getattr(cfg, "layer_types", None) or []))
 
 
 @contextmanager
-def _attention(model, name: str):
-    before = model.config._attn_implementation
-    model.config._attn_implementation = name
+def _packed_forward(model):
+    global _packed_call
+    model.config._attn_implementation = NAME  # for good: see the module docstring
+    _packed_call = True
     try:
         yield
     finally:
-        model.config._attn_implementation = before
+        _packed_call = False
 
 
 def pack(attention_mask_BL: Tensor) -> tuple[Tensor, Tensor, Tensor, int] | None:
@@ -171,9 +199,15 @@ def packed_hidden(model, input_ids_BL: Tensor, attention_mask_BL: Tensor) -> Ten
     if packed is None:
         return None
     index, positions, cu, max_len = packed
+    global _native_gqa
+    if _native_gqa is None and input_ids_BL.is_cuda:
+        dtype = next(model.parameters()).dtype
+        if dtype in (torch.float16, torch.bfloat16):
+            with torch.enable_grad():
+                _native_gqa = _probe_native_gqa(input_ids_BL.device, dtype)
     B, L = input_ids_BL.shape
     ids = input_ids_BL.reshape(-1).index_select(0, index).unsqueeze(0)
-    with _attention(model, NAME):
+    with _packed_forward(model):
         out = model.base_model(
             input_ids=ids,
             position_ids=positions.unsqueeze(0),

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from opd.config.schema import LearnerConfig, ObjectiveConfig
 from opd.learner.logprobs import (
     HeadLogits,
+    chunks_needed,
     final_hidden,
     gather_positions,
     head_logits,
@@ -134,6 +135,13 @@ class Learner:
         hidden = final_hidden(self.model, mb.input_ids_BL.to(d), mb.attention_mask_BL.to(d))
         hidden_BTH = gather_positions(hidden, mb.positions_BT.to(d))
         ids = mb.topk_ids_BTK.to(d) if self.request.signal == "at_ids" else None
+        n_chunks = None
+        if self.cfg.zero_stage == 3 and self.world_size > 1:
+            # each LM-head call gathers its weight on every rank: make the same number of calls
+            need = chunks_needed(int(mb.mask_BT.sum()), self.cfg.logprob_chunk_tokens)
+            need_t = torch.tensor(need, device=d)
+            dist.all_reduce(need_t, op=dist.ReduceOp.MAX)
+            n_chunks = int(need_t)
         lp_BT, lp_BTK = token_logprobs(
             self.model,
             hidden_BTH,
@@ -141,6 +149,7 @@ class Learner:
             ids_BTK=ids,
             chunk=self.cfg.logprob_chunk_tokens,
             mask_BT=mb.mask_BT.to(d),
+            n_chunks=n_chunks,
         )
         logits_BTV = None
         if self.request.signal == "full":

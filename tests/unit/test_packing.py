@@ -53,7 +53,9 @@ def test_packed_hidden_matches_padded(kind):
     real = mask.bool()
     torch.testing.assert_close(out[real], ref[real], rtol=1e-9, atol=1e-9)
     assert (out[~real] == 0).all()
-    assert model.config._attn_implementation != packing.NAME  # restored after the call
+    # the model now runs `opd_varlen`, which hands unpacked calls to sdpa unchanged
+    assert model.config._attn_implementation == packing.NAME
+    torch.testing.assert_close(_padded(model, ids, mask)[real], ref[real], rtol=0, atol=0)
 
 
 def test_packed_gradients_match_padded():
@@ -87,3 +89,25 @@ def test_left_padding_and_sliding_windows_keep_the_padded_path():
     assert packing.packed_hidden(model, ids, mask.flip(1)) is None
     model.config.use_sliding_window = True
     assert packing.packed_hidden(model, ids, mask) is None
+
+
+def test_packed_gradients_under_activation_checkpointing():
+    """Checkpointed layers are recomputed in backward, after the packed forward returned."""
+    model = _model("qwen2")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    ids, mask = _batch([9, 4, 6])
+
+    def grads(packed: bool):
+        model.zero_grad()
+        packing.ENABLED = packed
+        try:
+            (final_hidden(model, ids, mask) * mask[..., None]).sum().backward()
+        finally:
+            packing.ENABLED = True
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    packed, padded = grads(True), grads(False)
+    assert len(packed) == len(padded) > 10
+    for a, b in zip(packed, padded):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
