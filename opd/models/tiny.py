@@ -53,8 +53,9 @@ def synthetic_prompts(n: int, seed: int) -> list[str]:
     return [r["question"] for r in synthetic_examples(n, seed)]
 
 
-def build_tokenizer(out_dir: str | Path, vocab_size: int = 384):
-    """Train a byte-level BPE tokenizer and save it as a transformers tokenizer folder."""
+def train_bpe(texts: list[str], vocab_size: int, special_tokens: list[str], **names):
+    """A byte-level BPE trained on `texts`, as a transformers fast tokenizer; `names` sets its
+    special tokens (eos_token=..., bos_token=..., pad_token=...)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -63,12 +64,22 @@ def build_tokenizer(out_dir: str | Path, vocab_size: int = 384):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tok.train_from_iterator(synthetic_corpus(2000) + [" ".join(_WORDS)], trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|end|>", bos_token=None
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **names)
+
+
+def build_tokenizer(out_dir: str | Path, vocab_size: int = 384):
+    """Train a byte-level BPE tokenizer and save it as a transformers tokenizer folder."""
+    fast = train_bpe(
+        synthetic_corpus(2000) + [" ".join(_WORDS)],
+        vocab_size,
+        SPECIAL_TOKENS,
+        pad_token="<|pad|>",
+        eos_token="<|end|>",
+        bos_token=None,
     )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(str(out_dir))

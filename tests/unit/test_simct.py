@@ -36,19 +36,9 @@ def _real_pair():
 
 def _second_bpe():
     """A byte-level BPE trained on other text with another size: different merges."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from opd.models.tiny import train_bpe
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=700,
-        special_tokens=["</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(_texts(400, seed=99), trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>")
+    return train_bpe(_texts(400, seed=99), 700, ["</s>"], eos_token="</s>")
 
 
 @pytest.fixture(scope="module", params=["smollm2-gemma3", "tiny-bpe-pair"])

@@ -19,21 +19,10 @@ TEXTS = ["the answer is 42", "apples and pears 7 + 5 = 12", "", "Tom has 3 cats"
 
 
 def _teacher_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from opd.models.tiny import synthetic_corpus, train_bpe
 
-    from opd.models.tiny import synthetic_corpus
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=500,
-        special_tokens=["<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(synthetic_corpus(300, seed=5), trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", bos_token="<s>")
+    texts = synthetic_corpus(300, seed=5)
+    return train_bpe(texts, 500, ["<s>", "</s>"], eos_token="</s>", bos_token="<s>")
 
 
 def _model(vocab: int, seed: int):
