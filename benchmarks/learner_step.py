@@ -137,8 +137,9 @@ def run_config(args, c: dict, folder: str, rank: int, world: int, port: int, cud
         device="cuda" if cuda else "cpu",
     )
     if c["compile"]:  # each decoder layer through torch.compile (elementwise ops fused)
-        for layer in learner.model.base_model.layers:
-            layer.compile(dynamic=True)
+        from opd.learner.compile import compile_layers
+
+        compile_layers(learner.model)
     shape = SHAPES[args.size]
     times, seqs_per_step = [], []
     for step in range(args.steps + 1):

@@ -89,8 +89,9 @@ def main() -> None:
         model = Qwen2ForCausalLM(config).to(dtype)
     n_params = sum(p.numel() for p in model.parameters())
     if args.compile:
-        for layer in model.model.layers:
-            layer.compile(dynamic=True)
+        from opd.learner.compile import compile_layers
+
+        compile_layers(model)
     name = torch.cuda.get_device_name(0) if cuda else "cpu"
     peak = peak_flops(name)
     for budget in args.budgets:

@@ -85,6 +85,10 @@ class Learner:
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=TORCH_DTYPES[cfg.dtype])
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+        if getattr(cfg, "compile", False) and device == "cuda":  # `learner.compile`, if set
+            from opd.learner.compile import compile_layers
+
+            compile_layers(model)
         model.config.use_cache = False
         self.objective = build_objective(objective.name, objective.params, objective.import_path)
         self.request = self.objective.teacher_request()
