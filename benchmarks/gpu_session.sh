@@ -3,8 +3,10 @@
 # H200s and no package index (the lent device): what each phase needs must already be there.
 #   bash benchmarks/gpu_session.sh PHASE    PHASE: mfu | scaling | vllm | split | tune
 # Needs: .gpu-bundle (ray, deepspeed, ...; /work/shared/gpu/make-bundle.sh), .whl (trl 1.16.0,
-# datasets 4.7.0, dill, multiprocess) for `mfu`; for `vllm` and `split` a vLLM site staged in
-# /tmp/vsite (benchmarks/stage_vllm.sh pieces, carried one per call). Logs and JSON lines go
+# datasets 4.7.0, dill, multiprocess) for `mfu`; for `vllm` and `split`, vLLM 0.25.1 from
+# /work/shared/gpu/make-vllm-stage.sh .vllm-stage: its three ~47 MB pieces are carried one per
+# call (carry .vllm-stage/p1, then p2, then p3 with .vllm-stage/run), each copied to
+# /tmp/vparts, and the call that finds all three assembles /tmp/vsite. Logs and JSON lines go
 # to $OUT (at most 8 files come back from a call).
 set -uo pipefail
 phase=${1:?phase}
@@ -16,7 +18,7 @@ export TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 VLLM_HOST_IP=127.0.0.1 MASTE
 export PYTHONPATH=/tmp/site:$PWD
 [ -d /tmp/site/deepspeed ] || bash .gpu-bundle/install.sh > /dev/null 2>&1
 # a vLLM piece carried by this call stays on the machine for the assembling call
-for d in .vstage2/p*; do [ -d "$d" ] && cp -n "$d"/* /tmp/vparts/; done
+for d in .vllm-stage/p*; do [ -d "$d" ] && cp -n "$d"/* /tmp/vparts/; done
 B=benchmarks
 
 vllm_env() {
@@ -24,7 +26,7 @@ vllm_env() {
     mkdir -p /tmp/vsite
     cat ${VPARTS:-/tmp/vparts}/part_* | xz -d -T0 | tar -x -C /tmp/vsite || return 1
     python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/vsite \
-      ${VRUN:-.vstage2/run}/*.whl > /dev/null 2>&1
+      ${VRUN:-.vllm-stage/run}/*.whl > /dev/null 2>&1
     rm -rf /tmp/vsite/flashinfer /tmp/vsite/flashinfer_python-*.dist-info
   fi
   export PYTHONPATH=/tmp/site:/tmp/vsite:$PWD VLLM_USE_V2_MODEL_RUNNER=0
