@@ -30,6 +30,9 @@ class RolloutWorker:
         `{"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}` captures CUDA graphs for decode
         without a torch.compile pass at start-up; None keeps vLLM's default."""
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        if device == "cuda":  # the settings CUDA vLLM 0.25 was run with (benchmarks/RESULTS.md)
+            os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+            os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
         from vllm import LLM
 
         self.cfg = cfg
