@@ -70,7 +70,10 @@ def start_roles(cfg: Config, student_path: str, teacher_path: str, device: str) 
         "rollout",
         RolloutWorker,
         bundles["rollout"],
-        lambda i, _: ((student_path, cfg.rollout, cfg.run.seed, device, cfg.student.gguf_file), {}),
+        lambda i, _: (
+            (student_path, cfg.rollout, cfg.run.seed, device, cfg.student.gguf_file),
+            {"compilation_config": cfg.rollout.compilation_config},
+        ),
         timeout,
         max_restarts=restarts,
         pg=shared,

@@ -75,6 +75,9 @@ class RolloutConfig:
     kv_cache_memory_bytes: int | None = None
     max_model_len: int = 1024
     enforce_eager: bool = True
+    # vLLM's compilation config (GPU, enforce_eager: false), passed as is; e.g.
+    # {mode: 0, cudagraph_mode: FULL_DECODE_ONLY}: CUDA graphs for decode, no torch.compile pass
+    compilation_config: dict[str, Any] | None = None
     weight_sync: str = "auto"  # auto (nccl on GPU, dir on CPU) | dir | nccl
     # Async rollouts: batches are generated up to this many steps ahead of the learner, so a
     # batch may come from a policy this many updates old (0: the synchronous loop).
@@ -111,6 +114,7 @@ class TeacherConfig(ModelConfig):
     ema_alpha: float = 0.01
     dtype: str = "float32"
     token_budget: int = 8192  # tokens per forward pass
+    compile: bool = False  # torch.compile each decoder layer (CUDA; pays once at the start)
     # How a teacher without a chat template (a base model) sees the conversation: a plain-text
     # format of {prompt} (the user turn) and {system} (empty without one), after its BOS.
     prompt_format: str = "{system}Question: {prompt}\nAnswer:\n"
@@ -140,6 +144,7 @@ class LearnerConfig:
     grad_clip: float = 1.0
     logprob_chunk_tokens: int = 1024
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile each decoder layer (CUDA; pays once at the start)
     num_gpus: float = 0.0
     num_cpus: float = 0.5
 

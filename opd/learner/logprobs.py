@@ -58,23 +58,30 @@ class HeadLogits:
     model: object
     hidden_BTH: Tensor
 
-    def _head(self) -> tuple[Tensor, Tensor | None]:
+    def _head(self):
         head = self.model.get_output_embeddings()
-        return head.weight, getattr(head, "bias", None)
+        # ZeRO-3 partitions the weight and gathers it only inside the module's own call
+        return head, hasattr(head.weight, "ds_id")
 
     def columns(self, rows_K: Tensor, pos_K: Tensor, vocab_S: Tensor) -> Tensor:
-        weight, bias = self._head()
+        head, partitioned = self._head()
         h_KH = self.hidden_BTH[rows_K, pos_K]
-        logits = torch.nn.functional.linear(
-            h_KH, weight[vocab_S], bias[vocab_S] if bias is not None else None
-        )
+        if partitioned:
+            logits = head(h_KH)[:, vocab_S]
+        else:
+            bias = head.bias[vocab_S] if getattr(head, "bias", None) is not None else None
+            logits = torch.nn.functional.linear(h_KH, head.weight[vocab_S], bias)
         return _output_transform(self.model, logits)
 
     def at(self, rows_N: Tensor, pos_N: Tensor, ids_N: Tensor) -> Tensor:
-        weight, bias = self._head()
-        logits = (self.hidden_BTH[rows_N, pos_N] * weight[ids_N]).sum(-1)
-        if bias is not None:
-            logits = logits + bias[ids_N]
+        head, partitioned = self._head()
+        h_NH = self.hidden_BTH[rows_N, pos_N]
+        if partitioned:
+            logits = head(h_NH).gather(-1, ids_N[:, None])[:, 0]
+        else:
+            logits = (h_NH * head.weight[ids_N]).sum(-1)
+            if getattr(head, "bias", None) is not None:
+                logits = logits + head.bias[ids_N]
         return _output_transform(self.model, logits)
 
 

@@ -136,6 +136,13 @@ class Learner:
 
     def _loss_inputs(self, mb: MicroBatch) -> LossInputs:
         d = self.device
+        # The model's parts are called directly, not through DeepSpeedEngine.forward, so do its
+        # per-forward ZeRO bookkeeping here: without it ZeRO-3 never advances its micro-step
+        # and every backward overwrites the accumulated gradient (only the last micro-batch
+        # counted; measured with DeepSpeed 0.19.8).
+        clear = getattr(self.engine.optimizer, "clear_backward_seen_flag", None)
+        if clear is not None:
+            clear()
         hidden = final_hidden(self.model, mb.input_ids_BL.to(d), mb.attention_mask_BL.to(d))
         hidden_BTH = gather_positions(hidden, mb.positions_BT.to(d))
         ids = mb.topk_ids_BTK.to(d) if self.request.signal == "at_ids" else None

@@ -70,6 +70,10 @@ class TeacherScorer:
         )
         if cfg.chat_template:
             self.tokenizer.chat_template = cfg.chat_template
+        if cfg.compile and self.device.type == "cuda":
+            from opd.learner.compile import compile_layers
+
+            compile_layers(self.model)
         self.student_path = student_path
         self._pair: TokenizerPair | None = None
         self.version = 0
@@ -258,8 +262,14 @@ class TeacherScorer:
                 T,
             ).to(d)
         hidden = gather_positions(final_hidden(self.model, input_ids, attention), positions)
+        mask = _pad([torch.ones(s.n_tokens) for s in samples], T).to(d)  # padding skips the head
         lp_BT, lp_BTK = token_logprobs(
-            self.model, hidden, targets, ids_BTK=ids, chunk=self.cfg.logprob_chunk_tokens
+            self.model,
+            hidden,
+            targets,
+            ids_BTK=ids,
+            chunk=self.cfg.logprob_chunk_tokens,
+            mask_BT=mask,
         )
         lp_BTV = (
             full_logprobs(self.model, hidden, chunk=self.cfg.logprob_chunk_tokens)
