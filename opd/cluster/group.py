@@ -51,8 +51,19 @@ class ActorGroup:
         return len(self.handles)
 
     def gather(self, refs: list, what: str) -> list[Any]:
+        """All results, or a RoleError as soon as any call fails: a dead rank must not leave
+        the run waiting on its peers, which may be blocked in a collective with it."""
+        deadline = time.monotonic() + self.timeout_s
+        pending = list(refs)
         try:
-            return ray.get(refs, timeout=self.timeout_s)
+            while pending:
+                ready, pending = ray.wait(
+                    pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic())
+                )
+                if not ready:
+                    raise ray.exceptions.GetTimeoutError(what)
+                ray.get(ready)  # raises here if that call failed
+            return ray.get(refs)
         except ray.exceptions.GetTimeoutError as e:
             raise RoleError(
                 f"{self.role}.{what} timed out after {self.timeout_s:.0f} s (cluster.timeout_s)"

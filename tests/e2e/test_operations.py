@@ -88,21 +88,22 @@ def test_async_rollouts_respect_the_staleness_bound(
     assert all(r["train/skipped_steps"] == 0 for r in steps)
 
 
-def _rollout_worker_pids() -> list[int]:
+def _pids(actor_class: str) -> list[int]:
     # The GCS actor table (the state API needs the dashboard, which the test session omits).
     from ray._private.state import actors
 
     return sorted(
         a["Pid"]
         for a in actors().values()
-        if a["ActorClassName"] == "RolloutWorker" and a["State"] == "ALIVE" and a["Pid"]
+        if a["ActorClassName"] == actor_class and a["State"] == "ALIVE" and a["Pid"]
     )
 
 
-def _kill_a_rollout_worker_after(metrics: Path, step: int, killed: list) -> None:
+def _kill_after(metrics: Path, step: int, killed: list, actor_class="RolloutWorker") -> None:
+    """SIGKILL one actor of `actor_class` once the run has logged `step`."""
     while not killed:
         if metrics.is_file() and any(r["step"] >= step for r in read_metrics(metrics)):
-            pid = _rollout_worker_pids()[0]
+            pid = _pids(actor_class)[-1]
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
             return
@@ -114,7 +115,7 @@ def test_killed_rollout_actor_is_restarted_and_nothing_is_lost(
 ):
     killed: list[int] = []
     killer = threading.Thread(
-        target=_kill_a_rollout_worker_after,
+        target=_kill_after,
         args=(tmp_path / "metrics.jsonl", 1, killed),
         daemon=True,
     )
@@ -126,4 +127,26 @@ def test_killed_rollout_actor_is_restarted_and_nothing_is_lost(
     assert all(r["rollout/samples"] == BATCH for r in rows if r["step"] > 0)
     # The restarted engine got the current weights and the same seeded requests: the run is
     # indistinguishable from the uninterrupted one.
+    assert _stable(rows) == _stable(split_rows)
+
+
+def test_dead_learner_stops_the_run_and_a_rerun_resumes(
+    tiny_pair, ray_session, tmp_path, split_rows
+):
+    from opd.cluster.group import RoleError
+
+    killed: list[int] = []
+    killer = threading.Thread(
+        target=_kill_after,
+        args=(tmp_path / "metrics.jsonl", 3, killed, "Learner"),
+        daemon=True,
+    )
+    killer.start()
+    with pytest.raises(RoleError, match=r"^learner\."):
+        _run(tiny_pair, tmp_path, "checkpoint.every=2")
+    killer.join(timeout=1)
+    assert killed
+    # The same command resumes from the step-2 checkpoint and ends where an uninterrupted
+    # run ends, metric for metric.
+    rows = _run(tiny_pair, tmp_path, "checkpoint.every=2")
     assert _stable(rows) == _stable(split_rows)
