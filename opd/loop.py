@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -13,7 +12,6 @@ from pathlib import Path
 import ray
 import torch
 
-from opd.cluster.group import Pending, RoleError
 from opd.cluster.placement import check_devices, check_fits
 from opd.cluster.roles import Roles, start_roles
 from opd.config import Config, to_yaml
@@ -25,7 +23,8 @@ from opd.models.sources import resolve_model
 from opd.objectives import build_objective
 from opd.objectives.base import TeacherRequest, step_normalizer
 from opd.progress import Progress
-from opd.rollout.batch import GenerationRequest, Sample, sample_seed
+from opd.rollout.batch import Sample
+from opd.rollout.schedule import Rollouts, generate
 from opd.sync.weights import make_weight_sync
 
 
@@ -61,128 +60,6 @@ def load_data(cfg: Config, tokenizer) -> RunData:
     else:
         heldout, train = train[:n_held], train[n_held:]
     return RunData(PromptStream(train, cfg.run.seed, d.shuffle), heldout[:n_held], dropped)
-
-
-@dataclass
-class Generation:
-    """A batch being generated: requests spread over the rollout workers, in flight."""
-
-    prompts: list[Prompt]
-    pending: Pending
-    versions: list[int]  # the policy version each worker must sample with
-
-
-def submit_generation(
-    cfg: Config,
-    roles: Roles,
-    prompts: list[Prompt],
-    samples_per_prompt: int,
-    step: int,
-    stream: str,
-    topk: int,
-    max_new_tokens: int,
-    temperature: float,
-    version: int,
-) -> Generation:
-    """n samples per prompt, seeded by (run.seed, step, prompt, sample), spread over workers;
-    returns at once. `version` is the policy version the workers hold now."""
-    requests = [
-        GenerationRequest(p.token_ids, sample_seed(cfg.run.seed, step, i, j, stream), (i, j))
-        for i, p in enumerate(prompts)
-        for j in range(samples_per_prompt)
-    ]
-    n = len(roles.rollout)
-    pending = roles.rollout.submit_each(
-        "generate",
-        [(requests[w::n],) for w in range(n)],
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=cfg.rollout.top_p if stream == "train" else 1.0,
-        topk=topk,
-    )
-    return Generation(prompts, pending, [version] * n)
-
-
-def collect_generation(cfg: Config, roles: Roles, gen: Generation, sync) -> list[Sample]:
-    """The batch's samples, in (prompt, sample) order. A worker that died is restarted by Ray,
-    given the current weights and its requests again (same seeds: same samples); a worker
-    that came back while idle is caught by the version it reports."""
-
-    def restore(i: int) -> None:
-        sync.restore(roles.rollout, i)
-        gen.versions[i] = sync.version
-
-    results = roles.rollout.collect(gen.pending, on_restart=restore)
-    for i, part in enumerate(results):
-        if any(r["policy_version"] != gen.versions[i] for r in part):
-            restore(i)  # restarted between calls: it sampled with its initial weights
-            roles.rollout.restarts += 1
-            roles.rollout.resubmit(gen.pending, i)
-            results[i] = roles.rollout.collect_one(gen.pending, i, on_restart=restore)
-            if any(r["policy_version"] != gen.versions[i] for r in results[i]):
-                raise RoleError(
-                    f"rollout[{i}] samples with policy version "
-                    f"{results[i][0]['policy_version']}, expected {gen.versions[i]}"
-                )
-    out = []
-    for r in sorted((r for rs in results for r in rs), key=lambda r: r["key"]):
-        p = gen.prompts[r["key"][0]]
-        out.append(
-            Sample(
-                prompt_index=r["key"][0],
-                sample_index=r["key"][1],
-                prompt_id=p.id,
-                messages=p.messages,
-                prompt_ids=p.token_ids,
-                completion_ids=r["completion_ids"],
-                logprobs=r["logprobs"],
-                finish_reason=r["finish_reason"],
-                policy_version=r["policy_version"],
-                topk_ids=r["topk_ids"],
-                demonstration=_field(p, cfg.data.demonstration_field),
-            )
-        )
-    return out
-
-
-def generate(cfg: Config, roles: Roles, prompts: list[Prompt], *args, sync=None, **kwargs):
-    """`submit_generation` + `collect_generation`, blocking (evaluation)."""
-    version = sync.version if sync is not None else 0
-    gen = submit_generation(cfg, roles, prompts, *args, **kwargs, version=version)
-    return collect_generation(cfg, roles, gen, sync)
-
-
-def _field(prompt: Prompt, name: str | None) -> str | None:
-    if name is None:
-        return None
-    if name not in prompt.row:
-        raise ValueError(f"prompt {prompt.id} has no field {name!r} (data.*_field)")
-    return str(prompt.row[name])
-
-
-def reference_samples(cfg: Config, prompts: list[Prompt], tokenizer, version: int) -> list[Sample]:
-    """Dataset completions in place of student samples (gkd's off-policy batches)."""
-    out = []
-    for i, p in enumerate(prompts):
-        text = _field(p, cfg.data.completion_field)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"][: cfg.rollout.max_new_tokens]
-        ids = [*ids, tokenizer.eos_token_id]
-        out.append(
-            Sample(
-                prompt_index=i,
-                sample_index=0,
-                prompt_id=p.id,
-                messages=p.messages,
-                prompt_ids=p.token_ids,
-                completion_ids=ids,
-                logprobs=[0.0] * len(ids),
-                finish_reason="reference",
-                policy_version=version,
-                demonstration=_field(p, cfg.data.demonstration_field),
-                on_policy=False,
-            )
-        )
-    return out
 
 
 def score(roles: Roles, sync, samples: list[Sample], request: TeacherRequest) -> list[Sample]:
@@ -277,77 +154,6 @@ def save_checkpoint(
     )
 
 
-@dataclass
-class Batch:
-    """One step's batch, from the moment its prompts are taken until the learner uses it."""
-
-    step: int
-    data_state: dict  # the prompt stream's position before this batch's prompts were taken
-    generation: Generation | None = None  # None: dataset completions (gkd's off-policy steps)
-    samples: list[Sample] | None = None
-
-
-class Rollouts:
-    """Batches generated up to `rollout.max_staleness` steps ahead of the learner.
-
-    The batch of step t is submitted once the weights of step t - 1 - k have been pushed, so
-    it samples from a policy at most k updates old; with k = 0 it is submitted after the
-    previous step's push: the synchronous loop. The rollout workers run calls in the order
-    they are sent, so a push queued behind a generation takes effect after it.
-    """
-
-    def __init__(self, cfg: Config, roles: Roles, sync, data: RunData, objective, request):
-        self.cfg, self.roles, self.sync, self.data = cfg, roles, sync, data
-        self.objective, self.request = objective, request
-        self.queue: deque[Batch] = deque()
-        self.next_step = 0
-
-    def start(self, step: int) -> None:
-        self.next_step = step
-
-    def fill(self, learner_step: int, tokenizer) -> None:
-        """Submit batches through step `learner_step + k` (or the last step)."""
-        last = min(learner_step + self.cfg.rollout.max_staleness, self.cfg.trainer.steps)
-        while self.next_step <= last:
-            step = self.next_step
-            batch = Batch(step, self.data.train.state_dict())
-            prompts = self.data.train.take(self.cfg.rollout.prompts_per_step)
-            if _on_policy(self.objective, step, self.cfg.run.seed):
-                batch.generation = submit_generation(
-                    self.cfg,
-                    self.roles,
-                    prompts,
-                    self.cfg.rollout.samples_per_prompt,
-                    step,
-                    "train",
-                    self.request.rollout_topk,
-                    self.cfg.rollout.max_new_tokens,
-                    self.cfg.rollout.temperature,
-                    version=self.sync.version,
-                )
-            else:
-                batch.samples = reference_samples(self.cfg, prompts, tokenizer, self.sync.version)
-            self.queue.append(batch)
-            self.next_step += 1
-
-    def take(self, step: int) -> list[Sample]:
-        batch = self.queue.popleft()
-        assert batch.step == step, (batch.step, step)
-        if batch.samples is None:
-            batch.samples = collect_generation(self.cfg, self.roles, batch.generation, self.sync)
-        stale = (step - 1) - min(s.policy_version for s in batch.samples)
-        if stale > self.cfg.rollout.max_staleness:
-            raise RuntimeError(
-                f"step {step}: batch sampled {stale} updates ago, over rollout.max_staleness="
-                f"{self.cfg.rollout.max_staleness}"
-            )
-        return batch.samples
-
-    def data_state(self) -> dict:
-        """Where a resume must take prompts from: before the first batch not yet learned."""
-        return self.queue[0].data_state if self.queue else self.data.train.state_dict()
-
-
 def train(cfg: Config) -> Path:
     run_dir = Path(cfg.run.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -404,7 +210,7 @@ def train(cfg: Config) -> Path:
 
         progress = Progress(cfg.trainer.steps, start, enabled=cfg.run.progress)
         preemption = PreemptionFlag()
-        rollouts = Rollouts(cfg, roles, sync, data, objective, request)
+        rollouts = Rollouts(cfg, roles, sync, data.train, objective, request)
         rollouts.start(start + 1)
         for step in range(start + 1, cfg.trainer.steps + 1):
             t0 = time.perf_counter()
@@ -491,12 +297,6 @@ class PreemptionFlag:
 
     def _on_term(self, signum, frame) -> None:
         self.requested = True
-
-
-def _on_policy(objective, step: int, seed: int) -> bool:
-    """Objectives that mix in dataset completions (gkd) decide per step; others never do."""
-    decide = getattr(objective, "use_student_samples", None)
-    return decide(step, seed) if decide else True
 
 
 def _device(cfg: Config) -> str:
