@@ -43,15 +43,6 @@ SHAPES = {
         vocab_size=151936,
         tie_word_embeddings=False,
     ),
-    "teacher-1.8b": dict(
-        hidden_size=1536,
-        intermediate_size=8960,
-        num_hidden_layers=28,
-        num_attention_heads=12,
-        num_key_value_heads=2,
-        vocab_size=151936,
-        tie_word_embeddings=False,
-    ),
     "tiny-teacher": dict(
         hidden_size=192,
         intermediate_size=384,
@@ -62,6 +53,8 @@ SHAPES = {
         tie_word_embeddings=False,
     ),
 }
+# the GKD teacher: the Qwen2.5-1.5B shape with an untied LM head (1.78 B parameters)
+SHAPES["teacher-1.8b"] = {**SHAPES["qwen2.5-1.5b"], "tie_word_embeddings": False}
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16, SXM datasheet
 HBM_BYTES_S = {"H100": 3.35e12, "H200": 4.8e12}  # datasheet
