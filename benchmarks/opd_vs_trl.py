@@ -39,6 +39,23 @@ def _sync():
         torch.cuda.synchronize()
 
 
+def _profiler(cuda: bool):
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    prof = profile(activities=acts)
+    prof.__enter__()
+    return prof
+
+
+def _print_profile(prof, cuda: bool) -> None:
+    """The step's heaviest operators by device time and by host time (stdout)."""
+    table = prof.key_averages()
+    for key in (["self_cuda_time_total"] if cuda else []) + ["cpu_time_total"]:
+        print(f"-- profile of step 3, sorted by {key}", flush=True)
+        print(table.table(sort_by=key, row_limit=30, max_name_column_width=60), flush=True)
+
+
 def median_after_first(xs: list[float]) -> float:
     return statistics.median(xs[1:] if len(xs) > 1 else xs)
 
@@ -159,7 +176,9 @@ def run_opd(args, student: str, teacher: str, prompts: list[list[int]]) -> dict:
         "127.0.0.1",
         free_port(),
         student,
-        LearnerConfig(dtype=dtype, micro_batch_size=len(prompts), zero_stage=2 if cuda else 0),
+        LearnerConfig(
+            dtype=dtype, micro_batch_size=len(prompts), zero_stage=args.zero if cuda else 0
+        ),
         objective,
         total_steps=args.steps + 1,
         grad_accum_steps=1,
@@ -172,9 +191,10 @@ def run_opd(args, student: str, teacher: str, prompts: list[list[int]]) -> dict:
         device=device,
     )
     scorer.prompt_ids = lambda sample, context="prompt": sample.prompt_ids  # ids already
+    scorer.output_device = scorer.device  # one process: the teacher's logits stay on the GPU
     compilation = None
     if cuda and not args.eager:
-        compilation = {"mode": 0, "cudagraph_mode": args.cudagraph_mode}
+        compilation = {"mode": args.vllm_compile_mode, "cudagraph_mode": args.cudagraph_mode}
     rollout = RolloutWorker(
         student,
         RolloutConfig(
@@ -192,6 +212,7 @@ def run_opd(args, student: str, teacher: str, prompts: list[list[int]]) -> dict:
     phases: dict[str, list[float]] = {k: [] for k in ("rollout", "teacher", "learn", "sync")}
     steps, tokens, losses = [], [], []
     for step in range(1, args.steps + 1):
+        prof = _profiler(cuda) if args.profile and step == 3 else None
         t0 = time.perf_counter()
         requests = [
             GenerationRequest(p, sample_seed(0, step, i, 0), (i, 0)) for i, p in enumerate(prompts)
@@ -215,6 +236,7 @@ def run_opd(args, student: str, teacher: str, prompts: list[list[int]]) -> dict:
         ]
         t1 = time.perf_counter()
         scorer.score(samples, request)
+        _sync()  # the scores stay on the device: wait for them so the phase owns its time
         t2 = time.perf_counter()
         losses.append(learner.train_step(samples, sum(s.n_tokens for s in samples))["train/loss"])
         t3 = time.perf_counter()
@@ -222,6 +244,9 @@ def run_opd(args, student: str, teacher: str, prompts: list[list[int]]) -> dict:
         rollout.load_weights_from_tensors(named, step)
         _sync()
         t4 = time.perf_counter()
+        if prof is not None:
+            prof.__exit__(None, None, None)
+            _print_profile(prof, cuda)
         for k, v in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
             phases[k].append(v)
         steps.append(t4 - t0)
@@ -253,6 +278,9 @@ def main() -> None:
     ap.add_argument("--eager", action="store_true", help="vLLM without CUDA graphs")
     ap.add_argument("--cudagraph-mode", default="FULL_DECODE_ONLY")
     ap.add_argument("--vllm-memory", type=float, default=0.3)
+    ap.add_argument("--vllm-compile-mode", type=int, default=0, help="vLLM compilation mode")
+    ap.add_argument("--zero", type=int, default=2, help="opd learner's ZeRO stage (GPU)")
+    ap.add_argument("--profile", action="store_true", help="profile opd's step 3 per phase")
     args = ap.parse_args()
 
     root = tempfile.mkdtemp()

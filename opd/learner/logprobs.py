@@ -157,14 +157,3 @@ def token_logprobs(
 
 def chunks_needed(n_tokens: int, chunk: int) -> int:
     return max(1, -(-n_tokens // chunk))
-
-
-def full_logprobs(model, hidden_BTH: Tensor, *, chunk: int = 1024) -> Tensor:
-    """log-softmax over the whole vocabulary [B, T, V] (no grad: the teacher's `full` signal)."""
-    B, T, H = hidden_BTH.shape
-    flat = hidden_BTH.reshape(B * T, H)
-    parts = [
-        torch.log_softmax(at_least_fp32(head_logits(model, flat[i : i + chunk])), dim=-1)
-        for i in range(0, B * T, chunk)
-    ]
-    return torch.cat(parts).reshape(B, T, -1)

@@ -169,7 +169,7 @@ class Learner:
             logprobs_BT=_to(mb.teacher_logprobs_BT, d),
             ids_BTK=ids,
             logprobs_BTK=_to(mb.teacher_logprobs_BTK, d),
-            logprobs_BTV=_to(mb.teacher_logprobs_BTV, d),
+            logits_BTV=_to(mb.teacher_logits_BTV, d),
             aligned=_to(mb.aligned, d),
         )
         aligned = self.request.signal == "aligned"

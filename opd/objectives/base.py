@@ -103,7 +103,7 @@ class TeacherScores:
     logprobs_BT: Tensor | None  # None for signal "aligned"
     ids_BTK: Tensor | None = None
     logprobs_BTK: Tensor | None = None
-    logprobs_BTV: Tensor | None = None
+    logits_BTV: Tensor | None = None  # raw logits, model dtype (signal "full")
     aligned: AlignedScores | None = None
 
 

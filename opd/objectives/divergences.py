@@ -84,9 +84,7 @@ def _full_chunk(
     student_logits: Tensor, teacher_lp: Tensor, kind: str, beta: float, temperature: float
 ) -> Tensor:
     s = torch.log_softmax(at_least_fp32(student_logits) / temperature, dim=-1)
-    t = at_least_fp32(teacher_lp)
-    if temperature != 1.0:
-        t = torch.log_softmax(t / temperature, dim=-1)
+    t = torch.log_softmax(at_least_fp32(teacher_lp) / temperature, dim=-1)
     return divergence(kind, s, t, beta)
 
 
@@ -100,8 +98,9 @@ def full_divergence(
 ) -> Tensor:
     """Per-token divergence over the whole vocabulary, `chunk` tokens at a time -> [B, T].
 
-    `student_logits_BTV` are raw logits (with grad); `teacher_lp_BTV` are the teacher's
-    log-probs at temperature 1 (no grad is taken through them).
+    `student_logits_BTV` are raw logits (with grad); `teacher_lp_BTV` are the teacher's raw
+    logits or log-probs at temperature 1, in any float dtype (normalized here, in fp32, chunk
+    by chunk; no grad is taken through them).
     """
     B, T, V = student_logits_BTV.shape
     flat_s = student_logits_BTV.reshape(B * T, V)

@@ -91,11 +91,11 @@ class GKD:
                 x.student_logprobs_BTK, x.teacher.logprobs_BTK, "jsd", p.beta, p.temperature
             )
         else:
-            if x.student_logits_BTV is None or x.teacher.logprobs_BTV is None:
+            if x.student_logits_BTV is None or x.teacher.logits_BTV is None:
                 raise ValueError("gkd full needs student logits and teacher log-probs")
             d_BT = full_divergence(
                 x.student_logits_BTV,
-                x.teacher.logprobs_BTV,
+                x.teacher.logits_BTV,
                 "jsd",
                 p.beta,
                 p.temperature,

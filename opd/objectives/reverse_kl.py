@@ -131,27 +131,24 @@ class ReverseKL:
                 x.teacher.logprobs_BTK.exp().sum(-1) * mask
             ).sum()
         else:
-            if x.student_logits_BTV is None or x.teacher.logprobs_BTV is None:
+            if x.student_logits_BTV is None or x.teacher.logits_BTV is None:
                 raise ValueError("reverse_kl full needs student logits and teacher log-probs")
-            kl_BT = full_reverse_kl(
-                x.student_logits_BTV, x.teacher.logprobs_BTV, p.full_chunk_tokens
-            )
+            kl_BT = full_reverse_kl(x.student_logits_BTV, x.teacher.logits_BTV, p.full_chunk_tokens)
             loss_sum = (kl_BT * mask).sum()
             metrics["reverse_kl/analytic_kl"] = (kl_BT.detach() * mask).sum()
             metrics.update(
-                _topk_overlap(x.student_logits_BTV.detach(), x.teacher.logprobs_BTV, mask, k=8)
+                _topk_overlap(x.student_logits_BTV.detach(), x.teacher.logits_BTV, mask, k=8)
             )
         return LossOutput(loss_sum=loss_sum, n_tokens=n_tokens, metrics=metrics)
 
 
 def _topk_overlap(
-    student_logits_BTV: Tensor, teacher_lp_BTV: Tensor, mask_BT: Tensor, k: int
+    student_logits_BTV: Tensor, teacher_logits_BTV: Tensor, mask_BT: Tensor, k: int
 ) -> dict[str, Tensor]:
     """Health metrics: each side's top-k mass and the fraction of shared top-k ids."""
     k = min(k, student_logits_BTV.shape[-1])
-    s_lp = torch.log_softmax(student_logits_BTV.float(), -1)
-    s_top = s_lp.topk(k, -1)
-    t_top = teacher_lp_BTV.float().topk(k, -1)
+    s_top = torch.log_softmax(student_logits_BTV.float(), -1).topk(k, -1)
+    t_top = torch.log_softmax(teacher_logits_BTV.float(), -1).topk(k, -1)
     shared = (s_top.indices.unsqueeze(-1) == t_top.indices.unsqueeze(-2)).any(-1).float()
     return {
         "reverse_kl/student_topk_mass": (s_top.values.exp().sum(-1) * mask_BT).sum(),

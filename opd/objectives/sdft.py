@@ -121,11 +121,11 @@ class SDFT:
                 x.student_logprobs_BTK, x.teacher.logprobs_BTK, p.divergence, p.alpha
             )
         else:
-            if x.student_logits_BTV is None or x.teacher.logprobs_BTV is None:
+            if x.student_logits_BTV is None or x.teacher.logits_BTV is None:
                 raise ValueError("sdft full needs student logits and teacher log-probs")
             d_BT = full_divergence(
                 x.student_logits_BTV,
-                x.teacher.logprobs_BTV,
+                x.teacher.logits_BTV,
                 p.divergence,
                 p.alpha,
                 chunk=p.full_chunk_tokens,

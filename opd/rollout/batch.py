@@ -61,13 +61,13 @@ class MicroBatch:
     teacher_logprobs_BT: Tensor | None  # None when the teacher sent aligned scores
     topk_ids_BTK: Tensor | None = None
     teacher_logprobs_BTK: Tensor | None = None
-    teacher_logprobs_BTV: Tensor | None = None
+    teacher_logits_BTV: Tensor | None = None
     aligned: AlignedScores | None = None
 
 
 def _pad(rows: list[Tensor], length: int, value: float = 0) -> Tensor:
     shape = (len(rows), length, *rows[0].shape[1:])
-    out = torch.full(shape, value, dtype=rows[0].dtype)
+    out = torch.full(shape, value, dtype=rows[0].dtype, device=rows[0].device)
     for i, r in enumerate(rows):
         out[i, : r.shape[0]] = r
     return out
@@ -101,8 +101,8 @@ def collate(samples: list[Sample], pad_id: int = 0) -> MicroBatch:
         )
     if "logprobs_at_ids" in samples[0].teacher:
         batch.teacher_logprobs_BTK = _pad([s.teacher["logprobs_at_ids"] for s in samples], T)
-    if "logprobs_full" in samples[0].teacher:
-        batch.teacher_logprobs_BTV = _pad([s.teacher["logprobs_full"] for s in samples], T)
+    if "logits_full" in samples[0].teacher:
+        batch.teacher_logits_BTV = _pad([s.teacher["logits_full"] for s in samples], T)
     if "aligned_segments" in samples[0].teacher:
         batch.aligned = collate_aligned([s.teacher for s in samples])
     return batch

@@ -20,8 +20,8 @@ from opd.data.prompts import render_ids
 from opd.learner.logprobs import (
     HeadLogits,
     final_hidden,
-    full_logprobs,
     gather_positions,
+    head_logits,
     token_logprobs,
 )
 from opd.learner.worker import TORCH_DTYPES
@@ -78,6 +78,9 @@ class TeacherScorer:
         self._pair: TokenizerPair | None = None
         self.version = 0
         self.last_update_norm = 0.0
+        # Where scores are left: the host, for a learner in another process. A learner in this
+        # process (benchmarks) sets the scorer's own device and nothing crosses the bus.
+        self.output_device = torch.device("cpu")
 
     @classmethod
     def from_model(cls, cfg: TeacherConfig, model, tokenizer) -> TeacherScorer:
@@ -87,6 +90,7 @@ class TeacherScorer:
         scorer.device = next(model.parameters()).device
         scorer.version, scorer.last_update_norm = 0, 0.0
         scorer.student_path, scorer._pair = None, None
+        scorer.output_device = torch.device("cpu")
         return scorer
 
     def prompt_ids(self, sample: Sample, context: str = "prompt") -> list[int]:
@@ -271,18 +275,17 @@ class TeacherScorer:
             chunk=self.cfg.logprob_chunk_tokens,
             mask_BT=mask,
         )
-        lp_BTV = (
-            full_logprobs(self.model, hidden, chunk=self.cfg.logprob_chunk_tokens)
-            if request.signal == "full"
-            else None
-        )
+        # `full`: the raw logits in the model's dtype (half the bytes of fp32 log-probs, and
+        # exactly what the head computed); the learner normalizes them chunk by chunk.
+        logits_BTV = head_logits(self.model, hidden) if request.signal == "full" else None
+        out = self.output_device
         for i, s in enumerate(samples):
             n = s.n_tokens
-            s.teacher = {"logprobs": lp_BT[i, :n].cpu()}
+            s.teacher = {"logprobs": lp_BT[i, :n].to(out)}
             if lp_BTK is not None:
-                s.teacher["logprobs_at_ids"] = lp_BTK[i, :n].cpu()
-            if lp_BTV is not None:
-                s.teacher["logprobs_full"] = lp_BTV[i, :n].cpu()
+                s.teacher["logprobs_at_ids"] = lp_BTK[i, :n].to(out)
+            if logits_BTV is not None:
+                s.teacher["logits_full"] = logits_BTV[i, :n].to(out)
 
     def ping(self) -> int:
         return self.version

@@ -120,7 +120,7 @@ def _inputs(s_logits, t_lp, mask, k=None):
         teacher=teacher,
     )
     if k is None:
-        teacher.logprobs_BTV = t_lp
+        teacher.logits_BTV = t_lp - 3.0  # unnormalized, as the teacher sends them
         x.student_logits_BTV = s_logits
     else:
         ids = s_lp.detach().topk(k, -1).indices
@@ -242,7 +242,7 @@ def test_gkd_beta_ends_equal_forward_and_reverse_kl_exactly(estimator):
         out = obj(_inputs(s_logits, t_lp, mask, k))
         x = _inputs(s_logits, t_lp, mask, k)
         if estimator == "full":
-            d = full_divergence(x.student_logits_BTV, x.teacher.logprobs_BTV, kind, 0.5, 0.9)
+            d = full_divergence(x.student_logits_BTV, x.teacher.logits_BTV, kind, 0.5, 0.9)
             want = _brute_full_sum(kind, s_logits, t_lp, mask, tau=0.9)
             assert out.loss_sum.item() == pytest.approx(want, rel=1e-11, abs=1e-12)
         else:

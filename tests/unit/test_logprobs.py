@@ -105,4 +105,6 @@ def test_teacher_scores_student_tokens_under_its_own_template(tiny_pair, model):
         scorer.prompt_ids(samples[0]) + samples[0].completion_ids,
         len(scorer.prompt_ids(samples[0])),
     )
-    assert torch.allclose(samples[0].teacher["logprobs_full"].double(), full, atol=1e-5)
+    logits = samples[0].teacher["logits_full"]
+    assert logits.dtype == model.dtype  # the head's own output, not upcast log-probs
+    assert torch.allclose(torch.log_softmax(logits.double(), -1), full, atol=1e-5)

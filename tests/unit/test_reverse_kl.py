@@ -105,7 +105,8 @@ def test_full_matches_brute_force_value_and_grad():
         old_logprobs_BT=torch.zeros(B, T, dtype=torch.float64),
         mask_BT=mask,
         teacher=TeacherScores(
-            logprobs_BT=t_lp.gather(-1, ids[..., None])[..., 0], logprobs_BTV=t_lp
+            logprobs_BT=t_lp.gather(-1, ids[..., None])[..., 0],
+            logits_BTV=t_lp + 7.0,  # unnormalized, as the teacher sends them
         ),
         student_logits_BTV=s_logits,
     )
