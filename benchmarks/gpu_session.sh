@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU measurements behind benchmarks/RESULTS.md, one phase per call on a machine with two
 # H200s and no package index (the lent device): what each phase needs must already be there.
-#   bash benchmarks/gpu_session.sh PHASE    PHASE: mfu | scaling | vllm | split | tune
+#   bash benchmarks/gpu_session.sh PHASE
+#   PHASE: mfu | scaling | vllm | split | tune | stage | layouts | gkd
 # Needs: .gpu-bundle (ray, deepspeed, ...; /work/shared/gpu/make-bundle.sh), .whl (trl 1.16.0,
 # datasets 4.7.0, dill, multiprocess) for `mfu`; for `vllm` and `split`, vLLM 0.25.1 from
 # /work/shared/gpu/make-vllm-stage.sh .vllm-stage: its three ~47 MB pieces are carried one per
@@ -17,8 +18,11 @@ export TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1 HF_HUB_O
 export TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 VLLM_HOST_IP=127.0.0.1 MASTER_ADDR=127.0.0.1
 export PYTHONPATH=/tmp/site:$PWD
 [ -d /tmp/site/deepspeed ] || bash .gpu-bundle/install.sh > /dev/null 2>&1
+[ -d /tmp/site/trl ] || [ ! -d .whl ] || python3 -m pip install -q --no-index --no-deps \
+  --no-compile --target /tmp/site .whl/*.whl > /dev/null 2>&1
 # a vLLM piece carried by this call stays on the machine for the assembling call
 for d in .vllm-stage/p*; do [ -d "$d" ] && cp -n "$d"/* /tmp/vparts/; done
+[ -d .vllm-stage/run ] && mkdir -p /tmp/vrun && cp -n .vllm-stage/run/* /tmp/vrun/
 B=benchmarks
 
 vllm_env() {
@@ -26,10 +30,11 @@ vllm_env() {
     mkdir -p /tmp/vsite
     cat ${VPARTS:-/tmp/vparts}/part_* | xz -d -T0 | tar -x -C /tmp/vsite || return 1
     python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/vsite \
-      ${VRUN:-.vllm-stage/run}/*.whl > /dev/null 2>&1
+      ${VRUN:-/tmp/vrun}/*.whl > /dev/null 2>&1
     rm -rf /tmp/vsite/flashinfer /tmp/vsite/flashinfer_python-*.dist-info
   fi
   export PYTHONPATH=/tmp/site:/tmp/vsite:$PWD VLLM_USE_V2_MODEL_RUNNER=0
+  export VLLM_ENABLE_V1_MULTIPROCESSING=0  # engines in their actor's process (see above)
   export VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_LOGGING_LEVEL=INFO
 }
 
@@ -76,6 +81,19 @@ split)  # 1 learner GPU + 1 rollout/teacher GPU over NCCL, then the same all on 
   NCCL_DEBUG=INFO timeout -s ABRT 200 python3 $B/split_step.py --layout split > "$OUT/split.log" 2>&1
   CUDA_VISIBLE_DEVICES=0 timeout -s ABRT 170 python3 $B/split_step.py --layout colocated \
     >> "$OUT/split.log" 2>&1 ;;
+stage)  # carry a vLLM piece (above) and, while here, the learner at larger micro-batches
+  timeout 60 python3 -c "import ray; ray.init(include_dashboard=False); \
+print('ray resources', ray.cluster_resources())" > "$OUT/stage_ray.log" 2>&1
+  timeout -s ABRT ${LIMIT:-150} python3 $B/learner_step.py --size qwen2.5-1.5b --steps 4 \
+    --configs ${CONFIGS:-128x32:zero1:compile} > "$OUT/stage_learner.log" 2>&1 ;;
+layouts)  # opd train itself on 1 and 2 GPUs (issue #8): LAYOUTS picks them
+  vllm_env || exit 1
+  timeout -s ABRT ${LIMIT:-560} python3 $B/train_layouts.py --layouts ${LAYOUTS:-2-colocated} \
+    --timeout ${LAYOUT_LIMIT:-260} > "$OUT/layouts.log" 2>&1 ;;
+gkd)  # TRL vs opd in one invocation, opd's step 3 profiled per phase
+  vllm_env || exit 1
+  CUDA_VISIBLE_DEVICES=0 timeout -s ABRT ${LIMIT:-500} python3 $B/opd_vs_trl.py --profile \
+    > "$OUT/opd_vs_trl.log" 2>&1 ;;
 *) echo "unknown phase $phase" >&2; exit 2 ;;
 esac
 grep -h '^{' "$OUT"/*.log | cut -c1-1500
