@@ -84,8 +84,13 @@ split)  # 1 learner GPU + 1 rollout/teacher GPU over NCCL, then the same all on 
 stage)  # carry a vLLM piece (above) and, while here, the learner at larger micro-batches
   timeout 60 python3 -c "import ray; ray.init(include_dashboard=False); \
 print('ray resources', ray.cluster_resources())" > "$OUT/stage_ray.log" 2>&1
-  timeout -s ABRT ${LIMIT:-150} python3 $B/learner_step.py --size qwen2.5-1.5b --steps 4 \
-    --configs ${CONFIGS:-128x32:zero1:compile} > "$OUT/stage_learner.log" 2>&1 ;;
+  if [ -n "${CONFIGS:-}" ]; then
+    timeout -s ABRT ${LIMIT:-150} python3 $B/learner_step.py --size qwen2.5-1.5b --steps 4 \
+      --configs $CONFIGS > "$OUT/stage_learner.log" 2>&1
+  else  # learner ranks as Ray actors, the way opd train starts them (ZeRO-3 over NCCL)
+    timeout -s ABRT ${LIMIT:-150} python3 $B/ray_learners.py --world 2 --steps 4 \
+      > "$OUT/stage_ray_learners.log" 2>&1
+  fi ;;
 layouts)  # opd train itself on 1 and 2 GPUs (issue #8): LAYOUTS picks them
   vllm_env || exit 1
   timeout -s ABRT ${LIMIT:-560} python3 $B/train_layouts.py --layouts ${LAYOUTS:-2-colocated} \

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from opd.cluster.devices import show_peer_gpus
 from opd.config.schema import LearnerConfig, ObjectiveConfig
 from opd.learner.logprobs import (
     HeadLogits,
@@ -66,6 +67,8 @@ class Learner:
         seed: int,
         device: str,
     ) -> None:
+        if device == "cuda":
+            show_peer_gpus()  # before CUDA starts: NCCL peers must be visible
         os.environ.update(
             MASTER_ADDR=master_addr,
             MASTER_PORT=str(master_port),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+from opd.cluster.devices import show_peer_gpus
 from opd.config.schema import RolloutConfig
 from opd.rollout.batch import GenerationRequest
 
@@ -31,6 +32,7 @@ class RolloutWorker:
         without a torch.compile pass at start-up; None keeps vLLM's default."""
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         if device == "cuda":  # the settings CUDA vLLM 0.25 was run with (benchmarks/RESULTS.md)
+            show_peer_gpus()  # before CUDA starts: the NCCL weight group's peers must be visible
             os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
             os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
         from vllm import LLM
