@@ -41,7 +41,7 @@ LAYOUTS = {
     "1-colocated": dict(gpus=1, placement="colocated", learners=1, rollouts=1, sync="dir",
                         learner_gpu=0.5, rollout_gpu=0.4, teacher_gpu=0.1),
     "2-colocated": dict(gpus=2, placement="colocated", learners=2, rollouts=2, sync="dir",
-                        learner_gpu=0.5, rollout_gpu=0.4, teacher_gpu=0.2),
+                        learner_gpu=0.5, rollout_gpu=0.4, teacher_gpu=0.1),
     "2-split": dict(gpus=2, placement="split", learners=1, rollouts=1, sync="nccl",
                     learner_gpu=1, rollout_gpu=0.6, teacher_gpu=0.4),
 }  # fmt: skip

@@ -12,7 +12,7 @@ from pathlib import Path
 import ray
 import torch
 
-from opd.cluster.placement import check_devices, check_fits
+from opd.cluster.placement import check_devices, check_fits, check_gpu_packing
 from opd.cluster.roles import Roles, start_roles
 from opd.config import Config, to_yaml
 from opd.data.prompts import Prompt, PromptStream, build_prompts, read_rows
@@ -179,6 +179,7 @@ def train(cfg: Config) -> Path:
 
     _init_ray(cfg)
     check_fits(cfg, ray.cluster_resources())
+    check_gpu_packing(cfg, int(ray.cluster_resources().get("GPU", 0)))
     roles = start_roles(cfg, student, teacher, device)
     sync = make_weight_sync(
         cfg.rollout.weight_sync,

@@ -1,11 +1,13 @@
 """Which GPUs an actor's process sees.
 
-Ray shows each actor only the GPUs it holds (CUDA_VISIBLE_DEVICES). On the lent 2xH200
-machine, two learner actors set up that way hung in their first NCCL collective for the whole
-250 s timeout (benchmarks/RESULTS.md), while the same ranks with both GPUs visible, their own
-first, ran (benchmarks/learner_step.py --world 2). Ray Train makes the same choice for its
-torch workers. `show_peer_gpus` keeps the actor's own GPUs first, so `cuda:0` is still its
-own, and appends the node's other GPUs for NCCL's peer-to-peer transport.
+Ray shows each actor only the GPUs it holds (CUDA_VISIBLE_DEVICES). NCCL between processes of
+one host can use its peer-to-peer transports only between GPUs the process can see, so
+`show_peer_gpus` keeps the actor's own GPUs first (`cuda:0` is still its own) and appends the
+node's other GPUs, as Ray Train does for its torch workers and as the multi-GPU benchmarks
+here run. With it, two learner actors formed their NCCL group and trained on the 2xH200
+machine (benchmarks/ray_learners.py); Ray's isolated view was not measured against it (the
+stall first blamed on it was a placement group that could not be placed, now caught by
+`check_gpu_packing`). `OPD_ISOLATE_GPUS=1` keeps Ray's isolation.
 """
 
 from __future__ import annotations

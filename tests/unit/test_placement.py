@@ -3,7 +3,7 @@
 import pytest
 
 from opd.cluster.placement import check_devices, check_fits, role_bundles
-from opd.config.schema import Config, LearnerConfig, RolloutConfig
+from opd.config.schema import Config, LearnerConfig, RolloutConfig, TeacherConfig
 
 
 def _cfg(**kw):
@@ -70,3 +70,34 @@ def test_placement_and_async_settings_are_checked(kw, match):
             learner=LearnerConfig(num_workers=kw.get("learners", 1)),
             cluster=ClusterConfig(placement=kw.get("placement", "split")),
         )
+
+
+def _colocated(teacher_gpus, learners=2):
+    from opd.config.schema import ClusterConfig
+
+    return Config(
+        rollout=RolloutConfig(num_workers=learners, num_gpus=0.4),
+        learner=LearnerConfig(num_workers=learners, num_gpus=0.5),
+        teacher=TeacherConfig(num_gpus=teacher_gpus),
+        cluster=ClusterConfig(placement="colocated"),
+    )
+
+
+def test_gpu_shares_must_pack_into_whole_gpus():
+    from opd.cluster.placement import check_gpu_packing
+
+    # 0.9 + 0.9 + 0.2 = 2 GPUs in total, but 0.2 fits beside 0.9 on neither GPU
+    check_fits(_colocated(0.2), {"CPU": 8, "GPU": 2})
+    with pytest.raises(ValueError, match=r"teacher share 0.2 fits beside the others on no GPU"):
+        check_gpu_packing(_colocated(0.2), 2)
+    check_gpu_packing(_colocated(0.1), 2)
+    check_gpu_packing(_colocated(0.1, learners=1), 1)
+    # whole GPUs are taken first, then the fractions pack into what is left
+    split = Config(
+        rollout=RolloutConfig(num_workers=1, num_gpus=0.6),
+        learner=LearnerConfig(num_workers=2, num_gpus=1),
+        teacher=TeacherConfig(num_gpus=0.4),
+    )
+    check_gpu_packing(split, 3)
+    with pytest.raises(ValueError, match="do not pack into 2 GPU"):
+        check_gpu_packing(split, 2)
