@@ -9,8 +9,9 @@ with the sampled reverse-KL objective, one configuration after another in one pr
 process per rank with `--world N`, one GPU each). A configuration is BATCHxMICRO (samples
 per rank per step, samples per micro-batch) with flags: `ckpt` (activation checkpointing),
 `zeroN` (ZeRO stage, default 2 on GPU), `pad` (the padded path instead of packing),
-`compile` (each decoder layer through torch.compile), `prof` (one more step under the torch
-profiler: summed kernel time against wall time, top kernels on stderr).
+`compile` (each decoder layer through torch.compile), `cacheG` (learner.logits_cache_gb = G:
+LM-head logits kept for backward, not recomputed; without it 0), `prof` (one more step under
+the torch profiler: summed kernel time against wall time, top kernels on stderr).
 
 Reported per configuration: seconds per step (median of the measured steps; the first step
 is warm-up), tokens/s over all ranks, MFU = 6 N T / (s x ranks x peak) with N all parameters
@@ -83,6 +84,8 @@ def parse(spec: str, cuda: bool) -> dict:
         pad="pad" in flags,
         compile="compile" in flags,
         prof="prof" in flags,
+        # `cacheG`: learner.logits_cache_gb = G (kept LM-head logits); default 0, recompute
+        cache_gb=next((float(f[5:]) for f in flags if f.startswith("cache")), 0.0),
     )
 
 
@@ -122,6 +125,7 @@ def run_config(args, c: dict, folder: str, rank: int, world: int, port: int, cud
         gradient_checkpointing=c["ckpt"],
         lr=1e-6,
         logprob_chunk_tokens=args.chunk,
+        logits_cache_gb=c["cache_gb"],
     )
     learner = Learner(
         rank,

@@ -143,6 +143,9 @@ class LearnerConfig:
     micro_batch_size: int = 4  # sequences per forward/backward on one rank
     grad_clip: float = 1.0
     logprob_chunk_tokens: int = 1024
+    # A micro-batch whose LM-head logits (tokens x vocab, model dtype) fit in this many GB
+    # keeps them for backward instead of recomputing them (opd/learner/head_logprob.py).
+    logits_cache_gb: float = 2.0
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile each decoder layer (CUDA; pays once at the start)
     num_gpus: float = 0.0
@@ -155,6 +158,8 @@ class LearnerConfig:
         _check_choice("learner.lr_schedule", self.lr_schedule, ("constant", "linear", "cosine"))
         for key in ("num_workers", "lr", "micro_batch_size", "grad_clip", "logprob_chunk_tokens"):
             _check_positive(f"learner.{key}", getattr(self, key))
+        if self.logits_cache_gb < 0:
+            raise ValueError(f"learner.logits_cache_gb={self.logits_cache_gb} must be >= 0")
         if len(self.betas) != 2:
             raise ValueError(f"learner.betas={self.betas} must have two values")
 

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from opd.learner.head_logprob import HeadLogProb, fused_head_applies
 from opd.learner.packing import packed_hidden
 from opd.objectives.base import at_least_fp32
 
@@ -108,12 +109,15 @@ def token_logprobs(
     chunk: int = 1024,
     mask_BT: Tensor | None = None,
     n_chunks: int | None = None,
+    cache_bytes: int = 0,
 ) -> tuple[Tensor, Tensor | None]:
     """log p(target) [B, T] and, if `ids_BTK` is given, log p at those ids [B, T, K].
     With `mask_BT`, only positions where it is non-zero are computed; the others are 0.
     `n_chunks` fixes the number of LM-head calls (some may be empty) instead of `chunk`: under
     ZeRO-3 every head call gathers the head's weight collectively, so all ranks must make the
-    same number (`chunks_needed` + a MAX all-reduce gives it)."""
+    same number (`chunks_needed` + a MAX all-reduce gives it). With grad, no `ids_BTK` and
+    the logits within `cache_bytes`, the head runs as `HeadLogProb` (its logits kept for
+    backward instead of recomputed)."""
     B, T, H = hidden_BTH.shape
     flat_h = hidden_BTH.reshape(B * T, H)
     flat_t = targets_BT.reshape(B * T)
@@ -127,6 +131,7 @@ def token_logprobs(
             ids_BTK=flat_ids.index_select(0, keep).unsqueeze(0) if flat_ids is not None else None,
             chunk=chunk,
             n_chunks=n_chunks,
+            cache_bytes=cache_bytes,
         )
         lp_BT = lp_N.new_zeros(B * T).index_copy(0, keep, lp_N[0]).reshape(B, T)
         lp_BTK = None
@@ -137,6 +142,9 @@ def token_logprobs(
     outs_t, outs_ids = [], []
     grad = torch.is_grad_enabled() and flat_h.requires_grad
     N = B * T
+    if grad and flat_ids is None and n_chunks is None and fused_head_applies(model, N, cache_bytes):
+        w = model.get_output_embeddings().weight
+        return HeadLogProb.apply(flat_h, w, flat_t, chunk).reshape(B, T), None
     if n_chunks is None:
         bounds = list(range(0, N, chunk)) + [N]
     else:  # n_chunks pieces of near-equal size, the last ones possibly empty

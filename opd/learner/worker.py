@@ -164,6 +164,7 @@ class Learner:
             chunk=self.cfg.logprob_chunk_tokens,
             mask_BT=mb.mask_BT.to(d),
             n_chunks=n_chunks,
+            cache_bytes=int(self.cfg.logits_cache_gb * 2**30),
         )
         logits_BTV = None
         if self.request.signal == "full":
