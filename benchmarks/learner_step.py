@@ -208,6 +208,7 @@ def worker(rank: int, world: int, args, folder: str, n_params: int, port: int) -
             out, seqs, sec = run_config(args, c, folder, rank, world, port, cuda)
         except Exception as e:  # out of memory, or a configuration that does not run: say so
             out, seqs, sec = {"config": spec, "error": f"{type(e).__name__}: {e}"[:300]}, None, None
+        if seqs is None:  # outside the handler, whose traceback still holds the failed run
             gc.collect()
             if cuda:
                 torch.cuda.empty_cache()

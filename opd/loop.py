@@ -188,6 +188,7 @@ def train(cfg: Config) -> Path:
         roles.rollout,
         cfg.rollout.dtype,
         teacher=roles.teacher if cfg.teacher.mode != "frozen" else None,
+        colocated=cfg.cluster.placement == "colocated",
     )
     log = MetricsLog(run_dir / "metrics.jsonl", start if resume else None)
     colocated = cfg.cluster.placement == "colocated"

@@ -283,6 +283,11 @@ class Config:
                 f"teacher.mode={self.teacher.mode!r}: simct distills from a teacher with another "
                 "tokenizer, which cannot follow the student's weights; use teacher.mode=frozen"
             )
+        if self.cluster.placement == "colocated" and self.rollout.weight_sync == "nccl":
+            raise ValueError(
+                "rollout.weight_sync=nccl with cluster.placement=colocated: NCCL cannot join "
+                "two processes on one GPU; use dir (or auto, which picks it when colocated)"
+            )
         if self.teacher.mode != "frozen" and self.rollout.weight_sync == "nccl":
             raise ValueError(
                 "teacher.mode ema/live receives weights through rollout.weight_sync="

@@ -83,3 +83,16 @@ def test_cli_validate_exit_codes(tmp_path, capsys, tiny_pair):
     assert main(["validate", str(root / recipe), *ok, "rollout.top_p=2"]) == 2
     assert "rollout.top_p" in capsys.readouterr().err
     assert main(["validate", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_colocated_nccl_is_refused_and_auto_picks_the_folder(tmp_path):
+    from opd.sync.weights import make_weight_sync
+
+    base = "student: {path: x}\nteacher: {path: y}\ndata: {train_path: z}\n"
+    p = _write(tmp_path, base + "cluster: {placement: colocated}\nrollout: {weight_sync: nccl}\n")
+    with pytest.raises(ConfigError, match="NCCL cannot join two processes on one GPU"):
+        load_config(p)
+    # auto on GPUs: NCCL when split, the folder when colocated (no actor is contacted for it)
+    sync = make_weight_sync("auto", "cuda", None, None, "bfloat16", colocated=True)
+    assert type(sync).__name__ == "DirWeightSync"
+    sync.close()
