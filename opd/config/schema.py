@@ -68,7 +68,9 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     dtype: str = "float32"
-    # The fraction of the GPU's memory vLLM may use (default 0.85 on GPU, 0.1 of RAM on CPU).
+    # The fraction of the GPU's memory vLLM may use. Default on GPU: the worker's share when it
+    # holds a fraction of a GPU (num_gpus 0.4 -> 0.4, leaving the rest to the roles beside it),
+    # else 0.85; on CPU 0.1 of the RAM.
     gpu_memory_utilization: float | None = None
     # KV-cache size (default 512 MiB on CPU, where vLLM subtracts its own memory from the RAM
     # fraction; on GPU, whatever the utilization leaves)
@@ -84,6 +86,14 @@ class RolloutConfig:
     max_staleness: int = 0
     num_gpus: float = 0.0  # per worker
     num_cpus: float = 0.5  # per worker (Ray scheduling only)
+
+    def memory_fraction(self, gpu: bool) -> float:
+        """`gpu_memory_utilization`, or its default (see the key)."""
+        if self.gpu_memory_utilization:
+            return self.gpu_memory_utilization
+        if not gpu:
+            return 0.1
+        return self.num_gpus if 0 < self.num_gpus < 1 else 0.85
 
     def __post_init__(self) -> None:
         for key in ("num_workers", "prompts_per_step", "samples_per_prompt", "max_new_tokens"):

@@ -48,7 +48,7 @@ class RolloutWorker:
             tokenizer=model_path,
             dtype=cfg.dtype,
             seed=seed,
-            gpu_memory_utilization=cfg.gpu_memory_utilization or (0.85 if gpu else 0.1),
+            gpu_memory_utilization=cfg.memory_fraction(gpu),
             # On CPU vLLM subtracts its own memory from the RAM fraction: size the cache instead.
             kv_cache_memory_bytes=cfg.kv_cache_memory_bytes or (None if gpu else 512 * 2**20),
             max_model_len=cfg.max_model_len,

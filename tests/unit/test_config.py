@@ -96,3 +96,12 @@ def test_colocated_nccl_is_refused_and_auto_picks_the_folder(tmp_path):
     sync = make_weight_sync("auto", "cuda", None, None, "bfloat16", colocated=True)
     assert type(sync).__name__ == "DirWeightSync"
     sync.close()
+
+
+def test_vllm_memory_default_follows_a_fractional_gpu_share():
+    from opd.config.schema import RolloutConfig
+
+    assert RolloutConfig(num_gpus=0.4).memory_fraction(gpu=True) == 0.4  # room for the rest
+    assert RolloutConfig(num_gpus=1).memory_fraction(gpu=True) == 0.85
+    assert RolloutConfig(num_gpus=0.4, gpu_memory_utilization=0.3).memory_fraction(True) == 0.3
+    assert RolloutConfig().memory_fraction(gpu=False) == 0.1
