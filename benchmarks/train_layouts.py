@@ -154,6 +154,19 @@ def run_layout(args, layout: str, root: str, cuda: bool) -> dict:
         "step_s": med("time/step"),
         **{f"{k}_s": med(f"time/{k}") for k in ("rollout", "teacher", "learn", "sync")},
         "completion_tokens_per_s": round(tokens / med("time/step"), 1),
+        # inside the phases above: vLLM's sleep (teacher) and wake-up (sync), and the sync's
+        # export (learner -> folder) and load (folder -> vLLM) or broadcast
+        **{
+            k.replace("/", "_").removesuffix("_s") + "_s": med(k)
+            for k in (
+                "time/sleep",
+                "time/wake_up",
+                "sync/export_s",
+                "sync/load_s",
+                "sync/broadcast_s",
+            )
+            if med(k) is not None
+        },
         "sync_bytes": med("sync/bytes"),
         "wall_s": round(wall, 1),
     }

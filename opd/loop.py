@@ -221,12 +221,14 @@ def train(cfg: Config) -> Path:
             t1 = time.perf_counter()
             if colocated:
                 roles.rollout.call("sleep")  # the learner gets the devices
+            t_sleep = time.perf_counter() - t1
             samples = score(roles, sync, samples, request)
             t2 = time.perf_counter()
             metrics = learn(roles, samples, objective)
             t3 = time.perf_counter()
             if colocated:
                 roles.rollout.call("wake_up")
+                metrics.update({"time/sleep": t_sleep, "time/wake_up": time.perf_counter() - t3})
             metrics.update(sync.push(version=step))
             t4 = time.perf_counter()
 
