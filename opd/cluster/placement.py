@@ -36,8 +36,14 @@ def role_bundles(cfg: Config) -> dict[str, list[dict[str, float]]]:
 
 
 def check_devices(cfg: Config, device: str) -> None:
-    """On GPUs every role needs a GPU share; name the keys that give it none."""
+    """On GPUs every role needs a GPU share; name the keys that give it none. The GPU-only
+    weight transports need CUDA."""
     if device != "cuda":
+        if cfg.rollout.weight_sync in ("nccl", "ipc"):
+            raise ValueError(
+                f"rollout.weight_sync={cfg.rollout.weight_sync} needs GPUs but run.device "
+                f"resolves to {device}: use dir (or auto)"
+            )
         return
     missing = [
         f"{role}.num_gpus"

@@ -80,7 +80,9 @@ class RolloutConfig:
     # vLLM's compilation config (GPU, enforce_eager: false), passed as is; e.g.
     # {mode: 0, cudagraph_mode: FULL_DECODE_ONLY}: CUDA graphs for decode, no torch.compile pass
     compilation_config: dict[str, Any] | None = None
-    weight_sync: str = "auto"  # auto (nccl on GPU, dir on CPU) | dir | nccl
+    # auto: nccl on GPUs when split, dir otherwise | dir | nccl | ipc (colocated GPUs: CUDA
+    # IPC from learner rank i to rollout worker i; not yet run on GPUs)
+    weight_sync: str = "auto"
     # Async rollouts: batches are generated up to this many steps ahead of the learner, so a
     # batch may come from a policy this many updates old (0: the synchronous loop).
     max_staleness: int = 0
@@ -99,7 +101,7 @@ class RolloutConfig:
         for key in ("num_workers", "prompts_per_step", "samples_per_prompt", "max_new_tokens"):
             _check_positive(f"rollout.{key}", getattr(self, key))
         _check_choice("rollout.dtype", self.dtype, DTYPES)
-        _check_choice("rollout.weight_sync", self.weight_sync, ("auto", "dir", "nccl"))
+        _check_choice("rollout.weight_sync", self.weight_sync, ("auto", "dir", "nccl", "ipc"))
         if self.max_staleness < 0:
             raise ValueError(f"rollout.max_staleness={self.max_staleness} must be >= 0")
         _check_positive("rollout.temperature", self.temperature)
@@ -298,10 +300,15 @@ class Config:
                 "rollout.weight_sync=nccl with cluster.placement=colocated: NCCL cannot join "
                 "two processes on one GPU; use dir (or auto, which picks it when colocated)"
             )
-        if self.teacher.mode != "frozen" and self.rollout.weight_sync == "nccl":
+        if self.rollout.weight_sync == "ipc" and self.cluster.placement != "colocated":
+            raise ValueError(
+                "rollout.weight_sync=ipc hands a learner's GPU buffer to the vLLM worker on the "
+                "same GPU: it needs cluster.placement=colocated (use nccl when split)"
+            )
+        if self.teacher.mode != "frozen" and self.rollout.weight_sync in ("nccl", "ipc"):
             raise ValueError(
                 "teacher.mode ema/live receives weights through rollout.weight_sync="
-                "dir; nccl pushes to the rollout engines only"
+                f"dir; {self.rollout.weight_sync} pushes to the rollout engines only"
             )
 
     @property

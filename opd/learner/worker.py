@@ -126,6 +126,7 @@ class Learner:
         )
         self.model = self.engine.module
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        self._ipc_bucket: tuple | None = None  # (entries, flat device buffer) for `ipc_weights`
         for p in self.model.parameters():
             if p.requires_grad:
                 p.register_hook(self._check_grad)
@@ -263,7 +264,8 @@ class Learner:
         for name, p in self.model.named_parameters():
             with deepspeed.zero.GatheredParameters([p], enabled=self.cfg.zero_stage == 3):
                 if self.rank == 0:
-                    out[name] = p.detach().to(TORCH_DTYPES[dtype]).cpu().clone()
+                    t = p.detach().to(TORCH_DTYPES[dtype])
+                    out[name] = t.cpu() if t.is_cuda else t.clone()  # one copy either way
         return out if self.rank == 0 else None
 
     def export_to_dir(self, path: str, dtype: str) -> int:
@@ -286,6 +288,28 @@ class Learner:
             (name, dtype, list(getattr(p, "ds_shape", p.shape)))
             for name, p in self.model.named_parameters()
         ]
+
+    def ipc_weights(self, dtype: str) -> tuple[list, tuple]:
+        """Colocated GPU transport: the full weights (gathered under ZeRO-3) copied into one
+        flat buffer on this rank's GPU, kept across steps, and a CUDA IPC handle to it for the
+        vLLM worker on the same GPU: (bucket entries, torch's (rebuild function, args)). Every
+        rank must call this (the ZeRO-3 gathers are collective); each serves its own worker."""
+        import deepspeed
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        from opd.sync.bucket import plan, view
+
+        if self.device.type != "cuda":
+            raise RuntimeError("ipc_weights needs CUDA: use rollout.weight_sync=dir on CPU")
+        if self._ipc_bucket is None:
+            entries, size = plan(self.weight_specs(dtype))
+            self._ipc_bucket = (entries, torch.empty(size, dtype=torch.uint8, device=self.device))
+        entries, bucket = self._ipc_bucket
+        for e, (_, p) in zip(entries, self.model.named_parameters()):
+            with deepspeed.zero.GatheredParameters([p], enabled=self.cfg.zero_stage == 3):
+                view(bucket, e).copy_(p.detach())
+        torch.cuda.synchronize(self.device)
+        return entries, reduce_tensor(bucket)
 
     def init_weight_group(self, address: str, port: int, world_size: int) -> None:
         """Rank 0 joins the NCCL group of the rollout workers as its rank 0 (GPU transport)."""

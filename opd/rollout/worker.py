@@ -132,6 +132,13 @@ class RolloutWorker:
         self.version = version
         return version
 
+    def load_weights_from_ipc(self, entries: list, handle: tuple, version: int) -> int:
+        """Colocated GPU transport: the learner rank on this GPU shares its weight buffer."""
+        self.llm.collective_rpc("opd_load_ipc", args=(entries, handle, version))
+        self.llm.reset_prefix_cache()
+        self.version = version
+        return version
+
     def init_weight_group(self, address: str, port: int, rank_offset: int, world_size: int) -> None:
         self.llm.collective_rpc(
             "opd_init_weight_group", args=(address, port, rank_offset, world_size)

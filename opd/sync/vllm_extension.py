@@ -8,7 +8,9 @@ differ in how the tensors reach the worker process:
 - `opd_load_tensors`: tensors handed over in the same process (a learner colocated with an
   in-process engine: one device-to-device copy per weight);
 - `opd_init_weight_group` + `opd_receive_broadcast`: a NCCL broadcast from the learner's rank 0
-  (GPU; the learner joins the same process group as rank 0).
+  (GPU; the learner joins the same process group as rank 0);
+- `opd_load_ipc`: a CUDA IPC handle to a flat buffer of the learner rank on the same GPU
+  (colocated; one device-to-device copy per weight, across processes).
 """
 
 from __future__ import annotations
@@ -61,4 +63,19 @@ class WeightSyncExtension:
                 yield name, buf
 
         self.reload_weights(weights_iterator=tensors())
+        return version
+
+    def opd_load_ipc(self, entries: list, handle: tuple, version: int) -> int:
+        """Open the learner's buffer through its CUDA IPC handle (torch's rebuild function and
+        its arguments) and load every weight from views of it; the buffer stays the
+        learner's."""
+        import torch
+
+        from opd.sync.bucket import views
+
+        rebuild, args = handle
+        bucket = rebuild(*args)
+        self.reload_weights(weights_iterator=iter(views(bucket, entries)))
+        torch.cuda.synchronize()
+        del bucket
         return version
