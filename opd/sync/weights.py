@@ -3,8 +3,9 @@
 Transport `dir` (CPU, or a single host): learner rank 0 writes the weights as safetensors into
 a version folder in shared memory (`/dev/shm` when there is one), every rollout worker loads
 them in place through `WeightSyncExtension.opd_load_from_dir`, and the previous folder is
-removed. The GPU transport (NCCL broadcast into vLLM's workers) enters vLLM through the same
-extension and ends in the same `reload_weights` call.
+removed. The GPU transports (`nccl`: a broadcast into vLLM's workers on other GPUs; `ipc`: a
+CUDA IPC handle to the learner's buffer for the worker on the same GPU) enter vLLM through the
+same extension and end in the same `reload_weights` call.
 """
 
 from __future__ import annotations
