@@ -76,6 +76,7 @@ class WeightSyncExtension:
         rebuild, args = handle
         bucket = rebuild(*args)
         self.reload_weights(weights_iterator=iter(views(bucket, entries)))
-        torch.cuda.synchronize()
+        if bucket.is_cuda:  # the copies are done before the learner may write the buffer again
+            torch.cuda.synchronize(bucket.device)
         del bucket
         return version

@@ -48,3 +48,26 @@ def test_ipc_needs_colocated_placement_and_gpus(tmp_path):
     )
     with pytest.raises(ValueError, match="weight_sync=ipc needs GPUs"):
         check_devices(cfg, "cpu")
+
+
+def test_the_vllm_side_loads_every_weight_from_the_shared_buffer():
+    """The worker-extension half of the transport, with the handle's rebuild function
+    returning a host buffer (on GPUs it opens the learner's CUDA IPC handle)."""
+    from opd.sync.vllm_extension import WeightSyncExtension
+
+    named = [("a", torch.arange(6.0).reshape(2, 3)), ("b", torch.ones(4).bfloat16())]
+    entries, size = plan(
+        [(n, str(t.dtype).removeprefix("torch."), list(t.shape)) for n, t in named]
+    )
+    bucket = torch.zeros(size, dtype=torch.uint8)
+    for e, (_, t) in zip(entries, named):
+        view(bucket, e).copy_(t)
+
+    class Worker(WeightSyncExtension):
+        def reload_weights(self, weights_iterator):
+            self.loaded = [(n, t.clone()) for n, t in weights_iterator]
+
+    w = Worker()
+    assert w.opd_load_ipc(entries, (lambda: bucket, ()), version=7) == 7
+    assert [n for n, _ in w.loaded] == ["a", "b"]
+    assert all(torch.equal(got, ref) for (_, got), (_, ref) in zip(w.loaded, named))
