@@ -9,6 +9,17 @@ from opd.config import ConfigError, load_config
 from opd.sync.bucket import ALIGN, plan, view, views
 
 
+def _packed(named):
+    """The learner's half: plan the slots and copy every weight into a fresh buffer."""
+    entries, size = plan(
+        [(n, str(t.dtype).removeprefix("torch."), list(t.shape)) for n, t in named]
+    )
+    bucket = torch.zeros(size, dtype=torch.uint8)
+    for e, (_, t) in zip(entries, named):
+        view(bucket, e).copy_(t)
+    return entries, size, bucket
+
+
 def test_weights_round_trip_through_aligned_disjoint_slots():
     g = torch.Generator().manual_seed(0)
     named = [
@@ -17,12 +28,7 @@ def test_weights_round_trip_through_aligned_disjoint_slots():
         ("odd", torch.randn(3, 1, 3, generator=g).half()),
         ("scalar", torch.randn((), generator=g).bfloat16()),
     ]
-    entries, size = plan(
-        [(n, str(t.dtype).removeprefix("torch."), list(t.shape)) for n, t in named]
-    )
-    bucket = torch.zeros(size, dtype=torch.uint8)
-    for e, (_, t) in zip(entries, named):
-        view(bucket, e).copy_(t)
+    entries, size, bucket = _packed(named)
     for (name, got), (ref_name, ref) in zip(views(bucket, entries), named):
         assert name == ref_name and got.dtype == ref.dtype and got.shape == ref.shape
         assert torch.equal(got, ref)
@@ -56,12 +62,7 @@ def test_the_vllm_side_loads_every_weight_from_the_shared_buffer():
     from opd.sync.vllm_extension import WeightSyncExtension
 
     named = [("a", torch.arange(6.0).reshape(2, 3)), ("b", torch.ones(4).bfloat16())]
-    entries, size = plan(
-        [(n, str(t.dtype).removeprefix("torch."), list(t.shape)) for n, t in named]
-    )
-    bucket = torch.zeros(size, dtype=torch.uint8)
-    for e, (_, t) in zip(entries, named):
-        view(bucket, e).copy_(t)
+    entries, size, bucket = _packed(named)
 
     class Worker(WeightSyncExtension):
         def reload_weights(self, weights_iterator):
