@@ -178,8 +178,10 @@ def train(cfg: Config) -> Path:
     request = objective.teacher_request()
 
     _init_ray(cfg)
-    check_fits(cfg, ray.cluster_resources())
-    check_gpu_packing(cfg, int(ray.cluster_resources().get("GPU", 0)))
+    resources = ray.cluster_resources()
+    check_fits(cfg, resources)
+    check_gpu_packing(cfg, int(resources.get("GPU", 0)))
+    colocated = cfg.cluster.placement == "colocated"
     roles = start_roles(cfg, student, teacher, device)
     sync = make_weight_sync(
         cfg.rollout.weight_sync,
@@ -188,10 +190,9 @@ def train(cfg: Config) -> Path:
         roles.rollout,
         cfg.rollout.dtype,
         teacher=roles.teacher if cfg.teacher.mode != "frozen" else None,
-        colocated=cfg.cluster.placement == "colocated",
+        colocated=colocated,
     )
     log = MetricsLog(run_dir / "metrics.jsonl", start if resume else None)
-    colocated = cfg.cluster.placement == "colocated"
     try:
         if request.signal == "aligned":
             _print_pair_report(roles.teacher.call("pair_report")[0])

@@ -46,18 +46,3 @@ class HeadLogProb(torch.autograd.Function):
         grad_h = torch.mm(grad_NV, w_VH) if ctx.needs_input_grad[0] else None
         grad_w = torch.mm(grad_NV.t(), h_NH) if ctx.needs_input_grad[1] else None
         return grad_h, grad_w, None, None
-
-
-def fused_head_applies(model, n_tokens: int, cache_bytes: int) -> bool:
-    """The fused path needs a plain, unpartitioned, bias-free head without output transforms,
-    and N x V logits within `cache_bytes`."""
-    head = model.get_output_embeddings()
-    if head is None or hasattr(head.weight, "ds_id") or getattr(head, "bias", None) is not None:
-        return False
-    cfg = (
-        model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    )
-    if getattr(cfg, "logit_scale", None) or getattr(cfg, "final_logit_softcapping", None):
-        return False
-    w = head.weight
-    return 0 < n_tokens * w.shape[0] * w.element_size() <= cache_bytes

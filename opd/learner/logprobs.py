@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from opd.learner.head_logprob import HeadLogProb, fused_head_applies
+from opd.learner.head_logprob import HeadLogProb
 from opd.learner.packing import packed_hidden
 from opd.objectives.base import at_least_fp32
 
@@ -37,17 +37,33 @@ def head_logits(model, hidden: Tensor) -> Tensor:
     return _output_transform(model, model.get_output_embeddings()(hidden))
 
 
-def _output_transform(model, logits: Tensor) -> Tensor:
+def _output_settings(model) -> tuple[float | None, float | None]:
+    """(logit scale, final soft-cap) of the model's family; None where it has none."""
     cfg = (
         model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     )
-    scale = getattr(cfg, "logit_scale", None)
+    return getattr(cfg, "logit_scale", None), getattr(cfg, "final_logit_softcapping", None)
+
+
+def _output_transform(model, logits: Tensor) -> Tensor:
+    scale, cap = _output_settings(model)
     if scale:
         logits = logits * scale
-    cap = getattr(cfg, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits
+
+
+def fused_head_applies(model, n_tokens: int, cache_bytes: int) -> bool:
+    """`HeadLogProb` needs a plain, unpartitioned, bias-free head without output transforms,
+    and N x V logits within `cache_bytes`."""
+    head = model.get_output_embeddings()
+    if head is None or hasattr(head.weight, "ds_id") or getattr(head, "bias", None) is not None:
+        return False
+    if any(_output_settings(model)):
+        return False
+    w = head.weight
+    return 0 < n_tokens * w.shape[0] * w.element_size() <= cache_bytes
 
 
 @dataclass

@@ -88,7 +88,7 @@ class Learner:
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=TORCH_DTYPES[cfg.dtype])
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        if getattr(cfg, "compile", False) and device == "cuda":  # `learner.compile`, if set
+        if cfg.compile and device == "cuda":
             from opd.learner.compile import compile_layers
 
             compile_layers(model)
@@ -256,16 +256,23 @@ class Learner:
 
     # -- weights and checkpoints -------------------------------------------------------------
 
-    def state_dict_for_export(self, dtype: str) -> dict[str, torch.Tensor] | None:
-        """Full weights on rank 0 (gathered under ZeRO-3); every rank must call this."""
+    def _full_weights(self):
+        """(name, whole parameter) in `named_parameters` order. Under ZeRO-3 each is gathered
+        while it is handed out, a collective: every rank must walk the whole sequence, and a
+        parameter is valid only until the next one is asked for."""
         import deepspeed
 
-        out = {}
         for name, p in self.model.named_parameters():
             with deepspeed.zero.GatheredParameters([p], enabled=self.cfg.zero_stage == 3):
-                if self.rank == 0:
-                    t = p.detach().to(TORCH_DTYPES[dtype])
-                    out[name] = t.cpu() if t.is_cuda else t.clone()  # one copy either way
+                yield name, p.detach()
+
+    def state_dict_for_export(self, dtype: str) -> dict[str, torch.Tensor] | None:
+        """Full weights on rank 0 (gathered under ZeRO-3); every rank must call this."""
+        out = {}
+        for name, p in self._full_weights():
+            if self.rank == 0:
+                t = p.to(TORCH_DTYPES[dtype])
+                out[name] = t.cpu() if t.is_cuda else t.clone()  # one copy either way
         return out if self.rank == 0 else None
 
     def export_to_dir(self, path: str, dtype: str) -> int:
@@ -294,7 +301,6 @@ class Learner:
         flat buffer on this rank's GPU, kept across steps, and a CUDA IPC handle to it for the
         vLLM worker on the same GPU: (bucket entries, torch's (rebuild function, args)). Every
         rank must call this (the ZeRO-3 gathers are collective); each serves its own worker."""
-        import deepspeed
         from torch.multiprocessing.reductions import reduce_tensor
 
         from opd.sync.bucket import plan, view
@@ -305,9 +311,8 @@ class Learner:
             entries, size = plan(self.weight_specs(dtype))
             self._ipc_bucket = (entries, torch.empty(size, dtype=torch.uint8, device=self.device))
         entries, bucket = self._ipc_bucket
-        for e, (_, p) in zip(entries, self.model.named_parameters()):
-            with deepspeed.zero.GatheredParameters([p], enabled=self.cfg.zero_stage == 3):
-                view(bucket, e).copy_(p.detach())
+        for e, (_, p) in zip(entries, self._full_weights()):
+            view(bucket, e).copy_(p)
         torch.cuda.synchronize(self.device)
         return entries, reduce_tensor(bucket)
 
@@ -323,15 +328,12 @@ class Learner:
 
     def broadcast_weights(self, dtype: str) -> int:
         """Broadcast every weight from rank 0 (gathered under ZeRO-3; all ranks call this)."""
-        import deepspeed
-
         nbytes = 0
-        for _, p in self.model.named_parameters():
-            with deepspeed.zero.GatheredParameters([p], enabled=self.cfg.zero_stage == 3):
-                if self.rank == 0:
-                    t = p.detach().to(TORCH_DTYPES[dtype]).contiguous()
-                    self.weight_comm.broadcast(t, src=0)
-                    nbytes += t.numel() * t.element_size()
+        for _, p in self._full_weights():
+            if self.rank == 0:
+                t = p.to(TORCH_DTYPES[dtype]).contiguous()
+                self.weight_comm.broadcast(t, src=0)
+                nbytes += t.numel() * t.element_size()
         return nbytes
 
     def node_address(self) -> tuple[str, int]:
