@@ -154,6 +154,9 @@ def run_trl(args, student: str, teacher: str, prompts: list[list[int]]) -> dict:
 
 
 def run_opd(args, student: str, teacher: str, prompts: list[list[int]]) -> dict:
+    if args.vllm_mp:  # vLLM's engine core in a process of its own; weights over CUDA IPC
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+        os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # the IPC handle is pickled
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # colocated: one process
     from opd.cluster.placement import free_port
     from opd.config.schema import LearnerConfig, ObjectiveConfig, RolloutConfig, TeacherConfig
@@ -177,7 +180,10 @@ def run_opd(args, student: str, teacher: str, prompts: list[list[int]]) -> dict:
         free_port(),
         student,
         LearnerConfig(
-            dtype=dtype, micro_batch_size=len(prompts), zero_stage=args.zero if cuda else 0
+            dtype=dtype,
+            micro_batch_size=len(prompts),
+            zero_stage=args.zero if cuda else 0,
+            compile=args.learner_compile,
         ),
         objective,
         total_steps=args.steps + 1,
@@ -240,8 +246,11 @@ def run_opd(args, student: str, teacher: str, prompts: list[list[int]]) -> dict:
         t2 = time.perf_counter()
         losses.append(learner.train_step(samples, sum(s.n_tokens for s in samples))["train/loss"])
         t3 = time.perf_counter()
-        named = [(n, p.detach()) for n, p in learner.model.named_parameters()]
-        rollout.load_weights_from_tensors(named, step)
+        if args.vllm_mp:
+            rollout.load_weights_from_ipc(*learner.ipc_weights(dtype), step)
+        else:
+            named = [(n, p.detach()) for n, p in learner.model.named_parameters()]
+            rollout.load_weights_from_tensors(named, step)
         _sync()
         t4 = time.perf_counter()
         if prof is not None:
@@ -256,10 +265,13 @@ def run_opd(args, student: str, teacher: str, prompts: list[list[int]]) -> dict:
         "seconds_per_step": round(median_after_first(steps), 4),
         **{f"{k}_s": round(median_after_first(v), 4) for k, v in phases.items()},
         "step_times": [round(t, 4) for t in steps],
-        "completion_tokens_per_step": tokens[-1],
+        "completion_tokens_per_step": tokens,
         "losses": [round(x, 4) for x in losses],
         "startup_s": round(startup, 1),
         "vllm_cuda_graphs": compilation["cudagraph_mode"] if compilation else "none (eager)",
+        "vllm_engine": "own process, CUDA IPC sync" if args.vllm_mp else "in-process",
+        "vllm_direct_load": rollout.direct_load_applies(),
+        "learner": f"zero{args.zero if cuda else 0}" + (":compile" if args.learner_compile else ""),
     }
     del rollout, scorer, learner
     gc.collect()
@@ -281,6 +293,12 @@ def main() -> None:
     ap.add_argument("--vllm-compile-mode", type=int, default=0, help="vLLM compilation mode")
     ap.add_argument("--zero", type=int, default=2, help="opd learner's ZeRO stage (GPU)")
     ap.add_argument("--profile", action="store_true", help="profile opd's step 3 per phase")
+    ap.add_argument("--learner-compile", action="store_true", help="compile the learner's layers")
+    ap.add_argument(
+        "--vllm-mp",
+        action="store_true",
+        help="vLLM's engine core in its own process, weights synced over CUDA IPC (GPU)",
+    )
     args = ap.parse_args()
 
     root = tempfile.mkdtemp()

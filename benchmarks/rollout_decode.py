@@ -55,6 +55,62 @@ def copy_bandwidth() -> float | None:
     return 2 * 20 * a.numel() / (time.perf_counter() - t0)
 
 
+# Sampling settings beside the worker's own (a seed per request, the sampled token's log-prob):
+# what each costs on the host, measured by calling vLLM directly.
+VARIANTS = {
+    "no-seed": {"seed": False, "logprobs": 0},
+    "no-logprobs": {"seed": True, "logprobs": None},
+    "bare": {"seed": False, "logprobs": None},
+}
+
+
+def time_variant(llm, prompts: list[list[int]], name: str, new_tokens: int, repeats: int):
+    from vllm import SamplingParams
+
+    v = VARIANTS[name]
+    times = []
+    for r in range(repeats + 1):
+        params = [
+            SamplingParams(
+                temperature=1.0,
+                max_tokens=new_tokens,
+                seed=1000 * r + i if v["seed"] else None,
+                logprobs=v["logprobs"],
+                detokenize=False,
+            )
+            for i in range(len(prompts))
+        ]
+        t0 = time.perf_counter()
+        llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
+def print_host_profile(worker, prompts: list[list[int]], new_tokens: int) -> None:
+    """cProfile of one `generate`: where the host spends a decode step (stdout)."""
+    import cProfile
+    import pstats
+
+    from opd.rollout.batch import GenerationRequest
+
+    reqs = [GenerationRequest(p, 7 + i, (i, 0)) for i, p in enumerate(prompts)]
+    prof = cProfile.Profile()
+    prof.enable()
+    worker.generate(reqs, max_new_tokens=new_tokens, temperature=1.0, top_p=1.0)
+    prof.disable()
+    print(f"-- host profile: one generate, batch {len(prompts)}, {new_tokens} tokens", flush=True)
+    pstats.Stats(prof).sort_stats("tottime").print_stats(30)
+    pstats.Stats(prof).sort_stats("cumulative").print_stats(30)
+
+
+def synced_generate(worker, prompts: list[list[int]], new_tokens: int) -> list[tuple]:
+    from opd.rollout.batch import GenerationRequest
+
+    reqs = [GenerationRequest(p, 99 + i, (i, 0)) for i, p in enumerate(prompts)]
+    out = worker.generate(reqs, max_new_tokens=new_tokens, temperature=1.0, top_p=1.0)
+    return [(tuple(o["completion_ids"]), tuple(o["logprobs"])) for o in out]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", choices=sorted(SHAPES), default="tiny")
@@ -65,6 +121,14 @@ def main() -> None:
     ap.add_argument("--eager", action="store_true", help="vLLM without CUDA graphs")
     ap.add_argument("--cudagraph-mode", default="FULL_DECODE_ONLY")
     ap.add_argument("--vllm-memory", type=float, default=0.5)
+    ap.add_argument(
+        "--variants",
+        nargs="*",
+        default=[],
+        choices=sorted(VARIANTS),
+        help="also time vLLM directly with these sampling settings (host-cost breakdown)",
+    )
+    ap.add_argument("--cprofile", action="store_true", help="host profile of one generate")
     args = ap.parse_args()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
@@ -134,33 +198,74 @@ def main() -> None:
             result["bandwidth_floor_s"] = round(floor, 4)
             result["bandwidth_fraction"] = round(floor / sec, 4)
         report(result)
+        for name in args.variants:
+            sec = time_variant(worker.llm, prompts, name, args.new_tokens, args.repeats)
+            report(
+                {
+                    "benchmark": "rollout_decode",
+                    **common,
+                    "batch": b,
+                    "variant": name,
+                    "seconds": round(sec, 4),
+                    "tokens_per_s": round(generated / sec, 1),
+                }
+            )
+        if args.cprofile and b == args.batches[0]:
+            print_host_profile(worker, prompts, args.new_tokens)
 
     # colocated weight sync: an HF copy on the same device -> vLLM's weights
     source = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype))
     source = source.to("cuda" if cuda else "cpu")
     named = [(n, p.detach()) for n, p in source.named_parameters()]
     nbytes = sum(p.numel() * p.element_size() for _, p in named)
-    times = []
-    for v in range(1, args.repeats + 2):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        worker.load_weights_from_tensors(named, v)
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    sec = statistics.median(times[1:])
-    result = {
-        "benchmark": "weight_sync_colocated",
-        **common,
-        "bytes": nbytes,
-        "seconds": round(sec, 4),
-        "sync_times": [round(t, 4) for t in times],
-    }
-    if bw:
-        result["floor_s"] = round(2 * nbytes / bw, 5)  # read + write once, datasheet HBM
-        result["bandwidth_fraction"] = round(2 * nbytes / bw / sec, 4)
-    report(result)
+    # Perturbed weights: both load paths must give the same model, and a different one from
+    # the original (so a load that did nothing cannot pass).
+    gen = torch.Generator(device=named[0][1].device).manual_seed(0)
+    perturbed = [
+        (n, t + 0.02 * torch.randn(t.shape, generator=gen, device=t.device, dtype=t.dtype))
+        for n, t in named
+    ]
+    check = prompts[:4]
+    original = synced_generate(worker, check, 32)
+    after, direct = {}, worker.direct_load_applies()
+    for path in ("rebuild", "direct"):  # vLLM's per-layer reload, then the direct copy
+        os.environ["OPD_VLLM_DIRECT_LOAD"] = "1" if path == "direct" else "0"
+        times = []
+        for v in range(1, args.repeats + 2):
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            worker.load_weights_from_tensors(named, v)
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        worker.load_weights_from_tensors(perturbed, 0)
+        after[path] = synced_generate(worker, check, 32)
+        worker.load_weights_from_tensors(named, 0)
+        sec = statistics.median(times[1:])
+        result = {
+            "benchmark": "weight_sync_colocated",
+            **common,
+            "load_path": "direct" if path == "direct" and direct else "rebuild",
+            "bytes": nbytes,
+            "seconds": round(sec, 4),
+            "sync_times": [round(t, 4) for t in times],
+        }
+        if bw:
+            result["floor_s"] = round(2 * nbytes / bw, 5)  # read + write once, datasheet HBM
+            result["bandwidth_fraction"] = round(2 * nbytes / bw / sec, 4)
+        report(result)
+    os.environ.pop("OPD_VLLM_DIRECT_LOAD")
+    restored = synced_generate(worker, check, 32)
+    report(
+        {
+            "benchmark": "weight_sync_colocated",
+            **common,
+            "paths_agree": after["rebuild"] == after["direct"],
+            "perturbed_differs": after["rebuild"] != original,
+            "restored_matches": restored == original,
+        }
+    )
 
 
 if __name__ == "__main__":

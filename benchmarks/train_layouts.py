@@ -11,6 +11,8 @@ Layouts (per GPU the same batch, so 1 -> 2 GPUs is weak scaling):
 - `2-colocated`: two learner ranks (ZeRO-3 over NCCL), each sharing its GPU with a vLLM
   worker (asleep while the learner updates), the teacher beside them; weights through the
   host's shared-memory folder;
+- `1-colocated-ipc`, `2-colocated-ipc`: the same, weights over CUDA IPC (each learner rank
+  shares a flat weight buffer with the vLLM worker on its GPU) instead of the folder;
 - `2-split`: the learner on GPU 0; vLLM and the teacher on GPU 1; weights over NCCL.
 
 Models: random-init Qwen2 shapes from `common.SHAPES` with a small BPE tokenizer (weights do
@@ -42,6 +44,10 @@ LAYOUTS = {
                         learner_gpu=0.5, rollout_gpu=0.4, teacher_gpu=0.1),
     "2-colocated": dict(gpus=2, placement="colocated", learners=2, rollouts=2, sync="dir",
                         learner_gpu=0.5, rollout_gpu=0.4, teacher_gpu=0.1),
+    "1-colocated-ipc": dict(gpus=1, placement="colocated", learners=1, rollouts=1, sync="ipc",
+                            learner_gpu=0.5, rollout_gpu=0.4, teacher_gpu=0.1),
+    "2-colocated-ipc": dict(gpus=2, placement="colocated", learners=2, rollouts=2, sync="ipc",
+                            learner_gpu=0.5, rollout_gpu=0.4, teacher_gpu=0.1),
     "2-split": dict(gpus=2, placement="split", learners=1, rollouts=1, sync="nccl",
                     learner_gpu=1, rollout_gpu=0.6, teacher_gpu=0.4),
 }  # fmt: skip

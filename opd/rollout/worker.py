@@ -139,6 +139,10 @@ class RolloutWorker:
         self.version = version
         return version
 
+    def direct_load_applies(self) -> bool:
+        """Whether weights load straight into the parameters (opd.sync.vllm_extension)."""
+        return bool(self.llm.collective_rpc("opd_direct_load")[0])
+
     def init_weight_group(self, address: str, port: int, rank_offset: int, world_size: int) -> None:
         self.llm.collective_rpc(
             "opd_init_weight_group", args=(address, port, rank_offset, world_size)

@@ -1,8 +1,10 @@
 """Methods mixed into every vLLM worker (`worker_extension_cls`), reached via `collective_rpc`.
 
-Every transport ends in the same call, vLLM's in-place `reload_weights(weights_iterator=...)`,
-which also redoes the layout repacking the CPU backend applies after loading. Transports only
-differ in how the tensors reach the worker process:
+Every transport ends in `_opd_load`, which loads the weights in place: straight into the
+parameters (`model.load_weights`) for an unquantized model on a GPU, where vLLM does nothing
+after loading; otherwise through vLLM's `reload_weights`, which rebuilds each layer, loads it and
+redoes what follows loading (the CPU backend's layout repacking, quantization) before copying it
+back. Transports only differ in how the tensors reach the worker process:
 
 - `opd_load_from_dir`: safetensors files in a shared-memory folder (CPU, or any single host);
 - `opd_load_tensors`: tensors handed over in the same process (a learner colocated with an
@@ -21,6 +23,21 @@ from pathlib import Path
 class WeightSyncExtension:
     """Mixin for vLLM's Worker; `self` is the worker (it has `reload_weights`, `device`)."""
 
+    def _opd_load(self, weights) -> None:
+        """Load (name, tensor) pairs in place. The direct path skips vLLM's per-layer rebuild
+        (measured: benchmarks/RESULTS.md); OPD_VLLM_DIRECT_LOAD=0 forces the rebuild."""
+        if _direct_load_applies(self.model_runner):
+            import torch
+
+            with torch.no_grad():
+                self.model_runner.get_model().load_weights(weights)
+        else:
+            self.reload_weights(weights_iterator=weights)
+
+    def opd_direct_load(self) -> bool:
+        """Whether `_opd_load` takes the direct path on this worker."""
+        return _direct_load_applies(self.model_runner)
+
     def opd_load_from_dir(self, path: str, version: int) -> int:
         from safetensors import safe_open
 
@@ -30,12 +47,12 @@ class WeightSyncExtension:
                     for name in f.keys():
                         yield name, f.get_tensor(name)
 
-        self.reload_weights(weights_iterator=tensors())
+        self._opd_load(tensors())
         return version
 
     def opd_load_tensors(self, named: list, version: int) -> int:
         """(name, tensor) pairs handed over in-process (a colocated learner's weights)."""
-        self.reload_weights(weights_iterator=iter(named))
+        self._opd_load(iter(named))
         return version
 
     def opd_init_weight_group(
@@ -62,7 +79,7 @@ class WeightSyncExtension:
                 self.opd_comm.broadcast(buf, src=0)
                 yield name, buf
 
-        self.reload_weights(weights_iterator=tensors())
+        self._opd_load(tensors())
         return version
 
     def opd_load_ipc(self, entries: list, handle: tuple, version: int) -> int:
@@ -75,8 +92,20 @@ class WeightSyncExtension:
 
         rebuild, args = handle
         bucket = rebuild(*args)
-        self.reload_weights(weights_iterator=iter(views(bucket, entries)))
+        self._opd_load(iter(views(bucket, entries)))
         if bucket.is_cuda:  # the copies are done before the learner may write the buffer again
             torch.cuda.synchronize(bucket.device)
         del bucket
         return version
+
+
+def _direct_load_applies(runner) -> bool:
+    """True for an unquantized model off the CPU: nothing runs after its weights load, so
+    copying them straight into the parameters gives the same model as vLLM's rebuild."""
+    import os
+
+    from vllm.platforms import current_platform
+
+    if os.environ.get("OPD_VLLM_DIRECT_LOAD", "1") == "0" or current_platform.is_cpu():
+        return False
+    return runner.model_config.quantization is None
