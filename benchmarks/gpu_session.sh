@@ -2,7 +2,7 @@
 # The GPU measurements behind benchmarks/RESULTS.md, one phase per call on a machine with two
 # H200s and no package index (the lent device): what each phase needs must already be there.
 #   bash benchmarks/gpu_session.sh PHASE
-#   PHASE: mfu | scaling | vllm | split | tune | stage | layouts | gkd
+#   PHASE: mfu | scaling | vllm | split | tune | stage | layouts | gkd | gkd2 | gkd3
 # Needs: .gpu-bundle (ray, deepspeed, ...; /work/shared/gpu/make-bundle.sh), .whl (trl 1.16.0,
 # datasets 4.7.0, dill, multiprocess) for `mfu`; for `vllm` and `split`, vLLM 0.25.1 from
 # /work/shared/gpu/make-vllm-stage.sh .vllm-stage: its three ~47 MB pieces are carried one per
@@ -99,6 +99,23 @@ gkd)  # TRL vs opd in one invocation, opd's step 3 profiled per phase
   vllm_env || exit 1
   CUDA_VISIBLE_DEVICES=0 timeout -s ABRT ${LIMIT:-500} python3 $B/opd_vs_trl.py --profile \
     > "$OUT/opd_vs_trl.log" 2>&1 ;;
+gkd2)  # TRL vs opd (ZeRO-0 learner, profiled), then opd variants: engine core in its own
+       # process with CUDA IPC sync; ZeRO-2; then the rollout's host costs and load paths
+  vllm_env || exit 1
+  timeout -s ABRT 240 python3 $B/opd_vs_trl.py --zero 0 --profile > "$OUT/gkd_zero0.log" 2>&1
+  timeout -s ABRT 120 python3 $B/opd_vs_trl.py --systems opd --zero 0 --vllm-mp \
+    > "$OUT/gkd_mp.log" 2>&1
+  timeout -s ABRT 90 python3 $B/opd_vs_trl.py --systems opd --zero 2 > "$OUT/gkd_zero2.log" 2>&1
+  timeout -s ABRT 150 python3 $B/rollout_decode.py --size student-0.6b --batches 8 64 \
+    --repeats 2 --variants no-seed no-logprobs bare --cprofile > "$OUT/rollout.log" 2>&1 ;;
+gkd3)  # one invocation, each system in a process of its own: TRL; opd (ZeRO-2, vLLM in the
+       # process); opd ZeRO-0; opd with vLLM's engine core in its own process (CUDA IPC sync);
+       # then the load paths' check with the weights they change
+  vllm_env || exit 1
+  timeout -s ABRT 420 python3 $B/opd_vs_trl.py --systems trl opd opd:zero0 opd:mp \
+    > "$OUT/gkd.log" 2>&1
+  timeout -s ABRT 120 python3 $B/rollout_decode.py --size student-0.6b --batches 8 \
+    --repeats 1 > "$OUT/rollout.log" 2>&1 ;;
 *) echo "unknown phase $phase" >&2; exit 2 ;;
 esac
 grep -h '^{' "$OUT"/*.log | cut -c1-1500

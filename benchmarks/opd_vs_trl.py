@@ -31,7 +31,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import SHAPES, build_folder, random_prompts, report  # noqa: E402
+from common import SHAPES, build_folder, environment, random_prompts, report  # noqa: E402
 
 
 def _sync():
@@ -278,11 +278,68 @@ def run_opd(args, student: str, teacher: str, prompts: list[list[int]]) -> dict:
     return out
 
 
+def system_options(system: str) -> dict:
+    """`trl`, `opd` or `opd:zero0:mp:compile`-style variants -> the options they set."""
+    name, *opts = system.split(":")
+    if name not in ("trl", "opd") or (name == "trl" and opts):
+        raise SystemExit(f"--systems: {system!r} is not trl, opd or opd:OPTS")
+    out = {}
+    for o in opts:
+        if o.startswith("zero") and o[4:] in ("0", "1", "2", "3"):
+            out["zero"] = int(o[4:])
+        elif o == "mp":
+            out["vllm_mp"] = True
+        elif o == "compile":
+            out["learner_compile"] = True
+        else:
+            raise SystemExit(f"--systems: unknown option {o!r} in {system!r} (zeroN, mp, compile)")
+    return out
+
+
+def spawn(system: str, root: str) -> dict:
+    """Run one system in a fresh process (what one leaves behind in a process, allocator
+    state, threads, objects, cannot slow the next) and return its result line."""
+    import json
+    import subprocess
+
+    cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--child", system]
+    cmd += ["--root", root]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith('{"child_result"')]
+    print(proc.stdout, flush=True)  # the child's own log lines and profiles
+    if proc.returncode or not lines:
+        return {"system": system, "error": f"exit code {proc.returncode}, no result"}
+    return json.loads(lines[-1])["child_result"]
+
+
+def run_child(args, student: str, teacher: str) -> None:
+    import json
+
+    for key, value in system_options(args.child).items():
+        setattr(args, key, value)
+    vocab = SHAPES[args.student]["vocab_size"]
+    prompts = random_prompts(args.prompts, args.prompt_len, vocab)
+    if args.child == "trl":
+        out = run_trl(args, student, teacher, prompts)
+        import trl  # noqa: F401  (its version goes into the report)
+    else:
+        out = run_opd(args, student, teacher, prompts)
+    out["system"] = args.child
+    out["versions"] = environment()
+    print(json.dumps({"child_result": out}), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--student", choices=sorted(SHAPES), default="student-0.6b")
     ap.add_argument("--teacher", choices=sorted(SHAPES), default="teacher-1.8b")
-    ap.add_argument("--systems", nargs="+", default=["trl", "opd"], choices=("trl", "opd"))
+    ap.add_argument(
+        "--systems",
+        nargs="+",
+        default=["trl", "opd"],
+        help="trl, opd, or opd:OPTS with OPTS among zeroN, mp, compile joined by ':' (e.g. "
+        "opd:zero0:mp); each runs in a process of its own, one after the other",
+    )
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=256)
@@ -299,15 +356,20 @@ def main() -> None:
         action="store_true",
         help="vLLM's engine core in its own process, weights synced over CUDA IPC (GPU)",
     )
+    ap.add_argument("--child", help=argparse.SUPPRESS)  # one system, folders already built
+    ap.add_argument("--root", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    for system in args.systems:
+        system_options(system)  # a misspelt system fails before anything is built
 
-    root = tempfile.mkdtemp()
+    root = args.root or tempfile.mkdtemp()
     student, teacher = os.path.join(root, "student"), os.path.join(root, "teacher")
     dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+    if args.child:
+        run_child(args, student, teacher)
+        return
     n_student = build_folder(args.student, student, dtype, seed=0)
     n_teacher = build_folder(args.teacher, teacher, dtype, seed=1)
-    vocab = SHAPES[args.student]["vocab_size"]
-    prompts = random_prompts(args.prompts, args.prompt_len, vocab)
     sizes = {
         "student": args.student,
         "student_params": n_student,
@@ -320,14 +382,14 @@ def main() -> None:
     }
     results = {}
     for system in args.systems:
-        fn = run_trl if system == "trl" else run_opd
-        results[system] = fn(args, student, teacher, prompts)
-        if system == "trl":
-            import trl  # noqa: F401  (its version goes into the report)
-        report({"benchmark": "opd_vs_trl", **sizes, **results[system]})
-    if "trl" in results and "opd" in results:
-        speedup = results["trl"]["seconds_per_step"] / results["opd"]["seconds_per_step"]
-        report({"benchmark": "opd_vs_trl", **sizes, "speedup": round(speedup, 2)})
+        r = results[system] = spawn(system, root)
+        report({"benchmark": "opd_vs_trl", **sizes, **r.pop("versions", {}), **r})
+    for system in [x for x in results if x != "trl"]:
+        if "trl" in results and "error" not in results["trl"] and "error" not in results[system]:
+            speedup = results["trl"]["seconds_per_step"] / results[system]["seconds_per_step"]
+            report(
+                {"benchmark": "opd_vs_trl", **sizes, "system": system, "speedup": round(speedup, 2)}
+            )
 
 
 if __name__ == "__main__":

@@ -103,6 +103,25 @@ def print_host_profile(worker, prompts: list[list[int]], new_tokens: int) -> Non
     pstats.Stats(prof).sort_stats("cumulative").print_stats(30)
 
 
+def weight_sums(worker) -> dict[str, float]:
+    """Sum of each vLLM parameter (engine in this process): which weights a load changed."""
+
+    def sums(w):
+        model = w.model_runner.get_model()
+        return {n: float(p.detach().float().sum()) for n, p in model.named_parameters()}
+
+    return worker.llm.collective_rpc(sums)[0]
+
+
+def compare(a: list[tuple], b: list[tuple]) -> dict:
+    """How far two `synced_generate` outputs are apart: same tokens, largest log-prob gap."""
+    same = sum(x[0] == y[0] for x, y in zip(a, b))
+    gap = max(
+        (abs(p - q) for x, y in zip(a, b) if x[0] == y[0] for p, q in zip(x[1], y[1])), default=0
+    )
+    return {"same_tokens": f"{same}/{len(a)}", "max_logprob_gap": gap}
+
+
 def synced_generate(worker, prompts: list[list[int]], new_tokens: int) -> list[tuple]:
     from opd.rollout.batch import GenerationRequest
 
@@ -226,7 +245,7 @@ def main() -> None:
         for n, t in named
     ]
     check = prompts[:4]
-    original = synced_generate(worker, check, 32)
+    original, sums_original = synced_generate(worker, check, 32), weight_sums(worker)
     after, direct = {}, worker.direct_load_applies()
     for path in ("rebuild", "direct"):  # vLLM's per-layer reload, then the direct copy
         os.environ["OPD_VLLM_DIRECT_LOAD"] = "1" if path == "direct" else "0"
@@ -256,7 +275,8 @@ def main() -> None:
             result["bandwidth_fraction"] = round(2 * nbytes / bw / sec, 4)
         report(result)
     os.environ.pop("OPD_VLLM_DIRECT_LOAD")
-    restored = synced_generate(worker, check, 32)
+    restored, sums_restored = synced_generate(worker, check, 32), weight_sums(worker)
+    changed = [n for n in sums_original if sums_original[n] != sums_restored[n]]
     report(
         {
             "benchmark": "weight_sync_colocated",
@@ -264,6 +284,9 @@ def main() -> None:
             "paths_agree": after["rebuild"] == after["direct"],
             "perturbed_differs": after["rebuild"] != original,
             "restored_matches": restored == original,
+            "restored_vs_original": compare(restored, original),
+            "weights_changed_by_restore": f"{len(changed)}/{len(sums_original)}",
+            "first_changed": changed[:6],
         }
     )
 

@@ -133,8 +133,11 @@ class RolloutWorker:
         return version
 
     def load_weights_from_ipc(self, entries: list, handle: tuple, version: int) -> int:
-        """Colocated GPU transport: the learner rank on this GPU shares its weight buffer."""
-        self.llm.collective_rpc("opd_load_ipc", args=(entries, handle, version))
+        """Colocated GPU transport: the learner rank on this GPU shares its weight buffer.
+        The entries travel as plain rows (`bucket.as_rows`)."""
+        from opd.sync.bucket import as_rows
+
+        self.llm.collective_rpc("opd_load_ipc", args=(as_rows(entries), handle, version))
         self.llm.reset_prefix_cache()
         self.version = version
         return version

@@ -46,3 +46,13 @@ def view(bucket: torch.Tensor, e: BucketEntry) -> torch.Tensor:
 
 def views(bucket: torch.Tensor, entries: list[BucketEntry]) -> list[tuple[str, torch.Tensor]]:
     return [(e.name, view(bucket, e)) for e in entries]
+
+
+def as_rows(entries: list[BucketEntry]) -> list[tuple]:
+    """Entries as plain (name, dtype, shape, offset) rows: what survives msgpack, the hop to a
+    vLLM engine in its own process (it turns dataclasses into dicts)."""
+    return [(e.name, e.dtype, list(e.shape), e.offset) for e in entries]
+
+
+def from_rows(rows: list) -> list[BucketEntry]:
+    return [BucketEntry(name, dtype, tuple(shape), off) for name, dtype, shape, off in rows]

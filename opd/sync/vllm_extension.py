@@ -26,7 +26,7 @@ class WeightSyncExtension:
     def _opd_load(self, weights) -> None:
         """Load (name, tensor) pairs in place. The direct path skips vLLM's per-layer rebuild
         (measured: benchmarks/RESULTS.md); OPD_VLLM_DIRECT_LOAD=0 forces the rebuild."""
-        if _direct_load_applies(self.model_runner):
+        if _direct_load_applies(self):
             import torch
 
             with torch.no_grad():
@@ -36,7 +36,7 @@ class WeightSyncExtension:
 
     def opd_direct_load(self) -> bool:
         """Whether `_opd_load` takes the direct path on this worker."""
-        return _direct_load_applies(self.model_runner)
+        return _direct_load_applies(self)
 
     def opd_load_from_dir(self, path: str, version: int) -> int:
         from safetensors import safe_open
@@ -82,14 +82,15 @@ class WeightSyncExtension:
         self._opd_load(tensors())
         return version
 
-    def opd_load_ipc(self, entries: list, handle: tuple, version: int) -> int:
+    def opd_load_ipc(self, rows: list, handle: tuple, version: int) -> int:
         """Open the learner's buffer through its CUDA IPC handle (torch's rebuild function and
         its arguments) and load every weight from views of it; the buffer stays the
         learner's."""
         import torch
 
-        from opd.sync.bucket import views
+        from opd.sync.bucket import from_rows, views
 
+        entries = from_rows(rows)
         rebuild, args = handle
         bucket = rebuild(*args)
         self._opd_load(iter(views(bucket, entries)))
@@ -99,7 +100,7 @@ class WeightSyncExtension:
         return version
 
 
-def _direct_load_applies(runner) -> bool:
+def _direct_load_applies(worker) -> bool:
     """True for an unquantized model off the CPU: nothing runs after its weights load, so
     copying them straight into the parameters gives the same model as vLLM's rebuild."""
     import os
@@ -108,4 +109,4 @@ def _direct_load_applies(runner) -> bool:
 
     if os.environ.get("OPD_VLLM_DIRECT_LOAD", "1") == "0" or current_platform.is_cpu():
         return False
-    return runner.model_config.quantization is None
+    return worker.model_runner.model_config.quantization is None

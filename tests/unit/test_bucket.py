@@ -69,6 +69,13 @@ def test_the_vllm_side_loads_every_weight_from_the_shared_buffer():
             self.loaded = [(n, t.clone()) for n, t in weights_iterator]
 
     w = Worker()
-    assert w.opd_load_ipc(entries, (lambda: bucket, ()), version=7) == 7
+    # as `RolloutWorker.load_weights_from_ipc` sends them (plain tuples), through the msgpack
+    # hop to an engine in its own process (it turned the dataclasses into dicts on a GPU run)
+    from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
+
+    from opd.sync.bucket import as_rows
+
+    received = MsgpackDecoder().decode(MsgpackEncoder().encode(as_rows(entries)))
+    assert w.opd_load_ipc(received, (lambda: bucket, ()), version=7) == 7
     assert [n for n, _ in w.loaded] == ["a", "b"]
     assert all(torch.equal(got, ref) for (_, got), (_, ref) in zip(w.loaded, named))
