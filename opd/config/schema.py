@@ -81,7 +81,7 @@ class RolloutConfig:
     # {mode: 0, cudagraph_mode: FULL_DECODE_ONLY}: CUDA graphs for decode, no torch.compile pass
     compilation_config: dict[str, Any] | None = None
     # auto: nccl on GPUs when split, dir otherwise | dir | nccl | ipc (colocated GPUs: CUDA
-    # IPC from learner rank i to rollout worker i; not yet run on GPUs)
+    # IPC from learner rank i to rollout worker i; run on one GPU, not yet with several ranks)
     weight_sync: str = "auto"
     # Async rollouts: batches are generated up to this many steps ahead of the learner, so a
     # batch may come from a policy this many updates old (0: the synchronous loop).
