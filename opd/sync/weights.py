@@ -132,8 +132,9 @@ class IpcWeightSync:
     its GPU and hands rollout worker i, on the same GPU, a CUDA IPC handle to it; the worker
     copies from views of that buffer into vLLM's weights (no host round trip, no file).
 
-    NOT YET RUN on GPUs (written after this session's GPU time was spent): the colocated
-    default stays `dir`; choose it with `rollout.weight_sync: ipc`.
+    Run in `opd train` with one learner rank and one worker on an H100 (0.127 s per 1.26 GB
+    against 1.69 s for `dir`; benchmarks/RESULTS.md), not yet with several ranks: the
+    colocated default stays `dir`; choose it with `rollout.weight_sync: ipc`.
     """
 
     def __init__(self, learners: ActorGroup, rollouts: ActorGroup, dtype: str) -> None:
