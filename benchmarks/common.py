@@ -103,6 +103,23 @@ def forward_flops(shape: dict, seqs: list[tuple[int, int]]) -> float:
     return 2 * layers * tokens + attn + 2 * h * shape["vocab_size"] * completions
 
 
+def timed(fn, *args) -> float:
+    """Seconds `fn(*args)` takes, the device's queued work included (CUDA is synchronized on
+    both sides)."""
+    import time
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn(*args)
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 def environment() -> dict:
     import torch
 

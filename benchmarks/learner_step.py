@@ -34,7 +34,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import SHAPES, forward_flops, peak_flops, report, visible_devices  # noqa: E402
+from common import SHAPES, forward_flops, peak_flops, report, timed, visible_devices  # noqa: E402
 
 
 def build(size: str, dtype: str, folder: str) -> int:
@@ -151,14 +151,9 @@ def run_config(args, c: dict, folder: str, rank: int, world: int, port: int, cud
         full = batch(c["batch"] * world, args.prompt, args.completion, shape["vocab_size"], step)
         mine = full[rank::world]
         normalizer = sum(s.n_tokens for s in full)
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        learner.train_step(mine, normalizer)
-        if cuda:
-            torch.cuda.synchronize()
+        sec = timed(learner.train_step, mine, normalizer)
         if step:  # the first step includes warm-up
-            times.append(time.perf_counter() - t0)
+            times.append(sec)
             seqs_per_step.append([(len(s.prompt_ids), s.n_tokens) for s in full])
     peak_mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     prof = {}

@@ -25,7 +25,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import SHAPES, build_folder, hbm_bandwidth, param_counts, random_prompts, report  # noqa: E402,I001
+from common import SHAPES, build_folder, hbm_bandwidth, param_counts, random_prompts, report, timed  # noqa: E402,I001
 
 
 def decode_bytes(shape: dict, batch: int, prompt: int, new: int, nbytes: int = 2) -> float:
@@ -249,15 +249,9 @@ def main() -> None:
     after, direct = {}, worker.direct_load_applies()
     for path in ("rebuild", "direct"):  # vLLM's per-layer reload, then the direct copy
         os.environ["OPD_VLLM_DIRECT_LOAD"] = "1" if path == "direct" else "0"
-        times = []
-        for v in range(1, args.repeats + 2):
-            if cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            worker.load_weights_from_tensors(named, v)
-            if cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
+        times = [
+            timed(worker.load_weights_from_tensors, named, v) for v in range(1, args.repeats + 2)
+        ]
         worker.load_weights_from_tensors(perturbed, 0)
         after[path] = synced_generate(worker, check, 32)
         worker.load_weights_from_tensors(named, 0)
