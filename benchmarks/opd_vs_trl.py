@@ -169,6 +169,7 @@ def run_opd(args, student: str, teacher: str, prompts: list[list[int]]) -> dict:
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     dtype = "bfloat16" if cuda else "float32"
+    zero = args.zero if cuda else 0
     params = {"beta": 1.0, "lmbda": 1.0, "temperature": 1.0, "estimator": "full"}
     objective = ObjectiveConfig(name="gkd", params=params)
     request = build_objective("gkd", params, None).teacher_request()
@@ -182,7 +183,7 @@ def run_opd(args, student: str, teacher: str, prompts: list[list[int]]) -> dict:
         LearnerConfig(
             dtype=dtype,
             micro_batch_size=len(prompts),
-            zero_stage=args.zero if cuda else 0,
+            zero_stage=zero,
             compile=args.learner_compile,
         ),
         objective,
@@ -271,7 +272,7 @@ def run_opd(args, student: str, teacher: str, prompts: list[list[int]]) -> dict:
         "vllm_cuda_graphs": compilation["cudagraph_mode"] if compilation else "none (eager)",
         "vllm_engine": "own process, CUDA IPC sync" if args.vllm_mp else "in-process",
         "vllm_direct_load": rollout.direct_load_applies(),
-        "learner": f"zero{args.zero if cuda else 0}" + (":compile" if args.learner_compile else ""),
+        "learner": f"zero{zero}" + (":compile" if args.learner_compile else ""),
     }
     del rollout, scorer, learner
     gc.collect()

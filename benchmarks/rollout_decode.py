@@ -65,10 +65,11 @@ VARIANTS = {
 
 
 def time_variant(llm, prompts: list[list[int]], name: str, new_tokens: int, repeats: int):
+    """Median seconds of `generate` with variant `name`'s settings, and the tokens it made."""
     from vllm import SamplingParams
 
     v = VARIANTS[name]
-    times = []
+    times, generated = [], 0
     for r in range(repeats + 1):
         params = [
             SamplingParams(
@@ -81,9 +82,10 @@ def time_variant(llm, prompts: list[list[int]], name: str, new_tokens: int, repe
             for i in range(len(prompts))
         ]
         t0 = time.perf_counter()
-        llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        out = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:])
+        generated = sum(len(o.outputs[0].token_ids) for o in out)
+    return statistics.median(times[1:]), generated
 
 
 def print_host_profile(worker, prompts: list[list[int]], new_tokens: int) -> None:
@@ -114,7 +116,7 @@ def weight_sums(worker) -> dict[str, float]:
 
 
 def compare(a: list[tuple], b: list[tuple]) -> dict:
-    """How far two `synced_generate` outputs are apart: same tokens, largest log-prob gap."""
+    """How far two `seeded_generate` outputs are apart: same tokens, largest log-prob gap."""
     same = sum(x[0] == y[0] for x, y in zip(a, b))
     gap = max(
         (abs(p - q) for x, y in zip(a, b) if x[0] == y[0] for p, q in zip(x[1], y[1])), default=0
@@ -122,7 +124,8 @@ def compare(a: list[tuple], b: list[tuple]) -> dict:
     return {"same_tokens": f"{same}/{len(a)}", "max_logprob_gap": gap}
 
 
-def synced_generate(worker, prompts: list[list[int]], new_tokens: int) -> list[tuple]:
+def seeded_generate(worker, prompts: list[list[int]], new_tokens: int) -> list[tuple]:
+    """(tokens, log-probs) per prompt, with the same seeds on every call."""
     from opd.rollout.batch import GenerationRequest
 
     reqs = [GenerationRequest(p, 99 + i, (i, 0)) for i, p in enumerate(prompts)]
@@ -218,7 +221,7 @@ def main() -> None:
             result["bandwidth_fraction"] = round(floor / sec, 4)
         report(result)
         for name in args.variants:
-            sec = time_variant(worker.llm, prompts, name, args.new_tokens, args.repeats)
+            sec, made = time_variant(worker.llm, prompts, name, args.new_tokens, args.repeats)
             report(
                 {
                     "benchmark": "rollout_decode",
@@ -226,7 +229,8 @@ def main() -> None:
                     "batch": b,
                     "variant": name,
                     "seconds": round(sec, 4),
-                    "tokens_per_s": round(generated / sec, 1),
+                    "generated_tokens": made,
+                    "tokens_per_s": round(made / sec, 1),
                 }
             )
         if args.cprofile and b == args.batches[0]:
@@ -245,7 +249,7 @@ def main() -> None:
         for n, t in named
     ]
     check = prompts[:4]
-    original, sums_original = synced_generate(worker, check, 32), weight_sums(worker)
+    original, sums_original = seeded_generate(worker, check, 32), weight_sums(worker)
     after, direct = {}, worker.direct_load_applies()
     for path in ("rebuild", "direct"):  # vLLM's per-layer reload, then the direct copy
         os.environ["OPD_VLLM_DIRECT_LOAD"] = "1" if path == "direct" else "0"
@@ -253,7 +257,7 @@ def main() -> None:
             timed(worker.load_weights_from_tensors, named, v) for v in range(1, args.repeats + 2)
         ]
         worker.load_weights_from_tensors(perturbed, 0)
-        after[path] = synced_generate(worker, check, 32)
+        after[path] = seeded_generate(worker, check, 32)
         worker.load_weights_from_tensors(named, 0)
         sec = statistics.median(times[1:])
         result = {
@@ -269,7 +273,7 @@ def main() -> None:
             result["bandwidth_fraction"] = round(2 * nbytes / bw / sec, 4)
         report(result)
     os.environ.pop("OPD_VLLM_DIRECT_LOAD")
-    restored, sums_restored = synced_generate(worker, check, 32), weight_sums(worker)
+    restored, sums_restored = seeded_generate(worker, check, 32), weight_sums(worker)
     changed = [n for n in sums_original if sums_original[n] != sums_restored[n]]
     report(
         {
