@@ -8,32 +8,52 @@ code.
 
 Modes, picked once per interpreter by probing (``sandbox_mode()``), best first:
 
-``"ns"`` (root and the kernel allows namespaces; the mode on the dev VM):
-  * new PID, mount and network namespaces; when the program exits or the bootstrap is killed,
-    every process left in them dies: daemonised or ``setsid`` children cannot escape.
+``"bwrap"`` (root, bubblewrap installed, the kernel allows namespaces; the mode on the dev VM
+and in CI):
+  * namespaces, made by bubblewrap: new PID, mount, IPC, UTS, cgroup and network namespaces and
+    a new session. When the program exits or the bootstrap is killed, every process left in
+    them dies (daemonised or ``setsid`` children cannot escape), and so do the SysV IPC objects
+    and POSIX message queues it made; the host's are not visible.
   * network: none -- no TCP/UDP anywhere, no abstract unix sockets of the host
-    (``network=True`` keeps the host network).
-  * filesystem: everything read-only except the cwd ``/tmp`` (= HOME = TMPDIR), a private tmpfs
-    of ``max_dir_mb`` gone with the run, and a private ``/dev/shm``; ``/proc`` shows only
-    sandbox processes. Interpreter dirs under a non-world-traversable parent (pyenv in
-    ``/root``) are visible read-only, the rest of that parent is not.
+    (``network=True`` keeps the host network, and shows /etc/resolv.conf and /etc/hosts).
+  * filesystem: an empty root holding, read-only, only the interpreter's installation (its
+    prefixes: stdlib and site-packages), the system library dirs (``/usr/lib*``, ``/lib*``),
+    ``/etc/ld.so.cache`` and the bootstrap; a fresh ``/dev`` (null, zero, random, tty, ...) and
+    ``/proc`` (sandbox processes only); the cwd ``/tmp`` (= HOME = TMPDIR), a private tmpfs of
+    ``max_dir_mb`` gone with the run, and a private 1 MiB ``/dev/shm``. No other host file is
+    visible (``/etc/passwd``, the project checkout, other runs' dirs), hence no path-based unix
+    socket of the host either.
   * credentials: a per-run unprivileged uid/gid (``UID_BASE + slot``, slot locked with flock so
-    concurrent runs never share one), no supplementary groups, ``no_new_privs``. Hence
-    RLIMIT_NPROC is enforced per run (it is not for root), the program cannot signal or ptrace
-    the caller or other runs, and owns nothing outside its tmpfs.
+    concurrent runs never share one), no supplementary groups, no capabilities,
+    ``no_new_privs``. Hence RLIMIT_NPROC is enforced per run (it is not for root), the program
+    cannot signal or ptrace the caller or other runs, and owns nothing outside its tmpfs.
+``"ns"`` (root and namespaces, but no working bubblewrap): the same, with the namespaces (PID,
+  mount, IPC, UTS, network) made by the bootstrap itself, except the filesystem: the host's is
+  visible read-only, so world-readable host files and path-based unix sockets of the host are
+  reachable. Interpreter dirs under a non-world-traversable parent (pyenv in ``/root``) are
+  visible, the rest of that parent is not.
 ``"uid"`` (root, no namespaces): same uid drop and rlimits, a host temp dir as cwd (removed
   afterwards); cleanup kills every process of the slot uid (``kill(-1)`` as that uid, which is
   atomic against fork). NOT isolated: the network (an audit hook refusing ``socket.*`` is
-  installed -- defence in depth only, ctypes bypasses it) and world-writable dirs such as /tmp.
-  Needs an interpreter readable by other users (pass ``python=``).
-``"plain"`` (not root): rlimits + process-group kill + the audit hook. RLIMIT_NPROC then counts
-  all processes of the calling user. Root never falls back to this mode.
-Falling back logs one warning; ``SandboxResult.network_isolated`` says what a run got.
+  installed -- defence in depth only, ctypes bypasses it), world-writable dirs such as /tmp and
+  /dev/shm, world-readable host files and unix sockets. No IPC namespace: the syscall filter
+  refuses SysV IPC and POSIX message queues instead. Needs an interpreter readable by other
+  users (pass ``python=``).
+``"plain"`` (not root): rlimits + process-group kill + the audit hook + the syscall filter (IPC
+  refused as in ``"uid"``). RLIMIT_NPROC then counts all processes of the calling user. Root
+  never falls back to this mode.
+Falling back logs one warning saying what the mode leaves open. ``SandboxResult.mode`` says
+which mode ran; ``network_isolated`` and ``syscall_filter`` what the run got.
 
-Always: RLIMIT_CPU/AS/NPROC/FSIZE/NOFILE, no core dumps, a minimal environment (no inherited
-secrets), stdin ``/dev/null``, stdout/stderr read incrementally and capped (the run is killed
-past the cap), a parent-death signal on every level. Not enforced: aggregate memory (up to
-``max_processes * memory_mb``; no cgroup is used), CPU share, reading world-readable host files.
+Every mode: a new, empty session keyring (the caller's keys are not reachable); a seccomp filter
+(:mod:`.sandbox_seccomp`, compiled by libseccomp, which apt itself depends on; without it one
+warning and no filter) refusing namespace creation (so no nested user namespace), mount,
+setns, every key syscall, ptrace and process_vm_*, bpf, perf_event_open, io_uring, kernel
+modules and the like; RLIMIT_CPU/AS/NPROC/FSIZE/NOFILE, no core dumps, a minimal environment
+(no inherited secrets), stdin ``/dev/null``, stdout/stderr read incrementally and capped (the
+run is killed past the cap), a parent-death signal on every level. Not enforced: aggregate
+memory (up to ``max_processes * memory_mb`` plus the tmpfs; no cgroup is used), CPU share, and
+kernel bugs reachable through the syscalls the filter allows.
 """
 
 from __future__ import annotations
@@ -57,10 +77,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from opd.rewards import sandbox_child
+from opd.rewards import sandbox_child, sandbox_seccomp
 
 UID_BASE, UID_SLOTS = 1_600_000_000, 4096
 _CHILD = sandbox_child.__file__  # the bootstrap, run as a plain script
+_BOOT_IN_BWRAP = "/opd-sandbox/sandbox_child.py"  # where bubblewrap shows it
+_LIB_DIRS = ("/lib", "/lib32", "/lib64", "/libx32", "/usr/lib", "/usr/lib32", "/usr/lib64")
+_NET_FILES = ("/etc/resolv.conf", "/etc/hosts")  # shown with network=True only
 _log = logging.getLogger(__name__)
 _ENV = {
     "PATH": "/usr/local/bin:/usr/bin:/bin",
@@ -91,7 +114,8 @@ class SandboxResult:
     stderr: str
     seconds: float
     network_isolated: bool
-    mode: str = ""
+    mode: str = ""  # "bwrap" | "ns" | "uid" | "plain": what isolated this run
+    syscall_filter: bool = False  # the seccomp filter was installed
 
     @property
     def ok(self) -> bool:
@@ -132,27 +156,33 @@ def default_python() -> str:
 
 
 def sandbox_mode(python: str | None = None) -> str:
-    """The best mode that works for ``python`` here ("ns", "uid" or "plain"); probed once."""
+    """The best mode that works for ``python`` here ("bwrap", "ns", "uid" or "plain");
+    probed once."""
     return _probe(python or default_python())
+
+
+_GAPS = {
+    "ns": "host files are readable (read-only) and host unix sockets reachable",
+    "uid": "network NOT isolated (audit hook only), no IPC namespace, /tmp and host files shared",
+}
 
 
 @functools.cache
 def _probe(python: str) -> str:
     errors = []
-    for mode in ("ns", "uid") if os.geteuid() == 0 else ("plain",):
+    modes = ("bwrap", "ns", "uid") if os.geteuid() == 0 else ("plain",)
+    if _bwrap() is None:
+        errors.append("bwrap: not installed (Debian: bubblewrap)")
+        modes = modes[1:] if modes[0] == "bwrap" else modes
+    for mode in modes:
         try:
             res = _run("print('opd-ok')", mode, python, 30.0, 4096, False, _PROBE_LIMITS)
         except SandboxError as e:
             errors.append(f"{mode}: {e}")
             continue
         if res.ok and res.stdout.strip() == "opd-ok":
-            if mode != "ns":
-                _log.warning(
-                    "sandbox: namespaces unavailable (%s); using mode %r: network is "
-                    "NOT isolated (audit hook only) and /tmp is shared",
-                    errors,
-                    mode,
-                )
+            if mode in _GAPS:
+                _log.warning("sandbox: %s; using mode %r: %s", errors, mode, _GAPS[mode])
             return mode
         errors.append(f"{mode}: {res.status} {res.stderr.strip()[-300:]}")
     raise SandboxError("no working sandbox mode: " + " | ".join(errors))
@@ -164,14 +194,15 @@ def _run(
     with contextlib.ExitStack() as stack:
         uid = stack.enter_context(_slot(reap_first=mode == "uid")) if mode != "plain" else None
         workdir = None
-        if mode != "ns":
+        if mode in ("uid", "plain"):
             workdir = tempfile.mkdtemp(prefix="opd-sandbox-")
             stack.callback(shutil.rmtree, workdir, True)
             if uid is not None:
                 os.chown(workdir, uid, uid)
         ready_r, ready_w = os.pipe()
         stack.callback(os.close, ready_r)
-        netns = mode == "ns" and not network
+        netns = mode in ("bwrap", "ns") and not network
+        bpf = _syscall_filter(deny_ipc=mode in ("uid", "plain"))
         cfg = dict(
             limits,
             mode=mode,
@@ -183,6 +214,10 @@ def _run(
             workdir=workdir,
             ready_fd=ready_w,
             expose=_hidden_paths(python) if mode == "ns" else [],
+            bwrap=_bwrap_argv(python, network) if mode == "bwrap" else None,
+            boot=_BOOT_IN_BWRAP,
+            seccomp=bpf,
+            keyctl_nr=sandbox_seccomp.syscall_number("keyctl"),
         )
         start = time.monotonic()
         try:
@@ -215,7 +250,18 @@ def _run(
         stderr = err.decode(errors="replace")
         if status != "timeout" and not _was_ready(ready_r):
             raise SandboxError(f"sandbox setup failed (mode {mode}, rc {rc}): {stderr[-2000:]}")
-        return SandboxResult(status, rc, out.decode(errors="replace"), stderr, seconds, netns, mode)
+        stdout = out.decode(errors="replace")
+        return SandboxResult(status, rc, stdout, stderr, seconds, netns, mode, bpf is not None)
+
+
+@functools.cache
+def _syscall_filter(deny_ipc: bool) -> str | None:
+    """The seccomp program as hex, or None (logged once) where libseccomp is missing."""
+    try:
+        return sandbox_seccomp.filter_bpf(deny_ipc).hex()
+    except OSError as e:
+        _log.warning("sandbox: no syscall filter (%s): unshare, keyctl, ptrace... allowed", e)
+        return None
 
 
 def _communicate(
@@ -350,3 +396,57 @@ def _hidden_paths(python: str) -> list[list[str]]:
                 pairs.append([cur, path])
                 break
     return pairs
+
+
+def _bwrap() -> str | None:
+    return shutil.which("bwrap", path=_ENV["PATH"])
+
+
+@functools.cache
+def _bwrap_argv(python: str, network: bool) -> tuple[str, ...]:
+    """bubblewrap's command line: namespaces, and a root holding only what Python needs."""
+    argv = [_bwrap(), "--unshare-ipc", "--unshare-pid", "--unshare-uts", "--unshare-cgroup-try"]
+    argv += [] if network else ["--unshare-net"]
+    argv += ["--new-session", "--die-with-parent", "--as-pid-1", "--hostname", "sandbox"]
+    argv += ["--cap-drop", "ALL"]
+    for cap in ("SYS_ADMIN", "SETUID", "SETGID", "SYS_RESOURCE"):  # what the init's set-up uses
+        argv += ["--cap-add", f"CAP_{cap}"]
+    dirs = list(_interpreter_dirs(python))
+    for path in _LIB_DIRS:
+        if os.path.islink(path):
+            argv += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            dirs.append(path)
+    dirs = sorted(set(dirs))
+    dirs = [p for p in dirs if not any(p.startswith(q + "/") for q in dirs)]
+    parents = {os.path.dirname(p) for p in dirs} - {"/"}
+    for path in sorted({a for p in parents for a in _ancestors(p)}):
+        argv += ["--perms", "0755", "--dir", path]  # else bubblewrap makes them 0700
+    for path in dirs:
+        argv += ["--ro-bind", path, path]
+    argv += ["--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache"]
+    for path in _NET_FILES if network else ():
+        argv += ["--ro-bind-try", path, path]
+    argv += ["--ro-bind", _CHILD, _BOOT_IN_BWRAP, "--proc", "/proc", "--dev", "/dev"]
+    return (*argv, "--dir", "/tmp", "--chdir", "/")
+
+
+def _ancestors(path: str) -> list[str]:
+    """``/a/b/c`` -> ``[/a, /a/b, /a/b/c]``."""
+    parts = path.strip("/").split("/")
+    return ["/" + "/".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+@functools.cache
+def _interpreter_dirs(python: str) -> tuple[str, ...]:
+    """``python``'s installation: its prefixes (stdlib, site-packages) and its binary's dir."""
+    ask = "import json, sys; print(json.dumps([sys.prefix, sys.exec_prefix, sys.base_prefix]))"
+    try:
+        run = subprocess.run([python, "-I", "-c", ask], env=_ENV, capture_output=True, timeout=60)
+        prefixes = json.loads(run.stdout)
+    except (OSError, subprocess.SubprocessError, ValueError) as e:
+        raise SandboxError(f"cannot ask {python} for its prefixes: {e}") from e
+    paths = [os.path.realpath(p) for p in [*prefixes, os.path.dirname(os.path.realpath(python))]]
+    if "/" in paths:
+        raise SandboxError(f"{python} is installed in /: the sandbox would show the whole host")
+    return tuple(paths)
