@@ -1,39 +1,37 @@
 """SimCT: cross-tokenizer on-policy distillation (OBJECTIVES.md section 4, arXiv 2605.07711).
 
-Teacher and student tokenize the same completion differently. Three pieces:
+Teacher and student tokenize the same completion differently. Three pieces, the first two in
+`opd.objectives.simct_align` (the text half: tokens as exact bytes):
 
 - `shared_vocab`: token pairs whose strings match exactly once the byte-level space marker is
   normalized ("Ġ" -> "▁"), plus EOS <-> EOS.
-- `align_segments`: walks both tokenizations of the completion and cuts it into segments,
-  each either a 1:1 token (identical strings at the same text offset, or both EOS) or a span,
-  the shortest run of tokens both sides realize as the same text.
+- `align_segments`: walks both tokenizations of the completion and records a boundary wherever
+  both sides have read the same text and the next tokens are identical (or both EOS). Two
+  segmentations (docs/simct.md): `authors`, the authors' code (the default), where a segment
+  runs from after one boundary through the next, so an unmatched run and the identical token
+  that closes it are one segment; and `fine`, which also cuts an unmatched run wherever the
+  two texts meet and keeps the closing token a 1:1 segment of its own. Tokens after the last
+  boundary are dropped in both.
 - the loss: per segment, a virtual vocabulary = the shared vocabulary's raw logits at the
   segment's first position, plus, for a span, one entry whose logit is the mean of the raw
-  logits of the span's own tokens (on each side along its own tokenization). Reverse KL over
-  it, teacher detached, temperature 1; `shared_only` keeps the 1:1 segments alone (baseline).
-
-**Bytes, not strings** (ours): a byte-level BPE splits a multi-byte character over tokens
-whose individual decodes are U+FFFD, so per-token decoded strings neither concatenate to the
-text nor compare correctly. The alignment therefore measures and compares UTF-8 *bytes*:
-`token_bytes` gives each token's exact bytes (byte-level BPE via the GPT-2 byte table;
-SentencePiece-style via "▁" -> " " and `<0xHH>` byte fallback), and `align_segments` also
-accepts `str` pieces (encoded as UTF-8), which is exact whenever no token splits a character.
-Every segment then holds the same bytes on both sides, and the segments concatenate to a
-prefix of the completion's bytes.
+  logits of the segment's own tokens (on each side along its own tokenization). Reverse KL
+  over it, teacher detached, temperature 1; `shared_only` keeps the identical tokens alone,
+  each at its own position (the baseline).
 
 In the loop (`TeacherRequest("aligned")`): the teacher scorer re-tokenizes each completion,
-aligns it, and computes its half of the virtual vocabulary (`side_logits`), so only [K, S]
-shared logits and [K] span means travel to the learner (`AlignedScores`). The learner computes
-the student's half straight from its hidden states (`LogitsAt`: only the K x S shared columns
-and the span tokens' own logits go through the LM head, never a [B, T, V] tensor), and
-`SimCT.batch_loss` takes the two halves as a `SimCTBatch`.
+aligns it with the `fine` cut, which both segmentations are unions of, and computes its half
+of each fine segment's virtual vocabulary (`side_logits`), so only [K, S] shared logits and
+[K] own-token means travel to the learner (`AlignedScores`). The learner computes the
+student's half straight from its hidden states (`LogitsAt`: only the K x S shared columns and
+the completion tokens' own logits go through the LM head, never a [B, T, V] tensor), and
+`SimCT.batch_loss` takes the two halves as a `SimCTBatch`, merging the fine segments into the
+authors' ones (`merge_spans`) unless the recipe asks for `fine`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from functools import lru_cache
+from dataclasses import dataclass, fields
 from typing import ClassVar
 
 import torch
@@ -49,169 +47,9 @@ from opd.objectives.base import (
     at_least_fp32,
 )
 from opd.objectives.divergences import reverse_kl
+from opd.objectives.simct_align import SEGMENTATIONS, Segment
 
 MODES = ("simct", "shared_only")
-Segment = tuple[int, int, int, int]  # half-open (student_start, student_end, teacher_start, _end)
-
-
-# --- tokens as bytes, shared vocabulary ------------------------------------------------------
-
-
-@lru_cache(maxsize=1)
-def _byte_level_decoder() -> dict[str, int]:
-    """The GPT-2 byte-level alphabet, inverted: printable stand-in character -> byte."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
-    chars, extra = {b: b for b in keep}, 0
-    for b in range(256):
-        if b not in chars:
-            chars[b] = 256 + extra
-            extra += 1
-    return {chr(c): b for b, c in chars.items()}
-
-
-def _is_byte_level(tokenizer) -> bool:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    return backend is not None and "ByteLevel" in str(backend.decoder)
-
-
-def token_bytes(tokenizer, ids: Sequence[int]) -> list[bytes]:
-    """Each token's exact UTF-8 bytes; special tokens give their literal text."""
-    special = set(tokenizer.all_special_ids)
-    byte_level = _is_byte_level(tokenizer)
-    table = _byte_level_decoder()
-    out = []
-    for tid, tok in zip(ids, tokenizer.convert_ids_to_tokens(list(ids)), strict=True):
-        if tid in special:
-            out.append(tok.encode())
-        elif byte_level:
-            out.append(
-                bytes(table[c] for c in tok) if all(c in table for c in tok) else tok.encode()
-            )
-        elif len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">"):
-            out.append(bytes([int(tok[3:5], 16)]))
-        else:
-            out.append(tok.replace("▁", " ").encode())
-    return out
-
-
-def _normalize(token: str) -> str:
-    return token.replace("Ġ", "▁")
-
-
-def shared_vocab(student_tokenizer, teacher_tokenizer) -> tuple[Tensor, Tensor]:
-    """(student_ids_S, teacher_ids_S): tokens equal after "Ġ" -> "▁", plus EOS <-> EOS."""
-    teacher = {}
-    for tok, tid in sorted(teacher_tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
-        teacher.setdefault(_normalize(tok), tid)
-    pairs: dict[int, int] = {}
-    taken: set[int] = set()
-    s_eos, t_eos = student_tokenizer.eos_token_id, teacher_tokenizer.eos_token_id
-    if s_eos is not None and t_eos is not None:
-        pairs[s_eos], taken = t_eos, {t_eos}
-    for tok, sid in sorted(student_tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
-        tid = teacher.get(_normalize(tok))
-        if tid is not None and sid not in pairs and tid not in taken:
-            pairs[sid] = tid
-            taken.add(tid)
-    student_ids = sorted(pairs)
-    return (
-        torch.tensor(student_ids, dtype=torch.long),
-        torch.tensor([pairs[s] for s in student_ids], dtype=torch.long),
-    )
-
-
-# --- alignment ------------------------------------------------------------------------------
-
-
-def _as_bytes(pieces: Sequence[str | bytes], eos: int | None) -> list[bytes]:
-    out = [p.encode() if isinstance(p, str) else bytes(p) for p in pieces]
-    if eos is not None:
-        out[eos] = b""  # EOS carries no text, whatever its decoded form
-    return out
-
-
-def _common_prefix(a: bytes, b: bytes) -> int:
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:
-        return n
-    return next(k for k in range(n) if a[k] != b[k])
-
-
-def align_segments(
-    student_pieces: Sequence[str | bytes],
-    teacher_pieces: Sequence[str | bytes],
-    student_eos: int | None = None,
-    teacher_eos: int | None = None,
-) -> list[Segment]:
-    """Half-open (student_start, student_end, teacher_start, teacher_end) segments.
-
-    Walk both sides keeping the accumulated text. When the accumulated texts are equal and
-    the next tokens are identical (or both EOS), record a 1:1 boundary and advance both;
-    otherwise advance the side whose text is shorter (both if equal but the tokens differ).
-    A span closes the first time the two accumulated texts are equal again. Tokens after the
-    last boundary are dropped, and so is everything past the texts' longest common prefix.
-    """
-    s, t = _as_bytes(student_pieces, student_eos), _as_bytes(teacher_pieces, teacher_eos)
-    limit = _common_prefix(b"".join(s), b"".join(t))
-    segments: list[Segment] = []
-    i = j = s0 = t0 = acc_s = acc_t = 0
-    while True:
-        if acc_s == acc_t and i > s0:  # a span just became jointly realizable
-            if acc_s > limit:
-                break
-            segments.append((s0, i, t0, j))
-            s0, t0 = i, j
-        if acc_s == acc_t:
-            if i == len(s) or j == len(t):
-                break
-            both_eos = i == student_eos and j == teacher_eos
-            neither_eos = i != student_eos and j != teacher_eos
-            if both_eos or (neither_eos and s[i] == t[j]):
-                acc_s, acc_t, i, j = acc_s + len(s[i]), acc_t + len(t[j]), i + 1, j + 1
-                if acc_s > limit:
-                    break
-                segments.append((s0, i, t0, j))
-                s0, t0 = i, j
-                continue
-            acc_s, acc_t, i, j = acc_s + len(s[i]), acc_t + len(t[j]), i + 1, j + 1
-        elif acc_s < acc_t:
-            if i == len(s):
-                break
-            acc_s, i = acc_s + len(s[i]), i + 1
-        else:
-            if j == len(t):
-                break
-            acc_t, j = acc_t + len(t[j]), j + 1
-    return segments
-
-
-def eos_index(ids: Sequence[int], eos_id: int | None) -> int | None:
-    """The index of a final EOS token, or None."""
-    return len(ids) - 1 if ids and eos_id is not None and ids[-1] == eos_id else None
-
-
-def retokenize(student_tokenizer, teacher_tokenizer, student_ids: Sequence[int]) -> list[int]:
-    """The teacher's tokenization of a student completion, with the teacher's EOS if it ended."""
-    eos = eos_index(student_ids, student_tokenizer.eos_token_id)
-    body = list(student_ids[:eos] if eos is not None else student_ids)
-    text = b"".join(token_bytes(student_tokenizer, body)).decode("utf-8", errors="replace")
-    ids = teacher_tokenizer(text, add_special_tokens=False)["input_ids"]
-    return ids + [teacher_tokenizer.eos_token_id] if eos is not None else ids
-
-
-def align_ids(
-    student_tokenizer, teacher_tokenizer, student_ids: Sequence[int], teacher_ids: Sequence[int]
-) -> list[Segment]:
-    """`align_segments` on token ids, with each side's final EOS recognized."""
-    return align_segments(
-        token_bytes(student_tokenizer, student_ids),
-        token_bytes(teacher_tokenizer, teacher_ids),
-        eos_index(student_ids, student_tokenizer.eos_token_id),
-        eos_index(teacher_ids, teacher_tokenizer.eos_token_id),
-    )
-
-
-# --- tensors --------------------------------------------------------------------------------
 
 
 @dataclass
@@ -223,11 +61,6 @@ class SegmentIndex:
     student_len_K: Tensor
     teacher_start_K: Tensor
     teacher_len_K: Tensor
-
-    @property
-    def is_span_K(self) -> Tensor:
-        """A 1-by-1 segment is a 1:1 token (a 1-by-1 span needs a zero-length token)."""
-        return (self.student_len_K != 1) | (self.teacher_len_K != 1)
 
     @classmethod
     def from_alignments(
@@ -258,11 +91,11 @@ def side_logits(
     batch_K: Tensor,
     start_K: Tensor,
     len_K: Tensor,
-    is_span_K: Tensor,
     vocab_ids_S: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """One side's (shared_KS, span_K): raw logits at segment starts on the shared vocabulary,
-    and per span the mean raw logit of its own tokens (0 on 1:1 segments).
+    """One side's (shared_KS, own_K): raw logits at segment starts on the shared vocabulary,
+    and per segment the mean raw logit of its own tokens (a span's virtual entry; on a 1:1
+    segment it is only needed when `merge_spans` makes the segment part of a span).
 
     Position t of `logits` is the distribution of completion token t (`ids_BT[:, t]`); a
     plain [B, T, V] tensor is accepted too.
@@ -270,29 +103,74 @@ def side_logits(
     if isinstance(logits, Tensor):
         logits = DenseLogits(logits)
     shared_KS = logits.columns(batch_K, start_K, vocab_ids_S)
-    span_len_K = torch.where(is_span_K, len_K, torch.zeros_like(len_K))
     k = torch.arange(len(batch_K), device=batch_K.device)
-    seg_N = torch.repeat_interleave(k, span_len_K)
-    first_N = torch.cumsum(span_len_K, 0)[seg_N] - span_len_K[seg_N]
+    seg_N = torch.repeat_interleave(k, len_K)
+    first_N = torch.cumsum(len_K, 0)[seg_N] - len_K[seg_N]
     pos_N = start_K[seg_N] + torch.arange(len(seg_N), device=k.device) - first_N
     row_N = batch_K[seg_N]
-    own_N = logits.at(row_N, pos_N, ids_BT[row_N, pos_N])
+    own_N = at_least_fp32(logits.at(row_N, pos_N, ids_BT[row_N, pos_N]))
     sums_K = torch.zeros(len(k), dtype=own_N.dtype, device=k.device).index_add(0, seg_N, own_N)
-    return shared_KS, sums_K / span_len_K.clamp_min(1).to(sums_K.dtype)
+    return shared_KS, sums_K / len_K.clamp_min(1).to(sums_K.dtype)
 
 
 @dataclass
 class SimCTBatch:
-    """Both sides on the virtual vocabulary: K segments, S shared tokens."""
+    """Both sides on the virtual vocabulary: K segments (in row order, each row's in text
+    order), S shared tokens. `_span_K` is the mean raw logit of the segment's own tokens, the
+    span entry (unused on a 1:1 segment)."""
 
+    batch_K: Tensor  # row of each segment
     student_shared_KS: Tensor  # with grad
-    student_span_K: Tensor  # with grad; 0 on 1:1 segments
+    student_span_K: Tensor  # with grad
     teacher_shared_KS: Tensor
     teacher_span_K: Tensor
-    is_span_K: Tensor  # bool
     student_len_K: Tensor  # student tokens per segment
     teacher_len_K: Tensor
     n_tokens: Tensor  # student completion tokens, dropped ones included
+
+    @property
+    def is_span_K(self) -> Tensor:
+        """A 1-by-1 segment is a 1:1 token (a 1-by-1 span needs a zero-length token)."""
+        return (self.student_len_K != 1) | (self.teacher_len_K != 1)
+
+    def select(self, keep_K: Tensor) -> SimCTBatch:
+        k = [getattr(self, f.name)[keep_K] for f in fields(self) if f.name != "n_tokens"]
+        return SimCTBatch(*k, self.n_tokens)
+
+
+def merge_spans(batch: SimCTBatch) -> SimCTBatch:
+    """The `authors` segments from the `fine` ones: each run of spans joins the 1:1 segment
+    that closes it (a run that nothing closes in its row, which `align_segments` never gives,
+    stays one segment). A merged segment keeps its first piece's shared logits; its span
+    entry is the mean over all its tokens, from the pieces' means weighted by their lengths."""
+    if batch.batch_K.numel() == 0:
+        return batch
+    row_end_K = torch.ones_like(batch.is_span_K)
+    row_end_K[:-1] = batch.batch_K[1:] != batch.batch_K[:-1]
+    end_K = ~batch.is_span_K | row_end_K  # a merged segment ends here
+    first_K = torch.ones_like(end_K)
+    first_K[1:] = end_K[:-1]
+    group_K = torch.cumsum(end_K, 0) - end_K.long()
+    n = int(end_K.sum())
+
+    def total(x: Tensor) -> Tensor:
+        return torch.zeros(n, dtype=x.dtype, device=x.device).index_add(0, group_K, x)
+
+    def mean(own_K: Tensor, len_K: Tensor) -> Tensor:
+        own_K = at_least_fp32(own_K)
+        weight_K = len_K.to(own_K.dtype)
+        return total(own_K * weight_K) / total(weight_K)
+
+    return SimCTBatch(
+        batch.batch_K[end_K],
+        batch.student_shared_KS[first_K],
+        mean(batch.student_span_K, batch.student_len_K),
+        batch.teacher_shared_KS[first_K],
+        mean(batch.teacher_span_K, batch.teacher_len_K),
+        total(batch.student_len_K),
+        total(batch.teacher_len_K),
+        batch.n_tokens,
+    )
 
 
 def build_simct_batch(
@@ -305,15 +183,14 @@ def build_simct_batch(
     n_tokens: Tensor | int,
 ) -> SimCTBatch:
     """`SimCTBatch` from each side's full logits along its own tokenization (tests; the loop
-    computes the teacher's half in the scorer and the student's in the learner)."""
-    is_span = index.is_span_K
+    computes the teacher's half in the scorer and the student's in the learner). `index`
+    holds the `fine` segments, as the scorer sends them."""
     s_shared, s_span = side_logits(
         student_logits_BTV,
         student_ids_BT,
         index.batch_K,
         index.student_start_K,
         index.student_len_K,
-        is_span,
         shared[0].to(student_logits_BTV.device),
     )
     t_shared, t_span = side_logits(
@@ -322,15 +199,14 @@ def build_simct_batch(
         index.batch_K,
         index.teacher_start_K,
         index.teacher_len_K,
-        is_span,
         shared[1].to(teacher_logits_BUW.device),
     )
     return SimCTBatch(
+        index.batch_K,
         s_shared,
         s_span,
         t_shared,
         t_span,
-        is_span,
         index.student_len_K,
         index.teacher_len_K,
         torch.as_tensor(n_tokens, device=student_logits_BTV.device),
@@ -346,40 +222,46 @@ def _virtual_logprobs(shared_KS: Tensor, span_K: Tensor, is_span_K: Tensor) -> T
 
 def virtual_reverse_kl(batch: SimCTBatch) -> Tensor:
     """KL(student || teacher) per segment on its virtual vocabulary, teacher detached: [K]."""
-    student = _virtual_logprobs(batch.student_shared_KS, batch.student_span_K, batch.is_span_K)
-    teacher = _virtual_logprobs(batch.teacher_shared_KS, batch.teacher_span_K, batch.is_span_K)
+    span = batch.is_span_K
+    student = _virtual_logprobs(batch.student_shared_KS, batch.student_span_K, span)
+    teacher = _virtual_logprobs(batch.teacher_shared_KS, batch.teacher_span_K, span)
     return reverse_kl(student, teacher.detach())
 
 
 @dataclass
 class SimCTParams:
     mode: str = "simct"
+    segmentation: str = "authors"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"objective.params.mode={self.mode!r}; valid: {', '.join(MODES)}")
+        if self.segmentation not in SEGMENTATIONS:
+            raise ValueError(
+                f"objective.params.segmentation={self.segmentation!r}; "
+                f"valid: {', '.join(SEGMENTATIONS)}"
+            )
 
 
 def student_batch(
     logits: LogitsAt, ids_BT: Tensor, aligned: AlignedScores, n_tokens: Tensor
 ) -> SimCTBatch:
-    """The student's half next to the teacher's (`AlignedScores`, from the scorer)."""
-    is_span = (aligned.student_len_K != 1) | (aligned.teacher_len_K != 1)
+    """The student's half next to the teacher's (`AlignedScores`, from the scorer), on the
+    `fine` segments the scorer sent."""
     s_shared, s_span = side_logits(
         logits,
         ids_BT,
         aligned.batch_K,
         aligned.student_start_K,
         aligned.student_len_K,
-        is_span,
         aligned.student_vocab_S,
     )
     return SimCTBatch(
+        aligned.batch_K,
         s_shared,
         s_span,
         aligned.teacher_shared_KS,
         aligned.teacher_span_K,
-        is_span,
         aligned.student_len_K,
         aligned.teacher_len_K,
         n_tokens,
@@ -388,7 +270,9 @@ def student_batch(
 
 class SimCT:
     """Loss sum over segments, normalized by the student's completion tokens (the learner's
-    usual "tokens" normalizer); `shared_only` keeps the 1:1 segments alone."""
+    usual "tokens" normalizer). `segmentation` cuts the aligned text into segments (`authors`
+    merges the scorer's `fine` ones); `shared_only` trains on the identical tokens alone, each
+    at its own position, whatever the segmentation."""
 
     name: ClassVar[str] = "simct"
     Params: ClassVar[type] = SimCTParams
@@ -399,6 +283,9 @@ class SimCT:
 
     def teacher_request(self) -> TeacherRequest:
         return TeacherRequest(signal="aligned")
+
+    def uses_sampler_logprobs(self) -> bool:
+        return False  # the virtual-vocabulary KL needs no pi_theta / pi_old ratio
 
     def __call__(self, x: LossInputs) -> LossOutput:
         if x.teacher.aligned is None or x.student_logits is None or x.targets_BT is None:
@@ -412,17 +299,25 @@ class SimCT:
         """Called by the learner on the step's reduced metrics."""
         return _mean_span_lengths(metrics)
 
-    def batch_loss(self, batch: SimCTBatch) -> LossOutput:
-        kl_K = virtual_reverse_kl(batch)
-        span = batch.is_span_K
-        used = ~span if self.params.mode == "shared_only" else torch.ones_like(span)
-        loss_sum = torch.where(used, kl_K, torch.zeros_like(kl_K)).sum()
-        return LossOutput(loss_sum=loss_sum, n_tokens=batch.n_tokens, metrics=_metrics(batch, kl_K))
+    def batch_loss(self, fine: SimCTBatch) -> LossOutput:
+        """`fine`: both halves on the `fine` segments (`align_segments(..., "fine")`)."""
+        segments = fine if self.params.segmentation == "fine" else merge_spans(fine)
+        kl_K = virtual_reverse_kl(segments)
+        if self.params.mode == "simct":
+            loss_sum = kl_K.sum()
+        elif segments is fine:
+            loss_sum = torch.where(fine.is_span_K, torch.zeros_like(kl_K), kl_K).sum()
+        else:  # the identical tokens merged into spans count on their own here
+            loss_sum = virtual_reverse_kl(fine.select(~fine.is_span_K)).sum()
+        matched = fine.student_len_K[~fine.is_span_K].sum()
+        metrics = _metrics(segments, kl_K, matched)
+        return LossOutput(loss_sum=loss_sum, n_tokens=segments.n_tokens, metrics=metrics)
 
 
-def _metrics(batch: SimCTBatch, kl_K: Tensor) -> dict[str, Tensor]:
+def _metrics(batch: SimCTBatch, kl_K: Tensor, matched: Tensor) -> dict[str, Tensor]:
     """Sums over student tokens (the learner divides by their count): token counts by kind
-    give fractions, `spans` / `span_tokens` give the mean span length."""
+    give fractions, `spans` / `span_tokens` give the mean span length. `matched_tokens` are
+    the identical tokens (what `shared_only` trains on); the rest describes the segments."""
     kl, span = kl_K.detach(), batch.is_span_K
     one = batch.student_len_K[~span].sum()
     in_spans = batch.student_len_K[span].sum()
@@ -431,6 +326,7 @@ def _metrics(batch: SimCTBatch, kl_K: Tensor) -> dict[str, Tensor]:
         "simct/one_to_one_tokens": one.to(dtype),
         "simct/span_tokens": in_spans.to(dtype),
         "simct/dropped_tokens": (batch.n_tokens - one - in_spans).to(dtype),
+        "simct/matched_tokens": matched.to(dtype),
         "simct/spans": span.sum().to(dtype),
         "simct/teacher_span_tokens": batch.teacher_len_K[span].sum().to(dtype),
         "simct/kl_one_to_one": kl[~span].sum(),

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from opd.objectives.simct import Segment, align_ids, retokenize, shared_vocab, token_bytes
+from opd.objectives.simct_align import Segment, align_ids, retokenize, shared_vocab, token_bytes
 
 # Digits, whitespace runs, LaTeX, code and non-ASCII text: where tokenizers tend to disagree.
 PROBE_TEXT = (
@@ -40,8 +40,12 @@ class TokenizerPair:
     def retokenize(self, student_ids: Sequence[int]) -> list[int]:
         return retokenize(self.student, self.teacher, student_ids)
 
-    def align(self, student_ids: Sequence[int], teacher_ids: Sequence[int]) -> list[Segment]:
-        return align_ids(self.student, self.teacher, student_ids, teacher_ids)
+    def align(
+        self, student_ids: Sequence[int], teacher_ids: Sequence[int], segmentation: str = "fine"
+    ) -> list[Segment]:
+        """The `fine` segments by default: what the scorer sends, since each `authors` segment
+        is a union of them (the objective merges them, `opd.objectives.simct.merge_spans`)."""
+        return align_ids(self.student, self.teacher, student_ids, teacher_ids, segmentation)
 
     def report(self, probe: str = PROBE_TEXT, uses_chat_template: bool = True) -> dict:
         warnings = []

@@ -238,7 +238,6 @@ class TeacherScorer:
             index.batch_K,
             index.teacher_start_K,
             index.teacher_len_K,
-            index.is_span_K,
             self.pair().teacher_vocab.to(d),
         )
 

@@ -1,5 +1,7 @@
-"""simct: alignment properties on real tokenizer pairs, and the virtual-vocabulary reverse KL
-against a float64 brute force with explicit loops (values and analytic gradients)."""
+"""simct: the alignment against the authors' rule (a brute force over token pairs, on real
+tokenizer pairs and on random tokenizations), both segmentations on hand-built cases, and the
+virtual-vocabulary reverse KL over either segmentation against a float64 brute force with
+explicit loops (values and analytic gradients)."""
 
 import math
 import random
@@ -7,13 +9,10 @@ import random
 import pytest
 import torch
 
-from opd.objectives.simct import (
-    SegmentIndex,
-    SimCT,
-    SimCTParams,
+from opd.objectives.simct import SegmentIndex, SimCT, SimCTParams, build_simct_batch
+from opd.objectives.simct_align import (
     align_ids,
     align_segments,
-    build_simct_batch,
     retokenize,
     shared_vocab,
     token_bytes,
@@ -116,27 +115,66 @@ def _encode(tok, text, eos):
     return ids + [tok.eos_token_id] if eos else ids
 
 
-def _check_segments(segs, s_bytes, t_bytes, s_eos, t_eos):
-    """Contiguous from 0, same bytes on both sides, 1:1 identical, spans minimal."""
+def _prefixes(pieces):
+    out = [b""]
+    for p in pieces:
+        out.append(out[-1] + p)
+    return out
+
+
+def _authors_brute(s, t, s_eos, t_eos):
+    """The authors' rule by exhaustive search over token pairs: (i, j) is a boundary when the
+    two sides have read the same text before them and s[i], t[j] are identical (or both EOS).
+    A segment runs from after one boundary through the next; the rest is dropped."""
+    s_pre, t_pre = _prefixes(s), _prefixes(t)
+    cuts = [
+        (i, j)
+        for i in range(len(s))
+        for j in range(len(t))
+        if s_pre[i] == t_pre[j]
+        and ((i == s_eos and j == t_eos) or (i != s_eos and j != t_eos and s[i] == t[j]))
+    ]
+    segs, i0, j0 = [], 0, 0
+    for i, j in cuts:
+        assert i >= i0 and j >= j0  # non-empty tokens: the boundaries form a chain
+        segs.append((i0, i + 1, j0, j + 1))
+        i0, j0 = i + 1, j + 1
+    return segs
+
+
+def _check_fine(segs, s_bytes, t_bytes, s_eos, t_eos):
+    """Contiguous from 0, same bytes on both sides, 1:1 identical, spans minimal, and the last
+    segment is 1:1 (nothing past the last identical token)."""
     pos = (0, 0)
     for a, b, c, d in segs:
         assert (a, c) == pos and b > a and d > c
         pos = (b, d)
-        s_text, t_text = b"".join(s_bytes[a:b]), b"".join(t_bytes[c:d])
-        assert s_text == t_text
+        assert b"".join(s_bytes[a:b]) == b"".join(t_bytes[c:d])
         if (b - a, d - c) == (1, 1):
             assert (a == s_eos and c == t_eos) or (s_bytes[a] == t_bytes[c] and a != s_eos)
         else:  # no earlier point inside the span where both texts agree
             s_cuts = {len(b"".join(s_bytes[a:i])) for i in range(a + 1, b)}
             t_cuts = {len(b"".join(t_bytes[c:j])) for j in range(c + 1, d)}
             assert not s_cuts & t_cuts
+    assert not segs or (segs[-1][1] - segs[-1][0], segs[-1][3] - segs[-1][2]) == (1, 1)
     return pos
 
 
+def _merge_by_hand(fine):
+    """Each run of spans with the 1:1 segment after it (the fine cut -> the authors' cut)."""
+    out, start = [], None
+    for a, b, c, d in fine:
+        start = start or (a, c)
+        if (b - a, d - c) == (1, 1):
+            out.append((start[0], b, start[1], d))
+            start = None
+    return out
+
+
 @pytest.mark.parametrize("eos", [(True, True), (True, False), (False, False)])
-def test_alignment_properties_on_many_texts(pair, eos):
+def test_alignment_on_many_texts_matches_the_authors_rule(pair, eos):
     s_tok, t_tok = pair
-    n_span = n_one = 0
+    n_merged = n_one = 0
     for text in _texts(150, seed=0) + CRAFTED:
         s_ids, t_ids = _encode(s_tok, text, eos[0]), _encode(t_tok, text, eos[1])
         s_eos = len(s_ids) - 1 if eos[0] else None
@@ -145,22 +183,58 @@ def test_alignment_properties_on_many_texts(pair, eos):
         s_body = s_bytes[:s_eos] if eos[0] else s_bytes
         t_body = t_bytes[:t_eos] if eos[1] else t_bytes
         assert b"".join(s_body) == b"".join(t_body) == text.encode()
-        segs = align_ids(s_tok, t_tok, s_ids, t_ids)
-        assert segs == align_segments(s_bytes, t_bytes, s_eos, t_eos)
+        authors = align_ids(s_tok, t_tok, s_ids, t_ids)
+        fine = align_ids(s_tok, t_tok, s_ids, t_ids, segmentation="fine")
+        assert authors == align_segments(s_bytes, t_bytes, s_eos, t_eos)
         if eos[0]:
             s_bytes[s_eos] = b""
         if eos[1]:
             t_bytes[t_eos] = b""
-        end = _check_segments(segs, s_bytes, t_bytes, s_eos, t_eos)
-        aligned = b"".join(s_bytes[: end[0]])
-        assert aligned == text.encode()  # the whole text; only an unmatched EOS is dropped
-        if eos == (True, True):
-            assert end == (len(s_ids), len(t_ids)) and (segs[-1][1] - segs[-1][0]) == 1
-        elif eos == (True, False):
-            assert end == (len(s_ids) - 1, len(t_ids))
-        n_span += sum((b - a, d - c) != (1, 1) for a, b, c, d in segs)
-        n_one += sum((b - a, d - c) == (1, 1) for a, b, c, d in segs)
-    assert n_span > 0 and n_one > 0
+        assert authors == _authors_brute(s_bytes, t_bytes, s_eos, t_eos)
+        end = _check_fine(fine, s_bytes, t_bytes, s_eos, t_eos)
+        assert authors == _merge_by_hand(fine)
+        assert end == (authors[-1][1], authors[-1][3]) if authors else end == (0, 0)
+        if eos == (True, True):  # EOS closes everything: the whole completion is aligned
+            assert end == (len(s_ids), len(t_ids))
+        n_merged += sum((b - a, d - c) != (1, 1) for a, b, c, d in authors)
+        n_one += sum((b - a, d - c) == (1, 1) for a, b, c, d in authors)
+    assert n_merged > 0 and n_one > 0
+
+
+_ALPHABET = ["a", "b", "ab", " ", "\n", "é", "日", "🙂"]
+
+
+def _random_pieces(rng, data: bytes) -> list[bytes]:
+    """`data` cut at random byte offsets (a character may be split)."""
+    p = rng.choice([0.2, 0.5, 0.8, 1.0])
+    cuts = [0, *(k for k in range(1, len(data)) if rng.random() < p), len(data)]
+    return [data[a:b] for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
+
+
+def test_authors_rule_matches_brute_force_on_random_tokenizations():
+    rng = random.Random(0)
+    kinds = {"merged": 0, "one": 0, "dropped": 0, "differ": 0}
+    for _ in range(2000):
+        text = "".join(rng.choice(_ALPHABET) for _ in range(rng.randint(0, 10))).encode()
+        s = _random_pieces(rng, text)
+        other = text
+        if rng.random() < 0.15:  # the teacher reads another text past some point
+            other = text[: rng.randint(0, len(text))] + rng.choice([b"x", b"\xe6\x97", b""])
+            kinds["differ"] += other != text
+        t = _random_pieces(rng, other)
+        s_eos = t_eos = None
+        if rng.random() < 0.7:
+            s, s_eos = [*s, b""], len(s)
+        if rng.random() < 0.7:
+            t, t_eos = [*t, b""], len(t)
+        got = align_segments(s, t, s_eos, t_eos)
+        assert got == _authors_brute(s, t, s_eos, t_eos), (s, t, s_eos, t_eos)
+        fine = align_segments(s, t, s_eos, t_eos, segmentation="fine")
+        assert _merge_by_hand(fine) == got
+        kinds["merged"] += sum((b - a, d - c) != (1, 1) for a, b, c, d in got)
+        kinds["one"] += sum((b - a, d - c) == (1, 1) for a, b, c, d in got)
+        kinds["dropped"] += (got[-1][1] if got else 0) < len(s)
+    assert min(kinds.values()) > 20, kinds
 
 
 def test_retokenize_appends_teacher_eos(pair):
@@ -168,7 +242,7 @@ def test_retokenize_appends_teacher_eos(pair):
     s_ids = _encode(s_tok, "so the answer is 42 🙂", True)
     t_ids = retokenize(s_tok, t_tok, s_ids)
     assert t_ids == _encode(t_tok, "so the answer is 42 🙂", True)
-    segs = align_ids(s_tok, t_tok, s_ids, t_ids)
+    segs = align_ids(s_tok, t_tok, s_ids, t_ids, segmentation="fine")
     assert segs[-1] == (len(s_ids) - 1, len(s_ids), len(t_ids) - 1, len(t_ids))
 
 
@@ -185,37 +259,77 @@ def test_shared_vocab(pair):
         assert sid == s_tok.eos_token_id or s.replace("Ġ", "▁") == t.replace("Ġ", "▁")
 
 
+def test_segmentations_where_texts_meet_but_next_tokens_differ():
+    def both(s, t, s_eos=None, t_eos=None):
+        fine = align_segments(s, t, s_eos, t_eos, segmentation="fine")
+        return align_segments(s, t, s_eos, t_eos), fine
+
+    # "ab|c" meets "a|bc" after "abc", and "d" follows on both sides: one segment through "d".
+    assert both(["ab", "c", "d", "e"], ["a", "bc", "d", "e"]) == (
+        [(0, 3, 0, 3), (3, 4, 3, 4)],
+        [(0, 2, 0, 2), (2, 3, 2, 3), (3, 4, 3, 4)],
+    )
+    # The texts meet after "abc" but "de" != "d": the authors' rule cuts nowhere there, so
+    # both spans and the identical "f" that follows them are one segment.
+    assert both(["ab", "c", "de", "f"], ["a", "bc", "d", "e", "f"]) == (
+        [(0, 4, 0, 5)],
+        [(0, 2, 0, 2), (2, 3, 2, 4), (3, 4, 4, 5)],
+    )
+    # No identical token after the spans: everything after the last boundary is dropped,
+    # although the texts meet at their end (either segmentation).
+    assert both(["x", "ab", "c"], ["x", "a", "bc"]) == ([(0, 1, 0, 1)], [(0, 1, 0, 1)])
+    assert both(["ab", "c", "de"], ["a", "bc", "d", "e"]) == ([], [])
+    # ... unless both end with EOS, which closes them.
+    assert both(["ab", "c", "de", "<e>"], ["a", "bc", "d", "e", "</s>"], 3, 4) == (
+        [(0, 4, 0, 5)],
+        [(0, 2, 0, 2), (2, 3, 2, 4), (3, 4, 4, 5)],
+    )
+    with pytest.raises(ValueError, match="valid: authors, fine"):
+        align_segments(["a"], ["a"], segmentation="minimal")
+
+
 def test_alignment_crafted_cases():
     assert align_segments([], []) == []
     assert align_segments(["<e>"], ["</s>"], 0, 0) == [(0, 1, 0, 1)]
     assert align_segments(["<e>"], [], 0, None) == []
-    assert align_segments(["a", "bc"], ["ab", "c"]) == [(0, 2, 0, 2)]
+    assert align_segments(["a", "bc"], ["ab", "c"]) == []
+    assert align_segments(["a", "bc", "d"], ["ab", "c", "d"]) == [(0, 3, 0, 3)]
     assert align_segments(["a", "b"], ["a", "b"]) == [(0, 1, 0, 1), (1, 2, 1, 2)]
     # A character split over byte tokens on one side only: a span, compared as bytes.
-    assert align_segments([b"\xe2", b"\x82\xac", "x"], ["€", "x"]) == [(0, 2, 0, 1), (2, 3, 1, 2)]
+    euro = [b"\xe2", b"\x82\xac", "x"], ["€", "x"]
+    assert align_segments(*euro) == [(0, 3, 0, 2)]
+    assert align_segments(*euro, segmentation="fine") == [(0, 2, 0, 1), (2, 3, 1, 2)]
     # The same bytes split differently: never a spurious 1:1 on a partial character.
-    assert align_segments([b"\xe2\x82", b"\xac"], [b"\xe2", b"\x82\xac"]) == [(0, 2, 0, 2)]
-    # Whitespace runs, then the tail past the last boundary is dropped.
-    assert align_segments(["  ", " x"], [" ", "  ", "x"]) == [(0, 2, 0, 3)]
-    assert align_segments(["ab", "c"], ["a", "bcd"]) == []
+    assert align_segments([b"\xe2\x82", b"\xac", "y"], [b"\xe2", b"\x82\xac", "y"]) == [
+        (0, 3, 0, 3)
+    ]
+    # Whitespace runs, closed by an identical "x".
+    assert align_segments(["  ", " ", "x"], [" ", "  ", "x"]) == [(0, 3, 0, 3)]
     # Texts that differ (a truncated character): aligned up to their common prefix.
     assert align_segments(["a", "b", b"\xe2\x82"], ["a", "b", "\ufffd"]) == [
         (0, 1, 0, 1),
         (1, 2, 1, 2),
     ]
     # EOS matches EOS only; digits one by one.
-    assert align_segments(["1", "2", "<e>"], ["12", "</s>"], 2, 1) == [(0, 2, 0, 1), (2, 3, 1, 2)]
+    assert align_segments(["1", "2", "<e>"], ["12", "</s>"], 2, 1) == [(0, 3, 0, 2)]
 
 
 # --- the loss -------------------------------------------------------------------------------
 
-B, T, V, U, W = 3, 7, 13, 8, 17
-ALIGN = [
-    [(0, 1, 0, 1), (1, 3, 1, 2), (3, 4, 2, 3), (4, 5, 3, 6)],  # tokens 5, 6 dropped
+B, T, V, U, W = 4, 7, 13, 8, 17
+ALIGN = [  # the fine alignment, as the teacher scorer sends it
+    [(0, 1, 0, 1), (1, 3, 1, 2), (3, 4, 2, 3), (4, 5, 3, 6)],  # ends unclosed; 5, 6 dropped
     [(0, 2, 0, 3), (2, 3, 3, 4)],
+    [(0, 1, 0, 2), (1, 3, 2, 3), (3, 4, 3, 4), (4, 5, 4, 5)],  # two spans, then 1:1 twice
     [],
 ]
-LENGTHS = [7, 3, 2]  # student completion tokens per row
+AUTHORS = [  # the same, cut by the authors' rule: each run of spans ends with the 1:1 after it
+    [(0, 1, 0, 1), (1, 4, 1, 3), (4, 5, 3, 6)],  # nothing closes the last span: left alone
+    [(0, 3, 0, 4)],
+    [(0, 4, 0, 4), (4, 5, 4, 5)],
+    [],
+]
+LENGTHS = [7, 3, 6, 2]  # student completion tokens per row
 
 
 def _setup(seed):
@@ -228,10 +342,12 @@ def _setup(seed):
     return s_logits, t_logits, s_ids, t_ids, shared
 
 
-def _brute(s_logits, t_logits, s_ids, t_ids, shared, only_one_to_one):
-    """Loop over segments: virtual logits by hand, KL and its gradient in closed form."""
+def _brute(align, s_logits, t_logits, s_ids, t_ids, shared, only_one_to_one):
+    """Loop over segments: virtual logits by hand (the shared logits at the segment's first
+    position, and for a span the mean raw logit of all its own tokens on each side), KL and
+    its gradient in closed form."""
     total, grad = 0.0, torch.zeros_like(s_logits)
-    for b, segs in enumerate(ALIGN):
+    for b, segs in enumerate(align):
         for a, e, c, d in segs:
             span = (e - a, d - c) != (1, 1)
             if span and only_one_to_one:
@@ -256,38 +372,74 @@ def _brute(s_logits, t_logits, s_ids, t_ids, shared, only_one_to_one):
     return total, grad
 
 
-@pytest.mark.parametrize("mode", ["simct", "shared_only"])
-def test_virtual_kl_matches_brute_force_value_and_grad(mode):
+def _batch(align, s_logits, t_logits, s_ids, t_ids, shared):
+    index = SegmentIndex.from_alignments(align)
+    return build_simct_batch(s_logits, s_ids, t_logits, t_ids, index, shared, sum(LENGTHS))
+
+
+@pytest.mark.parametrize(
+    "params, want_align, only_one",
+    [
+        ({}, AUTHORS, False),  # the default: the authors' segments
+        ({"segmentation": "fine"}, ALIGN, False),
+        # the baseline supervises every identical token at its own position, either way
+        ({"mode": "shared_only"}, ALIGN, True),
+        ({"mode": "shared_only", "segmentation": "fine"}, ALIGN, True),
+    ],
+)
+def test_virtual_kl_matches_brute_force_value_and_grad(params, want_align, only_one):
     s_logits, t_logits, s_ids, t_ids, shared = _setup(0)
     t_logits.requires_grad_()  # the teacher must get no gradient
-    index = SegmentIndex.from_alignments(ALIGN)
-    batch = build_simct_batch(s_logits, s_ids, t_logits, t_ids, index, shared, sum(LENGTHS))
-    out = SimCT(SimCTParams(mode=mode)).batch_loss(batch)
+    batch = _batch(ALIGN, s_logits, t_logits, s_ids, t_ids, shared)
+    out = SimCT(SimCTParams(**params)).batch_loss(batch)
     out.loss_sum.backward()
-    want, want_grad = _brute(s_logits, t_logits, s_ids, t_ids, shared, mode == "shared_only")
+    want, want_grad = _brute(want_align, s_logits, t_logits, s_ids, t_ids, shared, only_one)
     assert out.loss_sum.item() == pytest.approx(want, rel=1e-10)
     assert torch.allclose(s_logits.grad, want_grad, rtol=1e-9, atol=1e-12)
     assert t_logits.grad is None or not t_logits.grad.any()
     assert out.n_tokens.item() == sum(LENGTHS)
 
 
-def test_shared_only_is_simct_on_one_to_one_segments_and_metrics():
+def test_merged_segments_are_the_authors_segments_taken_as_given():
+    """Merging the fine alignment in the loss = computing each side directly on the authors'
+    segments (the span entry then averages the closing token's own logit too)."""
+    s_logits, t_logits, s_ids, t_ids, shared = _setup(4)
+    merged = SimCT(SimCTParams()).batch_loss(
+        _batch(ALIGN, s_logits, t_logits, s_ids, t_ids, shared)
+    )
+    direct = SimCT(SimCTParams(segmentation="fine")).batch_loss(
+        _batch(AUTHORS, s_logits, t_logits, s_ids, t_ids, shared)
+    )
+    assert merged.loss_sum.item() == pytest.approx(direct.loss_sum.item(), rel=1e-12)
+    for k, v in direct.metrics.items():
+        if k != "simct/matched_tokens":  # the authors' segments, taken as fine, match fewer
+            assert merged.metrics[k].item() == pytest.approx(v.item(), rel=1e-12), k
+
+
+def test_shared_only_and_metrics():
     s_logits, t_logits, s_ids, t_ids, shared = _setup(1)
-    index = SegmentIndex.from_alignments(ALIGN)
-    batch = build_simct_batch(s_logits, s_ids, t_logits, t_ids, index, shared, sum(LENGTHS))
+    batch = _batch(ALIGN, s_logits, t_logits, s_ids, t_ids, shared)
     full = SimCT(SimCTParams()).batch_loss(batch)
     base = SimCT(SimCTParams(mode="shared_only")).batch_loss(batch)
+    fine = SimCT(SimCTParams(segmentation="fine")).batch_loss(batch)
     m = full.metrics
-    assert base.loss_sum.item() == pytest.approx(m["simct/kl_one_to_one"].item(), rel=1e-12)
+    assert fine.metrics["simct/kl_one_to_one"].item() == pytest.approx(base.loss_sum.item())
     assert full.loss_sum.item() == pytest.approx(
         (m["simct/kl_one_to_one"] + m["simct/kl_span"]).item(), rel=1e-12
     )
-    assert m["simct/one_to_one_tokens"].item() == 3  # (0,1), (3,4), (2,3)
-    assert m["simct/span_tokens"].item() == 2 + 1 + 2  # (1,3), (4,5), (0,2)
-    assert m["simct/dropped_tokens"].item() == 12 - 3 - 5
-    assert m["simct/spans"].item() == 3 and m["simct/teacher_span_tokens"].item() == 1 + 3 + 3
-    with pytest.raises(ValueError, match="valid: simct, shared_only"):
-        SimCTParams(mode="span")
+    for out in (full, base):  # the metrics describe the segmentation, whatever the mode
+        assert out.metrics["simct/one_to_one_tokens"].item() == 2  # (0,1,0,1), (4,5,4,5)
+        assert out.metrics["simct/span_tokens"].item() == 3 + 1 + 3 + 4
+        assert out.metrics["simct/dropped_tokens"].item() == 18 - 2 - 11
+        assert out.metrics["simct/spans"].item() == 4
+        assert out.metrics["simct/teacher_span_tokens"].item() == 2 + 3 + 4 + 4
+        assert out.metrics["simct/matched_tokens"].item() == 5  # what shared_only trains on
+    f = fine.metrics
+    assert f["simct/one_to_one_tokens"].item() == f["simct/matched_tokens"].item() == 5
+    assert f["simct/span_tokens"].item() == 2 + 1 + 2 + 1 + 2 and f["simct/spans"].item() == 5
+    for bad, match in (({"mode": "span"}, "simct, shared_only"), ({"segmentation": "x"}, "fine")):
+        with pytest.raises(ValueError, match=f"valid: .*{match}"):
+            SimCTParams(**bad)
 
 
 def test_same_tokenizer_and_logits_give_zero_loss():
@@ -311,7 +463,10 @@ def test_real_pair_batch_is_finite(pair):
     texts = ["so the answer is 42 🙂", "日本語 and   spaces\n\n"]
     s_rows = [_encode(s_tok, t, True) for t in texts]
     t_rows = [retokenize(s_tok, t_tok, r) for r in s_rows]
-    align = [align_ids(s_tok, t_tok, s, t) for s, t in zip(s_rows, t_rows, strict=True)]
+    align = [
+        align_ids(s_tok, t_tok, s, t, segmentation="fine")
+        for s, t in zip(s_rows, t_rows, strict=True)
+    ]
     pad = lambda rows: torch.tensor([r + [0] * (20 - len(r)) for r in rows])  # noqa: E731
     shared = shared_vocab(s_tok, t_tok)
     g = torch.Generator().manual_seed(3)

@@ -1,6 +1,7 @@
 """simct in the loop: the teacher scorer's aligned scores (its own tokenization, plain-text
 prompt, token-budget batches) + the learner's on-demand student logits give the same loss,
-metrics and gradients as a dense reference built from both models' full logits."""
+metrics and gradients as a dense reference built from both models' full logits, for every
+mode and segmentation."""
 
 import pytest
 import torch
@@ -10,12 +11,13 @@ from opd.data.prompts import render_ids
 from opd.learner.logprobs import HeadLogits, final_hidden, gather_positions
 from opd.objectives import build_objective
 from opd.objectives.base import LossInputs, TeacherRequest, TeacherScores
-from opd.objectives.simct import SegmentIndex, build_simct_batch, shared_vocab
+from opd.objectives.simct import SegmentIndex, build_simct_batch
+from opd.objectives.simct_align import SEGMENTATIONS, shared_vocab
 from opd.rollout.batch import Sample, collate
 from opd.teacher.pair import TokenizerPair
 from opd.teacher.scorer import TeacherScorer
 
-TEXTS = ["the answer is 42", "apples and pears 7 + 5 = 12", "", "Tom has 3 cats"]
+TEXTS = ["the answer is 42", "apples and pears 7 + 5 = 12", "", "Tom has 3 cats", "Ann: 12 pears?"]
 
 
 def _teacher_tokenizer():
@@ -61,8 +63,9 @@ def setup(tmp_path_factory):
     return s_tok, t_tok, student, teacher, scorer, samples
 
 
-def _dense_reference(setup, samples, mode):
-    """Both sides' full logits along their own tokenizations, then `build_simct_batch`."""
+def _dense_reference(setup, samples, params):
+    """Both sides' full logits along their own tokenizations, then `build_simct_batch` on the
+    fine segments (the objective merges them for `segmentation: authors`)."""
     s_tok, t_tok, student, teacher, scorer, _ = setup
     pair = scorer.pair()
     s_rows, t_rows, s_logits, t_logits, aligns = [], [], [], [], []
@@ -87,13 +90,21 @@ def _dense_reference(setup, samples, mode):
         (pair.student_vocab, pair.teacher_vocab),
         sum(s.n_tokens for s in samples),
     )
-    return build_objective("simct", {"mode": mode}).batch_loss(batch)
+    return build_objective("simct", params).batch_loss(batch)
 
 
-@pytest.mark.parametrize("mode", ["simct", "shared_only"])
-def test_scorer_and_learner_halves_match_dense_reference(setup, mode):
+PARAMS = [
+    {},  # simct on the authors' segments
+    {"segmentation": "fine"},
+    {"mode": "shared_only"},
+    {"mode": "shared_only", "segmentation": "fine"},
+]
+
+
+@pytest.mark.parametrize("params", PARAMS, ids=lambda p: "-".join(p.values()) or "default")
+def test_scorer_and_learner_halves_match_dense_reference(setup, params):
     s_tok, t_tok, student, teacher, scorer, samples = setup
-    objective = build_objective("simct", {"mode": mode})
+    objective = build_objective("simct", params)
     assert objective.teacher_request() == TeacherRequest("aligned")
     scored = scorer.score([_copy(s) for s in samples], objective.teacher_request())
     assert all("logprobs" not in s.teacher for s in scored)
@@ -113,7 +124,7 @@ def test_scorer_and_learner_halves_match_dense_reference(setup, mode):
     got_grad = {n: p.grad.clone() for n, p in student.named_parameters()}
 
     student.zero_grad()
-    want = _dense_reference(setup, samples, mode)
+    want = _dense_reference(setup, samples, params)
     want.loss_sum.backward()
     assert out.loss_sum.item() == pytest.approx(want.loss_sum.item(), rel=1e-9)
     assert out.loss_sum.item() > 0
@@ -122,6 +133,19 @@ def test_scorer_and_learner_halves_match_dense_reference(setup, mode):
     for n, p in student.named_parameters():
         assert torch.allclose(got_grad[n], p.grad, rtol=1e-7, atol=1e-12), n
     assert teacher.lm_head.weight.grad is None
+
+
+def test_segmentations_differ_where_a_span_meets_an_identical_token(setup):
+    """The completions hold spans closed by an identical token: `authors` folds that token into
+    the span, `fine` supervises it on its own, so the two losses and metrics differ."""
+    samples = setup[-1]
+    out = {seg: _dense_reference(setup, samples, {"segmentation": seg}) for seg in SEGMENTATIONS}
+    a, f = out["authors"].metrics, out["fine"].metrics
+    assert a["simct/matched_tokens"] == f["simct/matched_tokens"] == f["simct/one_to_one_tokens"]
+    assert a["simct/one_to_one_tokens"] < f["simct/one_to_one_tokens"]
+    assert a["simct/span_tokens"] > f["simct/span_tokens"] > 0
+    assert a["simct/dropped_tokens"] == f["simct/dropped_tokens"] == 0
+    assert out["authors"].loss_sum.item() != pytest.approx(out["fine"].loss_sum.item())
 
 
 def test_plain_prompt_and_pair_report(setup):
@@ -143,6 +167,10 @@ def test_objective_registry_and_metrics_finalize():
     assert m["simct/mean_span_len"] == 3.0 and m["simct/mean_teacher_span_len"] == 2.0
     with pytest.raises(ValueError, match="mode"):
         build_objective("simct", {"mode": "spans"})
+    with pytest.raises(ValueError, match="segmentation=.*valid: authors, fine"):
+        build_objective("simct", {"segmentation": "paper"})
+    with pytest.raises(ValueError, match="segmentaton"):  # a misspelled key is named
+        build_objective("simct", {"segmentaton": "fine"})
 
 
 def _copy(s: Sample) -> Sample:
