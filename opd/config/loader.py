@@ -28,6 +28,12 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         recipe = OmegaConf.load(path)
     except Exception as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    top = _top_level(path)
+    if top is not None and not isinstance(top, dict):
+        raise ConfigError(
+            f"{path}: the top level is a {type(top).__name__}, not a mapping of sections "
+            "(run:, data:, student:, teacher:, ...)"
+        )
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like dotted.key=value")
@@ -40,6 +46,16 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(f"{path}: {_first_line(e)}") from e
     except ValueError as e:  # a __post_init__ check; the message names the key
         raise ConfigError(f"{path}: {e}") from e
+
+
+def _top_level(path: Path) -> object:
+    """The recipe's top-level YAML value (omegaconf reads a bare string as a one-key mapping)."""
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_bytes())
+    except Exception:  # omegaconf parsed it; its reading is the one that counts
+        return None
 
 
 def _first_line(e: Exception) -> str:
@@ -61,35 +77,29 @@ def from_yaml(text: str) -> Config:
 
 def check_resources(cfg: Config) -> list[str]:
     """Checks that read files but start nothing. Raises ConfigError; returns notes."""
-    from opd.data.sources import check_data_source
+    from opd.config.inputs import (
+        build_checked_objective,
+        check_benchmarks,
+        check_data,
+        check_prompt_lengths,
+    )
     from opd.models.sources import describe_model
-    from opd.objectives import build_objective
 
     notes: list[str] = []
-    try:
-        objective = build_objective(
-            cfg.objective.name, cfg.objective.params, cfg.objective.import_path
-        )
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
-
-    for key in ("data.train_path", "data.heldout_path"):
-        value = getattr(cfg.data, key.split(".")[1])
-        if value is not None:
-            try:
-                notes.append(check_data_source(value, cfg.data.prompt_field))
-            except (FileNotFoundError, ValueError) as e:
-                raise ConfigError(f"{key}: {e}") from e
+    objective = build_checked_objective(cfg)
+    data_notes, local_data = check_data(cfg)
+    notes += data_notes + check_benchmarks(cfg)
 
     vocab = {}
     for role in ("student", "teacher"):
         model = getattr(cfg, role)
         try:
             info = describe_model(model.path, model.gguf_file)
-        except (FileNotFoundError, ValueError) as e:
+        except (OSError, ValueError) as e:
             raise ConfigError(f"{role}.path: {e}") from e
         vocab[role] = info.get("vocab_size")
         notes.append(f"{role}: {model.path} ({json.dumps(info)})")
+    notes += check_prompt_lengths(cfg, local_data)
 
     request = objective.teacher_request()
     if request.signal == "at_ids" and vocab["student"] and request.k > vocab["student"]:

@@ -24,6 +24,20 @@ def _check_positive(key: str, value: float) -> None:
         raise ValueError(f"{key}={value} must be > 0")
 
 
+def _check_optional_positive(key: str, value: float | None) -> None:
+    if value is not None:
+        _check_positive(key, value)
+
+
+def _check_share(role: str, num_cpus: float, num_gpus: float) -> None:
+    """A role's Ray resources per actor: some CPU, and whole GPUs or a fraction of one."""
+    _check_positive(f"{role}.num_cpus", num_cpus)
+    if num_gpus < 0:
+        raise ValueError(f"{role}.num_gpus={num_gpus} must be >= 0")
+    if num_gpus > 1 and num_gpus != int(num_gpus):
+        raise ValueError(f"{role}.num_gpus={num_gpus}: a fraction of a GPU must be below 1")
+
+
 @dataclass
 class RunConfig:
     output_dir: str = "runs/default"
@@ -100,6 +114,13 @@ class RolloutConfig:
     def __post_init__(self) -> None:
         for key in ("num_workers", "prompts_per_step", "samples_per_prompt", "max_new_tokens"):
             _check_positive(f"rollout.{key}", getattr(self, key))
+        _check_share("rollout", self.num_cpus, self.num_gpus)
+        _check_positive("rollout.max_model_len", self.max_model_len)
+        _check_optional_positive("rollout.kv_cache_memory_bytes", self.kv_cache_memory_bytes)
+        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(
+                f"rollout.gpu_memory_utilization={self.gpu_memory_utilization} must lie in (0, 1]"
+            )
         _check_choice("rollout.dtype", self.dtype, DTYPES)
         _check_choice("rollout.weight_sync", self.weight_sync, ("auto", "dir", "nccl", "ipc"))
         if self.max_staleness < 0:
@@ -140,6 +161,8 @@ class TeacherConfig(ModelConfig):
         if not 0 < self.ema_alpha <= 1:
             raise ValueError(f"teacher.ema_alpha={self.ema_alpha} must lie in (0, 1]")
         _check_positive("teacher.token_budget", self.token_budget)
+        _check_positive("teacher.logprob_chunk_tokens", self.logprob_chunk_tokens)
+        _check_share("teacher", self.num_cpus, self.num_gpus)
 
 
 @dataclass
@@ -174,6 +197,12 @@ class LearnerConfig:
             raise ValueError(f"learner.logits_cache_gb={self.logits_cache_gb} must be >= 0")
         if len(self.betas) != 2:
             raise ValueError(f"learner.betas={self.betas} must have two values")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"learner.betas={self.betas}: each must lie in [0, 1)")
+        for key in ("warmup_steps", "weight_decay"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"learner.{key}={getattr(self, key)} must be >= 0")
+        _check_share("learner", self.num_cpus, self.num_gpus)
 
 
 @dataclass
@@ -219,6 +248,16 @@ class EvalConfig:
         if self.every < 0:
             raise ValueError(f"eval.every={self.every} must be >= 0")
         _check_positive("eval.heldout_prompts", self.heldout_prompts)
+        for key in ("heldout_samples", "benchmark_samples", "benchmark_max_tokens"):
+            _check_positive(f"eval.{key}", getattr(self, key))
+        for key in ("max_new_tokens", "benchmark_limit"):
+            _check_optional_positive(f"eval.{key}", getattr(self, key))
+        if self.benchmark_temperature < 0:
+            raise ValueError(
+                f"eval.benchmark_temperature={self.benchmark_temperature} must be >= 0"
+            )
+        if len(set(self.benchmarks)) != len(self.benchmarks):
+            raise ValueError(f"eval.benchmarks={self.benchmarks} names a benchmark twice")
 
 
 @dataclass
@@ -238,6 +277,7 @@ class ClusterConfig:
         if self.max_restarts < 0:
             raise ValueError(f"cluster.max_restarts={self.max_restarts} must be >= 0")
         _check_positive("cluster.timeout_s", self.timeout_s)
+        _check_optional_positive("cluster.num_cpus", self.num_cpus)
 
 
 @dataclass
@@ -267,6 +307,19 @@ class Config:
             raise ValueError(
                 f"data.max_prompt_tokens={self.data.max_prompt_tokens} + rollout.max_new_tokens="
                 f"{self.rollout.max_new_tokens} exceeds rollout.max_model_len="
+                f"{self.rollout.max_model_len}"
+            )
+
+        if self.eval.benchmarks and self.eval.benchmark_max_tokens >= self.rollout.max_model_len:
+            raise ValueError(
+                f"eval.benchmark_max_tokens={self.eval.benchmark_max_tokens} leaves no room for "
+                f"a benchmark prompt in rollout.max_model_len={self.rollout.max_model_len}"
+            )
+        heldout_tokens = self.eval.max_new_tokens or self.rollout.max_new_tokens
+        if heldout_tokens + self.data.max_prompt_tokens > self.rollout.max_model_len:
+            raise ValueError(
+                f"data.max_prompt_tokens={self.data.max_prompt_tokens} + eval.max_new_tokens="
+                f"{heldout_tokens} (held-out completions) exceeds rollout.max_model_len="
                 f"{self.rollout.max_model_len}"
             )
 

@@ -25,30 +25,68 @@ class Prompt:
 
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a jsonl / parquet file or a `datasets` folder; errors name the file and row."""
+    return [row for _, row in read_located_rows(path)]
+
+
+def read_located_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
+    """`(where, row)` pairs: `where` is `file:line` for jsonl, `file: row i` (from 0) else."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"data file not found: {path}")
-    if path.is_dir():
-        import datasets  # optional dependency, only for folders saved by `datasets`
-
-        return [dict(r) for r in datasets.load_from_disk(str(path))]
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
+    if path.is_dir() or path.suffix == ".parquet":
+        return [(f"{path}: row {i}", row) for i, row in enumerate(_table_rows(path))]
     rows = []
-    with path.open() as f:
-        for line_no, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            where = f"{path}:{line_no}"
+            try:  # a BOM may open the file
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{where}: not UTF-8 text (byte {raw[e.start : e.start + 1]!r} at column "
+                    f"{e.start + 1} of the line)"
+                ) from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from e
+                raise ValueError(f"{where}: not valid JSON ({e.msg})") from e
             if not isinstance(row, dict):
-                raise ValueError(f"{path}:{line_no}: expected a JSON object per line")
-            rows.append(row)
+                raise ValueError(f"{where}: expected a JSON object per line")
+            rows.append((where, row))
     return rows
+
+
+def _table_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of a parquet file or a folder saved by `datasets`; unreadable ones name the path."""
+    try:
+        if path.is_dir():
+            import datasets  # optional dependency, only for folders saved by `datasets`
+
+            return [dict(r) for r in datasets.load_from_disk(str(path))]
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    except Exception as e:
+        what = "a folder saved by datasets.save_to_disk" if path.is_dir() else "parquet"
+        raise ValueError(f"{path}: not readable as {what} ({type(e).__name__}: {e})") from e
+
+
+def text_field(row: dict[str, Any], field: str, where: str, key: str) -> str:
+    """`row[field]` when it is non-empty text; else an error naming the row, field and key."""
+    if field not in row:
+        raise ValueError(
+            f"{where}: no field {field!r} ({key}); the row has: {', '.join(sorted(row))}"
+        )
+    value = row[field]
+    if not isinstance(value, str):
+        shown = json.dumps(value, default=str)[:60]
+        shown = "null" if value is None else f"a {type(value).__name__} ({shown})"
+        raise ValueError(f"{where}: field {field!r} ({key}) is {shown}, not text")
+    if not value.strip():
+        raise ValueError(f"{where}: field {field!r} ({key}) is empty")
+    return value
 
 
 def render_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
@@ -76,7 +114,8 @@ def build_prompts(
                 f"{source}: row {i} has no field {prompt_field!r} (data.prompt_field); "
                 f"its fields: {', '.join(sorted(row))}"
             )
-        messages = [{"role": "user", "content": str(row[prompt_field])}]
+        text = text_field(row, prompt_field, f"{source}: row {i}", "data.prompt_field")
+        messages = [{"role": "user", "content": text}]
         if system_prompt:
             messages.insert(0, {"role": "system", "content": system_prompt})
         ids = render_ids(tokenizer, messages)

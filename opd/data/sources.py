@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from opd.data.prompts import read_rows
+from opd.data.prompts import read_located_rows, text_field
 
 REGISTRY_PREFIX = "registry:"
 
@@ -55,17 +55,22 @@ def resolve_data(path: str) -> Path:
     return p
 
 
-def check_data_source(path: str, prompt_field: str) -> str:
-    """Check a local source's rows carry `prompt_field`; registry sets are checked by tests."""
+def checked_rows(path: str, text_fields: dict[str, str]) -> tuple[Path, list[dict]] | None:
+    """A local source's file and rows, each holding text in every field of `text_fields`
+    ({field: the recipe key naming it}); errors name the file and line or row. None for a
+    registry set, which is named but not prepared (its rows are checked by tests)."""
     if path.startswith(REGISTRY_PREFIX):
         name = path[len(REGISTRY_PREFIX) :]
         if name not in REGISTRY_DATA:
             raise ValueError(
                 f"unknown data set {path!r}; registry data: {', '.join(REGISTRY_DATA)}"
             )
-        return f"data: {path} (prepared on first use)"
-    rows = read_rows(resolve_data(path))
-    for i, row in enumerate(rows):
-        if prompt_field not in row:
-            raise ValueError(f"{path}: row {i} has no field {prompt_field!r} (data.prompt_field)")
-    return f"data: {path} ({len(rows)} rows)"
+        return None
+    source = resolve_data(path)
+    located = read_located_rows(source)
+    if not located:
+        raise ValueError(f"{source}: no rows")
+    for where, row in located:
+        for field, key in text_fields.items():
+            text_field(row, field, where, key)
+    return source, [row for _, row in located]

@@ -8,6 +8,7 @@ extraction + `math-verify`; code by running the benchmark's tests in the sandbox
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -100,57 +101,73 @@ def summarize(graded: list[Graded], math: bool) -> dict:
     return summary
 
 
+def records_path(out: Path) -> Path:
+    return out.with_name(out.stem + ".records.jsonl")
+
+
+def check_outputs(out: Path, overwrite: bool = False) -> None:
+    """Before any work: `out` and its records file can be written, and replace nothing unless
+    `overwrite`. Creates `out`'s folder. Errors are ValueErrors naming the path."""
+    outputs = (out, records_path(out))
+    for path in outputs:
+        if path.is_dir():
+            raise ValueError(f"--out {out}: {path} is a folder; give a file name (e.g. eval.json)")
+    existing = [str(p) for p in outputs if p.exists()]
+    if existing and not overwrite:
+        raise ValueError(
+            f"--out {out}: {' and '.join(existing)} already exist; pass --overwrite to replace "
+            "them, or choose another --out"
+        )
+    ancestor = out.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"--out {out}: {ancestor} is a file, not a folder")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out.parent):
+            pass
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot write in {out.parent} ({e.strerror or e})") from e
+
+
 def write_report(out: Path, summary: dict, graded: list[Graded]) -> Path:
-    """The summary JSON at `out`, per-sample records in `<out stem>.records.jsonl` beside it."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    records = out.with_name(out.stem + ".records.jsonl")
-    with records.open("w") as f:
-        for g in graded:
-            f.write(json.dumps(asdict(g)) + "\n")
+    """The summary JSON at `out`, per-sample records in `<out stem>.records.jsonl` beside it,
+    each written to a temporary file and renamed into place (never left half-written)."""
+    from opd.cache import atomic_write_bytes
+
+    records = records_path(out)
+    lines = "".join(json.dumps(asdict(g)) + "\n" for g in graded)
+    atomic_write_bytes(records, lines.encode())
     summary = {**summary, "records": str(records)}
-    out.write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_bytes(out, (json.dumps(summary, indent=2) + "\n").encode())
     return out
 
 
-def read_completions(path: Path, known_ids: set[str]) -> list[tuple[str, int, str]]:
-    """(id, sample, completion) from a jsonl of {"id", "completion"}; unknown ids are errors."""
-    items, seen = [], {}
-    for line_no, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            pid, text = row["id"], row["completion"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(
-                f"{path}:{line_no}: expected a JSON object with 'id' and 'completion' ({e})"
-            ) from e
-        if pid not in known_ids:
-            raise ValueError(f"{path}:{line_no}: id {pid!r} is not a problem of this benchmark")
-        seen[pid] = seen.get(pid, -1) + 1
-        items.append((pid, seen[pid], str(text)))
-    if not items:
-        raise ValueError(f"{path}: no completions")
-    return items
+def load_problems(benchmark: str, limit: int | None, field_map: dict[str, str] | None) -> list:
+    """The benchmark's problems (the first `limit`); an empty list is an error."""
+    from opd.eval.benchmarks import load_benchmark
+
+    problems = load_benchmark(benchmark, limit=limit, field_map=field_map)
+    if not problems:
+        raise ValueError(f"benchmark {benchmark}: no problems")
+    return problems
 
 
 def evaluate(
     benchmark: str,
+    problems: list,
     settings: EvalSettings,
     generate_fn: Callable[[list, EvalSettings], list[tuple[str, int, str, int]]] | None = None,
-    completions_file: Path | None = None,
-    field_map: dict[str, str] | None = None,
+    items: list[tuple[str, int, str]] | None = None,
 ) -> tuple[dict, list[Graded]]:
-    """Generate with `generate_fn(problems, settings)` (or read `completions_file`) and grade."""
-    from opd.eval.benchmarks import load_benchmark
+    """Grade `items` (id, sample, completion), or what `generate_fn(problems, settings)` makes.
 
-    problems = load_benchmark(benchmark, limit=settings.limit, field_map=field_map)
+    The summary's `coverage` counts the problems graded out of the benchmark's (`problems`)."""
     by_id = {p.id: p for p in problems}
     t0 = time.perf_counter()
-    if completions_file is not None:
-        items = read_completions(completions_file, set(by_id))
-        tokens = 0
-    else:
+    tokens = 0
+    if items is None:
         generated = generate_fn(problems, settings)
         items = [(pid, s, text) for pid, s, text, _ in generated]
         tokens = sum(n for *_, n in generated)
@@ -158,7 +175,15 @@ def evaluate(
     graded = grade_all(by_id, items)
     t2 = time.perf_counter()
     summary = summarize(graded, math=not is_code(problems[0]))
-    summary.update({"benchmark": benchmark, "generation_s": t1 - t0, "grading_s": t2 - t1})
+    summary.update(
+        {
+            "benchmark": benchmark,
+            "benchmark_problems": len(problems),
+            "coverage": f"{summary['n_problems']}/{len(problems)} problems",
+            "generation_s": t1 - t0,
+            "grading_s": t2 - t1,
+        }
+    )
     if tokens:
         summary["generated_tokens"] = tokens
         summary["tokens_per_s"] = tokens / (t1 - t0)

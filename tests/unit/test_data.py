@@ -79,3 +79,30 @@ def test_stream_is_a_seeded_permutation_per_epoch_and_resumes_exactly():
     assert first + [p.id for p in resumed.take(12)] == a
     with pytest.raises(ValueError, match="training data changed"):
         _stream(n=9).load_state_dict(state)
+
+
+def test_non_utf8_line_and_unreadable_table_name_the_file(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(b'{"q": "a"}\n{"q": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"d\.jsonl:2: not UTF-8"):
+        read_rows(p)
+    bad = tmp_path / "d.parquet"
+    bad.write_bytes(b"not parquet")
+    with pytest.raises(ValueError, match=r"d\.parquet: not readable as parquet"):
+        read_rows(bad)
+
+
+@pytest.mark.parametrize("value", [None, 3, {"text": "a"}, "  "])
+def test_a_prompt_that_is_not_text_is_an_error(value):
+    with pytest.raises(
+        ValueError, match=r"s\.jsonl: row 0: field 'question' \(data\.prompt_field\)"
+    ):
+        build_prompts(
+            [{"question": value}],
+            None,  # never reached: the row is refused first
+            prompt_field="question",
+            id_field=None,
+            system_prompt=None,
+            max_prompt_tokens=32,
+            source="s.jsonl",
+        )

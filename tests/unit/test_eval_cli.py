@@ -53,8 +53,11 @@ def test_gsm8k_references_score_and_pass_at_k_maj(tmp_path):
 
 def test_unknown_id_is_a_clear_error(tmp_path, capsys):
     path = _write(tmp_path / "c.jsonl", [{"id": "HumanEval/999", "completion": "x"}])
-    assert main(["eval", "--benchmark", "humaneval", "--completions", str(path)]) == 2
-    assert "c.jsonl:1: id 'HumanEval/999'" in capsys.readouterr().err
+    out = str(tmp_path / "e.json")
+    assert main(["eval", "--benchmark", "humaneval", "--completions", str(path), "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert "c.jsonl: 1 of 1 rows" in err and "line 1: 'HumanEval/999'" in err
+    assert "'HumanEval/0'" in err  # what its ids look like
 
 
 def test_plot_renders_a_png(tmp_path):
