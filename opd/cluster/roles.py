@@ -20,7 +20,10 @@ class Roles:
             group.kill()
 
 
-def start_roles(cfg: Config, student_path: str, teacher_path: str, device: str) -> Roles:
+def start_roles(
+    cfg: Config, student_path: str, teacher_path: str, device: str, rollout_topk: int = 0
+) -> Roles:
+    """`rollout_topk`: how many top log-probs per token the objective asks of the rollout."""
     from opd.learner.worker import Learner
     from opd.rollout.worker import RolloutWorker
     from opd.teacher.scorer import TeacherScorer
@@ -72,7 +75,7 @@ def start_roles(cfg: Config, student_path: str, teacher_path: str, device: str) 
         bundles["rollout"],
         lambda i, _: (
             (student_path, cfg.rollout, cfg.run.seed, device, cfg.student.gguf_file),
-            {"compilation_config": cfg.rollout.compilation_config},
+            {"compilation_config": cfg.rollout.compilation_config, "max_logprobs": rollout_topk},
         ),
         timeout,
         max_restarts=restarts,

@@ -102,6 +102,14 @@ def check_resources(cfg: Config) -> list[str]:
     notes += check_prompt_lengths(cfg, local_data)
 
     request = objective.teacher_request()
+    uses_ratio = getattr(objective, "uses_sampler_logprobs", lambda: True)()
+    if cfg.rollout.top_p < 1 and uses_ratio:
+        raise ConfigError(
+            f"rollout.top_p={cfg.rollout.top_p} with objective {cfg.objective.name!r}: its loss "
+            "uses the ratio pi_theta / pi_old, and the learner computes pi_theta over the whole "
+            "vocabulary (at the sampling temperature) while a top-p sampler renormalizes over "
+            "the nucleus, so the ratio would be off from the first step; use rollout.top_p=1"
+        )
     if request.signal == "at_ids" and vocab["student"] and request.k > vocab["student"]:
         raise ConfigError(
             f"objective.params.k={request.k} exceeds the student's vocabulary ({vocab['student']})"

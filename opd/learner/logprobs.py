@@ -102,11 +102,16 @@ class HeadLogits:
         return _output_transform(self.model, logits)
 
 
-def _chunk_logprobs(model, hidden: Tensor, targets: Tensor, ids: Tensor | None):
+def _chunk_logprobs(
+    model, hidden: Tensor, targets: Tensor, ids: Tensor | None, temperature: float = 1.0
+):
     logits = at_least_fp32(head_logits(model, hidden))
     lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-    at_target = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse.squeeze(-1)
     at_ids = logits.gather(-1, ids) - lse if ids is not None else None
+    if temperature != 1.0:
+        logits = logits / temperature
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    at_target = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse.squeeze(-1)
     return at_target, at_ids
 
 
@@ -126,8 +131,12 @@ def token_logprobs(
     mask_BT: Tensor | None = None,
     n_chunks: int | None = None,
     cache_bytes: int = 0,
+    temperature: float = 1.0,
 ) -> tuple[Tensor, Tensor | None]:
     """log p(target) [B, T] and, if `ids_BTK` is given, log p at those ids [B, T, K].
+    `temperature` applies to log p(target) only: the sampled tokens' log-probs under the
+    distribution they were sampled from, softmax(logits / temperature), as the rollout engine
+    reports them; the log-probs at `ids_BTK` are always the model's own (temperature 1).
     With `mask_BT`, only positions where it is non-zero are computed; the others are 0.
     `n_chunks` fixes the number of LM-head calls (some may be empty) instead of `chunk`: under
     ZeRO-3 every head call gathers the head's weight collectively, so all ranks must make the
@@ -148,6 +157,7 @@ def token_logprobs(
             chunk=chunk,
             n_chunks=n_chunks,
             cache_bytes=cache_bytes,
+            temperature=temperature,
         )
         lp_BT = lp_N.new_zeros(B * T).index_copy(0, keep, lp_N[0]).reshape(B, T)
         lp_BTK = None
@@ -160,6 +170,8 @@ def token_logprobs(
     N = B * T
     if grad and flat_ids is None and n_chunks is None and fused_head_applies(model, N, cache_bytes):
         w = model.get_output_embeddings().weight
+        if temperature != 1.0:  # (h / T) W^T = logits / T: the fused path has no transform
+            flat_h = flat_h / temperature
         return HeadLogProb.apply(flat_h, w, flat_t, chunk).reshape(B, T), None
     if n_chunks is None:
         bounds = list(range(0, N, chunk)) + [N]
@@ -169,9 +181,11 @@ def token_logprobs(
     for a, b in zip(bounds[:-1], bounds[1:]):
         args = (flat_h[a:b], flat_t[a:b], flat_ids[a:b] if flat_ids is not None else None)
         if grad:
-            lp_t, lp_ids = checkpoint(_chunk_logprobs, model, *args, use_reentrant=False)
+            lp_t, lp_ids = checkpoint(
+                _chunk_logprobs, model, *args, temperature, use_reentrant=False
+            )
         else:
-            lp_t, lp_ids = _chunk_logprobs(model, *args)
+            lp_t, lp_ids = _chunk_logprobs(model, *args, temperature)
         outs_t.append(lp_t)
         outs_ids.append(lp_ids)
     lp_BT = torch.cat(outs_t).reshape(B, T)

@@ -109,16 +109,22 @@ class TeacherScores:
 
 @dataclass
 class LossInputs:
-    """One micro-batch, on the learner's device. `_BT` tensors cover completion positions."""
+    """One micro-batch, on the learner's device. `_BT` tensors cover completion positions.
 
-    logprobs_BT: Tensor  # learner, with grad, at the sampled tokens
-    old_logprobs_BT: Tensor  # rollout engine, at the sampled tokens
+    `logprobs_BT` and `old_logprobs_BT` are log-probs of the distribution the rollout sampled
+    from, softmax(logits / `temperature`), so that their ratio is 1 on-policy; everything
+    over the vocabulary (`student_logprobs_BTK`, `student_logits_BTV`, the teacher's scores)
+    is at temperature 1, the models' own distributions (docs: the teacher's temperature)."""
+
+    logprobs_BT: Tensor  # learner, with grad, at the sampled tokens, at `temperature`
+    old_logprobs_BT: Tensor  # rollout engine, at the sampled tokens, at `temperature`
     mask_BT: Tensor  # 1.0 on completion tokens that count
     teacher: TeacherScores
     student_logprobs_BTK: Tensor | None = None  # learner, with grad, at teacher.ids_BTK
     student_logits_BTV: Tensor | None = None  # learner, with grad, raw logits (signal "full")
     targets_BT: Tensor | None = None  # the sampled completion tokens
     student_logits: LogitsAt | None = None  # learner, with grad, logits on demand ("aligned")
+    temperature: float = 1.0  # the rollout's sampling temperature
 
 
 @dataclass
@@ -148,5 +154,11 @@ class Objective(Protocol):
     def __init__(self, params) -> None: ...
 
     def teacher_request(self) -> TeacherRequest: ...
+
+    def uses_sampler_logprobs(self) -> bool:
+        """Whether the loss reads `old_logprobs_BT` (a ratio pi_theta / pi_old). The learner
+        reproduces the sampling temperature but not a top-p truncation, so such objectives
+        need `rollout.top_p: 1` (checked at validation)."""
+        ...
 
     def __call__(self, x: LossInputs) -> LossOutput: ...

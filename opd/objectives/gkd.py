@@ -1,7 +1,7 @@
 """Generalized knowledge distillation (GKD; Agarwal et al., TRL's GKDTrainer), OBJECTIVES.md 2.
 
 Per completion token, the generalized Jensen-Shannon divergence between the student and the
-teacher at temperature `temperature`,
+teacher at temperature `loss_temperature`,
 
     JSD_beta = beta KL(P_T || M) + (1 - beta) KL(P_S || M),   M = beta P_T + (1 - beta) P_S,
 
@@ -13,8 +13,13 @@ the dataset's completions. The loop asks `use_student_samples(step, seed)` which
 is: an independent draw u ~ U[0, 1) per step, as in the paper's Algorithm 1, made a pure
 function of (seed, step) so that a resumed run makes the same choices.
 
-`temperature` applies to the loss only (student logits and teacher log-probs are divided by it
-and renormalized); the rollout's sampling temperature is the rollout's own setting.
+Two temperatures, as in TRL's GKDTrainer (measured against TRL 1.16's `generalized_jsd_loss`):
+the student samples at `rollout.temperature` (TRL's `temperature`, 0.9 there), and the loss
+compares the two models' own distributions, at `loss_temperature` = 1 by default (TRL's
+training loss runs at 1). A `loss_temperature` other than 1 divides the student's logits and
+the teacher's log-probs by it and renormalizes both (the distillation-temperature variant).
+`temperature` is not a parameter: it was the loss temperature (default 0.9) before, and a
+recipe that still sets it is refused with a pointer to the two keys.
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ ESTIMATORS = ("full", "topk")
 class GKDParams:
     beta: float = 0.5  # weight of the teacher in the mixture; 0 = forward KL, 1 = reverse KL
     lmbda: float = 0.5  # fraction of batches that are fresh student samples
-    temperature: float = 0.9
+    loss_temperature: float = 1.0  # temperature of both distributions inside the loss
+    temperature: float | None = None  # renamed: refused with a message (see the docstring)
     estimator: str = "full"  # "full": whole vocabulary; "topk": student top-k + tail bucket
     k: int = 64  # support size for `topk`
     full_chunk_tokens: int = 256  # tokens per chunk for `full`
@@ -45,8 +51,16 @@ class GKDParams:
             raise ValueError(f"objective.params.beta={self.beta} must lie in [0, 1]")
         if not 0.0 <= self.lmbda <= 1.0:
             raise ValueError(f"objective.params.lmbda={self.lmbda} must lie in [0, 1]")
-        if not self.temperature > 0.0:
-            raise ValueError(f"objective.params.temperature={self.temperature} must be > 0")
+        if self.temperature is not None:
+            raise ValueError(
+                f"objective.params.temperature={self.temperature}: gkd's loss runs at "
+                "objective.params.loss_temperature (default 1, as TRL's GKDTrainer); the "
+                "sampling temperature is rollout.temperature"
+            )
+        if not self.loss_temperature > 0.0:
+            raise ValueError(
+                f"objective.params.loss_temperature={self.loss_temperature} must be > 0"
+            )
         if self.estimator not in ESTIMATORS:
             raise ValueError(
                 f"objective.params.estimator={self.estimator!r}; valid: {', '.join(ESTIMATORS)}"
@@ -78,6 +92,9 @@ class GKD:
             return TeacherRequest("at_ids", k=self.params.k)
         return TeacherRequest("full")
 
+    def uses_sampler_logprobs(self) -> bool:
+        return False
+
     def use_student_samples(self, step: int, seed: int) -> bool:
         """Whether step `step` trains on fresh student samples (else dataset completions)."""
         return _uniform(seed, step) < self.params.lmbda
@@ -88,7 +105,7 @@ class GKD:
             if x.student_logprobs_BTK is None or x.teacher.logprobs_BTK is None:
                 raise ValueError("gkd topk needs student and teacher log-probs at ids")
             d_BT = topk_divergence(
-                x.student_logprobs_BTK, x.teacher.logprobs_BTK, "jsd", p.beta, p.temperature
+                x.student_logprobs_BTK, x.teacher.logprobs_BTK, "jsd", p.beta, p.loss_temperature
             )
         else:
             if x.student_logits_BTV is None or x.teacher.logits_BTV is None:
@@ -98,7 +115,7 @@ class GKD:
                 x.teacher.logits_BTV,
                 "jsd",
                 p.beta,
-                p.temperature,
+                p.loss_temperature,
                 p.full_chunk_tokens,
             )
         d_BT = torch.where(mask > 0, d_BT, torch.zeros_like(d_BT))

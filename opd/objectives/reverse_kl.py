@@ -97,6 +97,9 @@ class ReverseKL:
             "full": TeacherRequest("full"),
         }[self.params.estimator]
 
+    def uses_sampler_logprobs(self) -> bool:
+        return self.params.estimator == "sampled"  # the ratio pi_theta / pi_old
+
     def __call__(self, x: LossInputs) -> LossOutput:
         p, mask = self.params, x.mask_BT
         n_tokens = mask.sum()

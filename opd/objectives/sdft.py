@@ -104,6 +104,9 @@ class SDFT:
             return TeacherRequest("at_ids", k=self.params.k, context="demonstration")
         return TeacherRequest("full", context="demonstration")
 
+    def uses_sampler_logprobs(self) -> bool:
+        return True  # the importance weight min(pi_theta / pi_old, is_clip)
+
     def counted_mask(self, mask_BT: Tensor) -> Tensor:
         """`mask_BT` without each sequence's first `skip_first` completion positions.
 

@@ -33,6 +33,9 @@ class SFT:
     def use_student_samples(self, step: int, seed: int) -> bool:
         return False
 
+    def uses_sampler_logprobs(self) -> bool:
+        return False
+
     def __call__(self, x: LossInputs) -> LossOutput:
         mask = x.mask_BT
         nll = -(x.logprobs_BT * mask).sum()

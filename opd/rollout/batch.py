@@ -42,6 +42,9 @@ class Sample:
     teacher_version: int = 0
     demonstration: str | None = None  # the teacher's extra context (sdft), if any
     on_policy: bool = True  # False for dataset completions (gkd's off-policy batches)
+    # the sampling temperature: `logprobs` are of pi_old with its logits divided by it, and the
+    # learner computes its log-probs of these tokens the same way
+    temperature: float = 1.0
 
     @property
     def n_tokens(self) -> int:
@@ -63,6 +66,7 @@ class MicroBatch:
     teacher_logprobs_BTK: Tensor | None = None
     teacher_logits_BTV: Tensor | None = None
     aligned: AlignedScores | None = None
+    temperature: float = 1.0  # the samples' sampling temperature (one per micro-batch)
 
 
 def _pad(rows: list[Tensor], length: int, value: float = 0) -> Tensor:
@@ -74,6 +78,9 @@ def _pad(rows: list[Tensor], length: int, value: float = 0) -> Tensor:
 
 
 def collate(samples: list[Sample], pad_id: int = 0) -> MicroBatch:
+    temperatures = {s.temperature for s in samples}
+    if len(temperatures) > 1:
+        raise ValueError(f"a micro-batch mixes sampling temperatures {sorted(temperatures)}")
     seqs = [torch.tensor(s.prompt_ids + s.completion_ids, dtype=torch.long) for s in samples]
     L = max(len(s) for s in seqs)
     T = max(1, max(s.n_tokens for s in samples))
@@ -91,6 +98,7 @@ def collate(samples: list[Sample], pad_id: int = 0) -> MicroBatch:
         targets_BT=col(lambda s: s.completion_ids, torch.long),
         mask_BT=col(lambda s: [1.0] * s.n_tokens),
         old_logprobs_BT=col(lambda s: s.logprobs),
+        temperature=temperatures.pop(),
         teacher_logprobs_BT=(
             col(lambda s: s.teacher["logprobs"]) if "logprobs" in samples[0].teacher else None
         ),

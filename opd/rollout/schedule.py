@@ -24,6 +24,7 @@ class Generation:
     prompts: list[Prompt]
     pending: Pending
     versions: list[int]  # the policy version each worker must sample with
+    temperature: float
 
 
 def submit_generation(
@@ -54,7 +55,7 @@ def submit_generation(
         top_p=cfg.rollout.top_p if stream == "train" else 1.0,
         topk=topk,
     )
-    return Generation(prompts, pending, [version] * n)
+    return Generation(prompts, pending, [version] * n, temperature)
 
 
 def collect_generation(cfg: Config, roles: Roles, gen: Generation, sync) -> list[Sample]:
@@ -94,6 +95,7 @@ def collect_generation(cfg: Config, roles: Roles, gen: Generation, sync) -> list
                 policy_version=r["policy_version"],
                 topk_ids=r["topk_ids"],
                 demonstration=_field(p, cfg.data.demonstration_field),
+                temperature=gen.temperature,
             )
         )
     return out

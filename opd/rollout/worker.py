@@ -15,6 +15,7 @@ from opd.config.schema import RolloutConfig
 from opd.rollout.batch import GenerationRequest
 
 EXTENSION = "opd.sync.vllm_extension.WeightSyncExtension"
+_VLLM_DEFAULT_MAX_LOGPROBS = 20
 
 
 class RolloutWorker:
@@ -26,10 +27,13 @@ class RolloutWorker:
         device: str = "cpu",
         gguf_file: str | None = None,
         compilation_config: dict | None = None,
+        max_logprobs: int = 0,
     ) -> None:
         """`compilation_config` goes to vLLM as is (GPU, `enforce_eager: false`): e.g.
         `{"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}` captures CUDA graphs for decode
-        without a torch.compile pass at start-up; None keeps vLLM's default."""
+        without a torch.compile pass at start-up; None keeps vLLM's default.
+        `max_logprobs`: the most top log-probs a request may ask for (the objective's top-k);
+        vLLM refuses more than its own default of 20 unless told."""
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         if device == "cuda":  # the settings CUDA vLLM 0.25 was run with (benchmarks/RESULTS.md)
             show_peer_gpus()  # before CUDA starts: the NCCL weight group's peers must be visible
@@ -57,6 +61,7 @@ class RolloutWorker:
             enable_sleep_mode=gpu,
             # log-probs of the distribution actually sampled from (after temperature, top-p)
             logprobs_mode="processed_logprobs",
+            max_logprobs=max(max_logprobs, _VLLM_DEFAULT_MAX_LOGPROBS),
             **({"compilation_config": compilation_config} if compilation_config else {}),
         )
         self.version = 0

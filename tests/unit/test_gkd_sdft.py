@@ -237,7 +237,7 @@ def test_gkd_beta_ends_equal_forward_and_reverse_kl_exactly(estimator):
     k = None if estimator == "full" else 4
     for beta, kind in [(0.0, "forward_kl"), (1.0, "reverse_kl")]:
         obj = build_objective(
-            "gkd", {"beta": beta, "estimator": estimator, "k": k or 64, "temperature": 0.9}
+            "gkd", {"beta": beta, "estimator": estimator, "k": k or 64, "loss_temperature": 0.9}
         )
         out = obj(_inputs(s_logits, t_lp, mask, k))
         x = _inputs(s_logits, t_lp, mask, k)
@@ -260,12 +260,13 @@ def test_gkd_full_is_a_token_sum_matching_brute_force_value_and_grad(beta):
     out = obj(_inputs(s_logits, t_lp, mask))
     (g,) = torch.autograd.grad(out.loss_sum, s_logits)
 
-    want = _brute_full_sum("jsd", s_logits.detach(), t_lp, mask, beta, tau=0.9)
+    # the default loss temperature is 1, as in TRL's GKDTrainer (its 0.9 is for sampling)
+    want = _brute_full_sum("jsd", s_logits.detach(), t_lp, mask, beta, tau=1.0)
     assert out.loss_sum.item() == pytest.approx(want, rel=1e-10)
     assert out.n_tokens.item() == mask.sum().item()
     assert out.metrics["gkd/jsd"].item() == pytest.approx(want, rel=1e-10)
     ref_logits = s_logits.detach().clone().requires_grad_()
-    ref = (_ref_full("jsd", ref_logits, t_lp, beta, 0.9) * mask).sum()
+    ref = (_ref_full("jsd", ref_logits, t_lp, beta, 1.0) * mask).sum()
     (ref_g,) = torch.autograd.grad(ref, ref_logits)
     assert torch.allclose(g, ref_g, atol=1e-10)
 
@@ -276,8 +277,10 @@ def test_gkd_topk_with_whole_vocab_equals_full(beta, tau):
     mask = _mask()
     s_logits = _logits(14)
     t_lp = torch.log_softmax(_logits(15), -1)
-    full = build_objective("gkd", {"beta": beta, "temperature": tau})
-    topk = build_objective("gkd", {"beta": beta, "temperature": tau, "estimator": "topk", "k": V})
+    full = build_objective("gkd", {"beta": beta, "loss_temperature": tau})
+    topk = build_objective(
+        "gkd", {"beta": beta, "loss_temperature": tau, "estimator": "topk", "k": V}
+    )
     a = full(_inputs(s_logits, t_lp, mask)).loss_sum
     b = topk(_inputs(s_logits, t_lp, mask, k=V)).loss_sum
     # The floored tail bucket (1e-6 on both sides) is the only difference.
@@ -493,7 +496,8 @@ def test_registry_and_normalization_units():
     [
         ("gkd", {"beta": 1.5}, "objective.params.beta"),
         ("gkd", {"lmbda": -0.1}, "objective.params.lmbda"),
-        ("gkd", {"temperature": 0.0}, "objective.params.temperature"),
+        ("gkd", {"loss_temperature": 0.0}, "objective.params.loss_temperature"),
+        ("gkd", {"temperature": 0.9}, "rollout.temperature"),
         ("gkd", {"estimator": "sampled"}, "objective.params.estimator"),
         ("gkd", {"k": 0}, "objective.params.k"),
         ("gkd", {"betta": 0.1}, "betta"),

@@ -108,3 +108,42 @@ def test_teacher_scores_student_tokens_under_its_own_template(tiny_pair, model):
     logits = samples[0].teacher["logits_full"]
     assert logits.dtype == model.dtype  # the head's own output, not upcast log-probs
     assert torch.allclose(torch.log_softmax(logits.double(), -1), full, atol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_sampled_token_logprobs_are_at_the_sampling_temperature(model, fused):
+    """The learner's log-probs of the sampled tokens are those of softmax(logits / T), what
+    the rollout engine sampled from and reports; log-probs at other ids stay at T = 1."""
+    tau = 0.7
+    ids = torch.tensor([[5, 17, 33, 8, 90, 41, 7]])
+    targets, positions = ids[:, 1:], torch.arange(0, ids.shape[1] - 1)[None]
+    mask = torch.ones_like(targets, dtype=torch.float64)
+    topk = torch.tensor([[[1, 2, 3]] * targets.shape[1]])
+    hidden = gather_positions(final_hidden(model, ids, torch.ones_like(ids)), positions)
+    lp, lp_k = token_logprobs(
+        model,
+        hidden,
+        targets,
+        ids_BTK=None if fused else topk,
+        chunk=4,
+        mask_BT=mask,
+        cache_bytes=2**30 if fused else 0,
+        temperature=tau,
+    )
+    lp.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    logits = model(ids).logits[0, :-1].double()
+    at = targets[0, :, None]
+    ref = torch.log_softmax(logits / tau, -1).gather(-1, at)[:, 0]
+    assert not torch.allclose(ref, torch.log_softmax(logits, -1).gather(-1, at)[:, 0])
+    ref.sum().backward()
+    assert torch.allclose(lp[0].double(), ref.detach(), atol=1e-6)
+    if not fused:
+        at_t1 = torch.log_softmax(logits, -1).gather(-1, topk[0])
+        assert torch.allclose(lp_k[0], at_t1.detach(), atol=1e-8)
+    tol = 1e-4 if fused else 1e-8  # HeadLogProb keeps fp32 log-normalizers
+    for g, p in zip(grads, model.parameters()):
+        assert torch.allclose(g, p.grad, atol=tol), (g - p.grad).abs().max()
+    model.zero_grad()
