@@ -105,3 +105,29 @@ def test_vllm_memory_default_follows_a_fractional_gpu_share():
     assert RolloutConfig(num_gpus=1).memory_fraction(gpu=True) == 0.85
     assert RolloutConfig(num_gpus=0.4, gpu_memory_utilization=0.3).memory_fraction(True) == 0.3
     assert RolloutConfig().memory_fraction(gpu=False) == 0.1
+
+
+def test_top_p_is_refused_only_where_the_loss_uses_the_sampler_ratio(tiny_pair):
+    recipe = Path(__file__).parents[2] / "recipes/reverse_kl/tiny.yaml"
+    ok = [
+        f"student.path={tiny_pair['student']}",
+        f"teacher.path={tiny_pair['teacher']}",
+        f"data.train_path={tiny_pair['train']}",
+        "rollout.top_p=0.9",
+    ]
+    with pytest.raises(ConfigError, match=r"rollout.top_p=0.9 .*ratio"):
+        check_resources(load_config(recipe, ok))
+    # the analytic estimators do not read pi_old: top-p only shapes the samples
+    check_resources(load_config(recipe, ok + ["objective.params.estimator=full"]))
+    check_resources(load_config(recipe, ok[:3] + ["rollout.temperature=0.7"]))
+
+
+def test_gkd_temperature_is_named_as_the_loss_temperature(tmp_path):
+    recipe = Path(__file__).parents[2] / "recipes/gkd/tiny.yaml"
+    cfg = load_config(recipe)
+    from opd.objectives import build_objective
+
+    obj = build_objective(cfg.objective.name, cfg.objective.params)
+    assert obj.params.loss_temperature == 1.0  # TRL's GKDTrainer: loss at T = 1
+    with pytest.raises(ValueError, match="loss_temperature.*rollout.temperature"):
+        build_objective("gkd", {"temperature": 0.9})
