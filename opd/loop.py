@@ -12,12 +12,13 @@ from pathlib import Path
 import ray
 import torch
 
+from opd.cluster.group import RoleError
 from opd.cluster.placement import check_devices, check_fits, check_gpu_packing
 from opd.cluster.roles import Roles, start_roles
 from opd.config import Config, to_yaml
 from opd.data.prompts import Prompt, PromptStream, build_prompts, read_rows
 from opd.data.sources import resolve_data
-from opd.learner.checkpoint import CheckpointDir, rng_state, set_rng_state
+from opd.learner.checkpoint import CheckpointDir, CheckpointError, rng_state, set_rng_state
 from opd.metrics import MetricsLog
 from opd.models.sources import resolve_model
 from opd.objectives import build_objective
@@ -25,6 +26,7 @@ from opd.objectives.base import TeacherRequest, step_normalizer
 from opd.progress import Progress
 from opd.rollout.batch import Sample
 from opd.rollout.schedule import Rollouts, generate
+from opd.rundir import RunLock
 from opd.sync.weights import make_weight_sync
 
 
@@ -144,26 +146,48 @@ def learn(roles: Roles, samples: list[Sample], objective) -> dict[str, float]:
 def save_checkpoint(
     ckpt: CheckpointDir, roles: Roles, cfg: Config, step: int, data_state: dict
 ) -> None:
-    tmp = ckpt.begin(step)
-    roles.learner.call("save_checkpoint", str(tmp / "learner"))
-    roles.teacher.call("save_state", str(tmp / "teacher"))
-    ckpt.commit(
-        tmp,
-        step,
-        {"step": step, "data": data_state, "rng": rng_state(), "config": to_yaml(cfg)},
-    )
+    def write(tmp: Path) -> None:
+        roles.learner.call("save_checkpoint", str(tmp / "learner"))
+        roles.teacher.call("save_state", str(tmp / "teacher"))
+
+    state = {"step": step, "data": data_state, "rng": rng_state(), "config": to_yaml(cfg)}
+    ckpt.save(step, write, state)
+
+
+def load_checkpoint(roles: Roles, path: Path) -> None:
+    """The learners' and the teacher's state from checkpoint `path`; a file a learner refuses
+    (damaged, or holding more than weights) is a CheckpointError naming it."""
+    try:
+        roles.learner.call("load_checkpoint", str(path / "learner"))
+    except RoleError as e:
+        cause = getattr(e.__cause__, "cause", None)  # the learner's own exception
+        if isinstance(cause, CheckpointError):
+            raise CheckpointError(f"resuming from {path}: {cause}") from e
+        raise
+    roles.teacher.call("load_state", str(path / "teacher"))
 
 
 def train(cfg: Config) -> Path:
+    """Run (or resume) `cfg`; one run at a time holds `run.output_dir` (`RunLock`)."""
     run_dir = Path(cfg.run.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(run_dir):
+        return _train(cfg, run_dir)
+
+
+def _train(cfg: Config, run_dir: Path) -> Path:
     ckpt = CheckpointDir(run_dir / "checkpoints", cfg.checkpoint.keep_last)
-    resume = ckpt.latest() if cfg.run.resume else None
+    ckpt.clear_partial()
+    if cfg.run.resume:
+        resume = ckpt.latest()  # the newest intact checkpoint
+    else:
+        ckpt.clear()
+        resume = None
     start = resume[1]["step"] if resume else 0
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     if start >= cfg.trainer.steps and (run_dir / "student").is_dir():
         print(f"{run_dir}: already trained to step {start} (trainer.steps={cfg.trainer.steps})")
         return run_dir
+    log = MetricsLog(run_dir / "metrics.jsonl", start if resume else None)
 
     from transformers import AutoTokenizer
 
@@ -183,22 +207,21 @@ def train(cfg: Config) -> Path:
     check_gpu_packing(cfg, int(resources.get("GPU", 0)))
     colocated = cfg.cluster.placement == "colocated"
     roles = start_roles(cfg, student, teacher, device)
-    sync = make_weight_sync(
-        cfg.rollout.weight_sync,
-        device,
-        roles.learner,
-        roles.rollout,
-        cfg.rollout.dtype,
-        teacher=roles.teacher if cfg.teacher.mode != "frozen" else None,
-        colocated=colocated,
-    )
-    log = MetricsLog(run_dir / "metrics.jsonl", start if resume else None)
+    sync = None
     try:
+        sync = make_weight_sync(
+            cfg.rollout.weight_sync,
+            device,
+            roles.learner,
+            roles.rollout,
+            cfg.rollout.dtype,
+            teacher=roles.teacher if cfg.teacher.mode != "frozen" else None,
+            colocated=colocated,
+        )
         if request.signal == "aligned":
             _print_pair_report(roles.teacher.call("pair_report")[0])
         if resume:
-            roles.learner.call("load_checkpoint", str(resume[0] / "learner"))
-            roles.teacher.call("load_state", str(resume[0] / "teacher"))
+            load_checkpoint(roles, resume[0])
             data.train.load_state_dict(resume[1]["data"])
             set_rng_state(resume[1]["rng"])
             sync.push(version=start, update_teacher=False)
@@ -272,7 +295,8 @@ def train(cfg: Config) -> Path:
         if cfg.checkpoint.export_student:
             roles.learner.call("save_pretrained", str(run_dir / "student"), student)
     finally:
-        sync.close()
+        if sync is not None:
+            sync.close()
         roles.shutdown()
     return run_dir
 

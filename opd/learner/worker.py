@@ -361,6 +361,11 @@ class Learner:
         )
 
     def load_checkpoint(self, directory: str) -> None:
+        """Weights and plain state only: a checkpoint file holding other pickled objects is
+        refused (`UnsafeCheckpointError`, naming the file) before any of its code runs."""
+        from opd.learner.checkpoint import use_weights_only_loads
+
+        use_weights_only_loads(self.engine)
         _, client = self.engine.load_checkpoint(
             directory, tag="learner", load_optimizer_states=True, load_lr_scheduler_states=True
         )

@@ -3,9 +3,11 @@
 Transport `dir` (CPU, or a single host): learner rank 0 writes the weights as safetensors into
 a version folder in shared memory (`/dev/shm` when there is one), every rollout worker loads
 them in place through `WeightSyncExtension.opd_load_from_dir`, and the previous folder is
-removed. The GPU transports (`nccl`: a broadcast into vLLM's workers on other GPUs; `ipc`: a
-CUDA IPC handle to the learner's buffer for the worker on the same GPU) enter vLLM through the
-same extension and end in the same `reload_weights` call.
+removed. The folder is named after the driver (`opd-sync-<pid>@<host>.<random>`) and removed
+when the run ends; one whose owner died (kill -9) is removed by the next run on that host.
+The GPU transports (`nccl`: a broadcast into vLLM's workers on other GPUs; `ipc`: a CUDA IPC
+handle to the learner's buffer for the worker on the same GPU) enter vLLM through the same
+extension and end in the same `reload_weights` call.
 """
 
 from __future__ import annotations
@@ -13,16 +15,20 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 from opd.cluster.group import ActorGroup, RoleError
+from opd.rundir import clear_stale, owned_name
+
+SYNC_PREFIX = "opd-sync-"
 
 
 def default_sync_root() -> Path:
+    """A new folder name in shared memory, after removing those of dead runs."""
     shm = Path("/dev/shm")
     base = shm if shm.is_dir() and shm.stat().st_mode & 0o002 else Path(tempfile.gettempdir())
-    return base / f"opd-sync-{uuid.uuid4().hex[:12]}"
+    clear_stale(base, SYNC_PREFIX)
+    return base / owned_name(SYNC_PREFIX)
 
 
 class DirWeightSync:

@@ -150,3 +150,47 @@ def test_dead_learner_stops_the_run_and_a_rerun_resumes(
     # run ends, metric for metric.
     rows = _run(tiny_pair, tmp_path, "checkpoint.every=2")
     assert _stable(rows) == _stable(split_rows)
+
+
+class _Planted:
+    """A pickle that runs code when loaded without weights_only."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
+
+
+def test_a_damaged_checkpoint_falls_back_and_planted_code_is_refused(
+    tiny_pair, ray_session, tmp_path, split_rows, capsys
+):
+    import json
+
+    import torch
+
+    from opd.learner.checkpoint import MANIFEST, CheckpointError, _hash_files
+
+    _run(tiny_pair, tmp_path, "checkpoint.every=2")  # keeps step_2 and step_4
+    model = tmp_path / "checkpoints/step_4/learner/learner/mp_rank_00_model_states.pt"
+    model.write_bytes(model.read_bytes()[:1000])  # truncated
+    capsys.readouterr()
+    # The re-run skips the damaged step_4, naming the file, resumes from step_2 and ends
+    # where an uninterrupted run ends.
+    rows = _run(tiny_pair, tmp_path, "checkpoint.every=2")
+    err = capsys.readouterr().err
+    assert str(model) in err and "resuming from" in err
+    assert _stable(rows) == _stable(split_rows)
+
+    # Code planted in the (re-written) step_4, with a manifest to match, is refused.
+    marker = tmp_path / "marker"
+    state = torch.load(model, weights_only=False)
+    state["planted"] = _Planted(marker)
+    torch.save(state, model, _use_new_zipfile_serialization=False)
+    step_dir = tmp_path / "checkpoints/step_4"
+    (step_dir / MANIFEST).unlink()
+    (step_dir / MANIFEST).write_text(json.dumps({"step": 4, "files": _hash_files(step_dir, False)}))
+    with pytest.raises(CheckpointError, match="refused to load") as e:
+        _run(tiny_pair, tmp_path, "checkpoint.every=2")
+    assert str(model) in str(e.value)
+    assert not marker.exists(), "the planted code ran"
