@@ -206,7 +206,7 @@ def _train(cfg: Config, run_dir: Path) -> Path:
     check_fits(cfg, resources)
     check_gpu_packing(cfg, int(resources.get("GPU", 0)))
     colocated = cfg.cluster.placement == "colocated"
-    roles = start_roles(cfg, student, teacher, device)
+    roles = start_roles(cfg, student, teacher, device, request.rollout_topk)
     sync = None
     try:
         sync = make_weight_sync(

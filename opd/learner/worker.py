@@ -131,6 +131,7 @@ class Learner:
             if p.requires_grad:
                 p.register_hook(self._check_grad)
         self.skipped_steps = 0
+        self._grad_norm: float | None = None  # before clipping, where DeepSpeed keeps none
 
     def _check_grad(self, grad: torch.Tensor) -> None:
         """Record a non-finite gradient (no host sync); `_step_or_skip` acts on it."""
@@ -166,6 +167,7 @@ class Learner:
             mask_BT=mb.mask_BT.to(d),
             n_chunks=n_chunks,
             cache_bytes=int(self.cfg.logits_cache_gb * 2**30),
+            temperature=mb.temperature,  # pi_theta as the rollout sampled from it
         )
         logits_BTV = None
         if self.request.signal == "full":
@@ -187,6 +189,7 @@ class Learner:
             student_logits_BTV=logits_BTV,
             targets_BT=mb.targets_BT.to(d),
             student_logits=HeadLogits(self.model, hidden_BTH) if aligned else None,
+            temperature=mb.temperature,
         )
 
     def train_step(self, samples: list[Sample], normalizer: int) -> dict[str, float]:
@@ -219,6 +222,8 @@ class Learner:
         metrics = {"train/loss": packed[0].item() / max(1, normalizer)}
         metrics.update({k: packed[j + 1].item() / max(1, normalizer) for j, k in enumerate(names)})
         norm = self.engine.get_global_grad_norm()
+        if norm is None:  # ZeRO-0 records none: the norm taken before the update
+            norm = self._grad_norm
         metrics["train/grad_norm"] = float(norm) if norm is not None else float("nan")
         metrics["train/lr"] = self.engine.get_lr()[0]
         metrics["train/skipped_steps"] = self.skipped_steps
@@ -240,6 +245,11 @@ class Learner:
         return sums
 
     def _step_or_skip(self) -> None:
+        self._grad_norm = None
+        if self.cfg.zero_stage == 0:  # the gradients are whole (and averaged) on every rank
+            norms = [p.grad.float().norm() for p in self.model.parameters() if p.grad is not None]
+            if norms:
+                self._grad_norm = float(torch.stack(norms).norm())
         flag = self._nonfinite.to(torch.int32)
         dist.all_reduce(flag)  # non-finite on any rank skips the update on every rank
         if not flag.item():
