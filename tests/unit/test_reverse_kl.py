@@ -118,7 +118,27 @@ def test_full_matches_brute_force_value_and_grad():
     (ref_g,) = torch.autograd.grad(ref, ref_logits)
     assert out.loss_sum.item() == pytest.approx(ref.item(), rel=1e-9)
     assert torch.allclose(g, ref_g, atol=1e-10)
-    assert out.metrics["reverse_kl/topk_overlap"].item() <= mask.sum().item()
+
+    # Health metrics, summed over counted tokens: each side's mass on its own 8 most likely
+    # tokens and the fraction of those 8 ids the two sides share, from sorted python lists.
+    k = 8
+    s_mass = t_mass = overlap = 0.0
+    for b in range(B):
+        for t in range(T):
+            if not mask[b, t]:
+                continue
+            p = torch.softmax(s_logits[b, t].detach(), -1).tolist()
+            q = t_lp[b, t].exp().tolist()
+            p_top = sorted(range(V), key=lambda i: -p[i])[:k]
+            q_top = sorted(range(V), key=lambda i: -q[i])[:k]
+            s_mass += sum(p[i] for i in p_top)
+            t_mass += sum(q[i] for i in q_top)
+            overlap += len(set(p_top) & set(q_top)) / k
+    assert 0 < overlap < mask.sum().item()  # neither all nor none shared: a real check
+    m = {key.removeprefix("reverse_kl/"): v.item() for key, v in out.metrics.items()}
+    assert m["student_topk_mass"] == pytest.approx(s_mass, rel=1e-6)
+    assert m["teacher_topk_mass"] == pytest.approx(t_mass, rel=1e-6)
+    assert m["topk_overlap"] == pytest.approx(overlap, rel=1e-6)
 
 
 def test_topk_with_whole_vocab_equals_full_and_tail_is_counted():
@@ -149,7 +169,7 @@ def test_topk_with_whole_vocab_equals_full_and_tail_is_counted():
     k = 3
     out, ids, s_at = run(k)
     out.loss_sum.backward()
-    expected = 0.0
+    expected, s_mass, t_mass = 0.0, 0.0, 0.0
     for b in range(B):
         for t in range(T):
             if not mask[b, t]:
@@ -159,7 +179,12 @@ def test_topk_with_whole_vocab_equals_full_and_tail_is_counted():
             expected += sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
             pt, qt = 1 - sum(p), 1 - sum(q)
             expected += pt * math.log(pt / qt)
+            s_mass, t_mass = s_mass + sum(p), t_mass + sum(q)
     assert out.loss_sum.item() == pytest.approx(expected, rel=1e-9)
+    # health metrics: each side's mass on the student's top-k, summed over counted tokens
+    assert out.metrics["reverse_kl/student_topk_mass"].item() == pytest.approx(s_mass, rel=1e-9)
+    got = out.metrics["reverse_kl/teacher_mass_on_student_topk"].item()
+    assert got == pytest.approx(t_mass, rel=1e-9)
     # d/d log p_i of [p_i log(p_i/q_i) + tail(p)] = p_i (log(p_i/q_i) + 1) - p_i (log(pt/qt) + 1)
     p_at = s_at.detach().exp()
     q_at = t_lp.gather(-1, ids).exp()
