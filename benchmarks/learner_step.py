@@ -13,17 +13,28 @@ per rank per step, samples per micro-batch) with flags: `ckpt` (activation check
 LM-head logits kept for backward, not recomputed; without it 0), `prof` (one more step under
 the torch profiler: summed kernel time against wall time, top kernels on stderr).
 
-Reported per configuration: seconds per step (median of the measured steps; the first step
-is warm-up), tokens/s over all ranks, MFU = 6 N T / (s x ranks x peak) with N all parameters
-and T all prompt + completion tokens (the issue's definition), and `mfu_work`: the FLOPs the
-step must do (decoder products on every token, causal attention, the LM head on completion
-tokens only, x3 for forward + backward; recomputation not counted) over the same time.
+Reported per configuration, over the measured steps (the first step is warm-up and not
+counted), each step's tokens paired with that step's own time: `step_tokens` (prompt +
+completion tokens of every step, all ranks) and `step_times` (seconds), their means
+`tokens_per_step` and `seconds_per_step`, `tokens_per_s` = sum(step_tokens) /
+sum(step_times), and MFU = flops_per_token x sum(step_tokens) / (sum(step_times) x world x
+peak_flops) with `flops_per_token` = 6 N, N all parameters (the issue's definition).
+`mfu_work` puts `step_work_flops` in the numerator instead: the FLOPs each step must do
+(decoder products on every token, causal attention, the LM head on completion tokens only, x3
+for forward + backward; recomputation not counted). `peak_flops` is the device's dense bf16
+peak (`--peak-flops` overrides it; on a CPU there is none and no MFU is reported).
+
+    python benchmarks/learner_step.py --replay benchmarks/results/h200-learner-logits-cache.log
+
+recomputes rows logged before 2026-11-30, which divided the first timed step's tokens by the
+median step time: the batches are seeded by the step number, so they are drawn again.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import random
 import statistics
@@ -168,10 +179,6 @@ def run_config(args, c: dict, folder: str, rank: int, world: int, port: int, cud
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    sec = statistics.median(times)
-    mid = times.index(sec) if sec in times else 0
-    seqs = seqs_per_step[mid]
-    tokens = sum(p + c for p, c in seqs)
     out = {
         "config": c["spec"],
         "world": world,
@@ -180,15 +187,87 @@ def run_config(args, c: dict, folder: str, rank: int, world: int, port: int, cud
         "packing": not c["pad"],
         "batch_per_rank": c["batch"],
         "micro_batch": c["micro"],
-        "tokens_per_step": tokens,
-        "seconds_per_step": round(sec, 4),
-        "step_times": [round(t, 4) for t in times],
-        "tokens_per_s": round(tokens / sec, 1),
         "peak_memory_gb": round(peak_mem, 2) if peak_mem is not None else None,
         "compiled_layers": c["compile"],
         **prof,
     }
-    return out, seqs, sec
+    return out, seqs_per_step, times
+
+
+def step_rates(
+    step_seqs: list[list[tuple[int, int]]],
+    step_times: list[float],
+    world: int,
+    shape: dict,
+    n_params: int,
+    peak: float | None,
+) -> dict:
+    """Throughput and MFU over the timed steps, every step's (prompt, completion) lengths
+    paired with its own seconds: tokens and FLOPs summed over the steps, divided by the summed
+    seconds. The raw inputs come with the rates, so each rate can be redone by hand from the
+    JSON line (times are rounded before anything is computed from them)."""
+    times = [round(t, 6) for t in step_times]
+    tokens = [sum(p + c for p, c in seqs) for seqs in step_seqs]
+    work = [round(3 * forward_flops(shape, seqs)) for seqs in step_seqs]
+    total_s, total_tokens = sum(times), sum(tokens)
+    out = {
+        "step_tokens": tokens,
+        "step_times": times,
+        "tokens_per_step": round(total_tokens / len(tokens), 1),
+        "seconds_per_step": round(total_s / len(times), 4),
+        "tokens_per_s": round(total_tokens / total_s, 1),
+        "flops_per_token": 6 * n_params,
+        "step_work_flops": work,
+        "peak_flops": peak,
+    }
+    if peak:
+        out["mfu"] = round(6 * n_params * total_tokens / (total_s * world * peak), 4)
+        out["mfu_work"] = round(sum(work) / (total_s * world * peak), 4)
+    return out
+
+
+def step_batches(n: int, prompt, completion, vocab: int, steps) -> list[list[tuple[int, int]]]:
+    """(prompt, completion) lengths of the synthetic batches of the given steps."""
+    return [
+        [(len(s.prompt_ids), s.n_tokens) for s in batch(n, prompt, completion, vocab, step)]
+        for step in steps
+    ]
+
+
+def logged_rows(path: str, benchmark: str) -> list[dict]:
+    """The JSON lines of `benchmark` in a log written before `step_tokens` existed."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:  # progress bars, warnings, printed dicts
+                continue
+            if isinstance(row, dict) and row.get("benchmark") == benchmark:
+                if "step_times" in row and "step_tokens" not in row:
+                    rows.append(row)
+    return rows
+
+
+def replay(paths: list[str], prompt, completion) -> None:
+    """Recompute logged rows: draw each timed step's batch again (seeds 1..steps) and pair its
+    tokens with its time. A row whose logged token count is not the redrawn batch of the step
+    the old code picked is refused (different prompt/completion ranges, or another sampler)."""
+    for path in paths:
+        for row in logged_rows(path, "learner_step"):
+            times, world, shape = row["step_times"], row["world"], SHAPES[row["size"]]
+            seqs = step_batches(
+                row["batch_per_rank"] * world, prompt, completion, shape["vocab_size"],
+                range(1, len(times) + 1),
+            )  # fmt: skip
+            median = statistics.median(times)  # what the old code paired with one batch
+            picked = times.index(median) if median in times else 0
+            if sum(p + c for p, c in seqs[picked]) != row["tokens_per_step"]:
+                raise SystemExit(f"{path}: {row['config']}: the redrawn batches do not match")
+            old = ("tokens_per_step", "seconds_per_step", "tokens_per_s", "mfu", "mfu_work")
+            new = step_rates(seqs, times, world, shape, row["params"], peak_flops(row["device"]))
+            logged = {k: row.pop(k) for k in old if k in row}
+            print(json.dumps({**row, **new, "replayed_from": path, "logged": logged}))
 
 
 def worker(rank: int, world: int, args, folder: str, n_params: int, port: int) -> None:
@@ -196,14 +275,14 @@ def worker(rank: int, world: int, args, folder: str, n_params: int, port: int) -
         os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices(rank, world)
     cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name(0) if cuda else "cpu"
-    peak = peak_flops(device)
+    peak = args.peak_flops or peak_flops(device)
     for spec in args.configs:
         c = parse(spec, cuda)
         try:
-            out, seqs, sec = run_config(args, c, folder, rank, world, port, cuda)
+            out, seqs, times = run_config(args, c, folder, rank, world, port, cuda)
         except Exception as e:  # out of memory, or a configuration that does not run: say so
-            out, seqs, sec = {"config": spec, "error": f"{type(e).__name__}: {e}"[:300]}, None, None
-        if seqs is None:  # outside the handler, whose traceback still holds the failed run
+            out, seqs, times = {"config": spec, "error": f"{type(e).__name__}: {e}"[:300]}, [], []
+        if not seqs:  # outside the handler, whose traceback still holds the failed run
             gc.collect()
             if cuda:
                 torch.cuda.empty_cache()
@@ -216,11 +295,8 @@ def worker(rank: int, world: int, args, folder: str, n_params: int, port: int) -
             "dtype": "bfloat16" if cuda else "float32",
             **out,
         }
-        if peak and seqs:
-            tokens = sum(p + c for p, c in seqs)
-            result["mfu"] = round(6 * n_params * tokens / (sec * world * peak), 4)
-            work = 3 * forward_flops(SHAPES[args.size], seqs)
-            result["mfu_work"] = round(work / (sec * world * peak), 4)
+        if seqs:
+            result.update(step_rates(seqs, times, world, SHAPES[args.size], n_params, peak))
         report(result)
 
 
@@ -233,7 +309,11 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, nargs=2, default=(64, 256))
     ap.add_argument("--completion", type=int, nargs=2, default=(128, 1024))
     ap.add_argument("--chunk", type=int, default=1024, help="learner.logprob_chunk_tokens")
+    ap.add_argument("--peak-flops", type=float, help="FLOP/s per device, instead of the table")
+    ap.add_argument("--replay", nargs="+", metavar="LOG", help="recompute logged rows, no run")
     args = ap.parse_args()
+    if args.replay:
+        return replay(args.replay, args.prompt, args.completion)
 
     from opd.cluster.placement import free_port
 
