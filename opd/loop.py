@@ -16,7 +16,7 @@ from opd.cluster.group import RoleError
 from opd.cluster.placement import check_devices, check_fits, check_gpu_packing
 from opd.cluster.roles import Roles, start_roles
 from opd.config import Config, to_yaml
-from opd.data.prompts import Prompt, PromptStream, build_prompts, read_rows
+from opd.data.prompts import Prompt, PromptStream, read_rows, recipe_prompts
 from opd.data.sources import resolve_data
 from opd.learner.checkpoint import CheckpointDir, CheckpointError, rng_state, set_rng_state
 from opd.metrics import MetricsLog
@@ -44,15 +44,7 @@ def load_data(cfg: Config, tokenizer) -> RunData:
 
     def prompts(path: str):
         source = resolve_data(path)
-        return build_prompts(
-            read_rows(source),
-            tokenizer,
-            prompt_field=d.prompt_field,
-            id_field=d.id_field,
-            system_prompt=d.system_prompt,
-            max_prompt_tokens=d.max_prompt_tokens,
-            source=str(source),
-        )
+        return recipe_prompts(d, read_rows(source), tokenizer, str(source))
 
     train, dropped = prompts(d.train_path)
     n_held = cfg.eval.heldout_prompts

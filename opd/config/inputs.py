@@ -86,7 +86,7 @@ def check_prompt_lengths(cfg: Config, local: dict[str, tuple[Path, list[dict]]])
         return [] if not local else ["prompt lengths: checked once the student is prepared"]
     from transformers import AutoTokenizer
 
-    from opd.data.prompts import build_prompts
+    from opd.data.prompts import recipe_prompts
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(Path(cfg.student.path).expanduser()))
@@ -97,15 +97,7 @@ def check_prompt_lengths(cfg: Config, local: dict[str, tuple[Path, list[dict]]])
     d, notes, fit = cfg.data, [], {}
     for key, (source, rows) in local.items():
         try:
-            prompts, dropped = build_prompts(
-                rows,
-                tokenizer,
-                prompt_field=d.prompt_field,
-                id_field=d.id_field,
-                system_prompt=d.system_prompt,
-                max_prompt_tokens=d.max_prompt_tokens,
-                source=str(source),
-            )
+            prompts, dropped = recipe_prompts(d, rows, tokenizer, str(source))
         except Exception as e:  # the chat template failed to render
             raise ConfigError(f"{key}: {source}: {type(e).__name__}: {e}") from e
         if not prompts:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,26 +37,32 @@ def read_located_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
     if path.is_dir() or path.suffix == ".parquet":
         return [(f"{path}: row {i}", row) for i, row in enumerate(_table_rows(path))]
     rows = []
+    for line_no, line in jsonl_lines(path):
+        where = f"{path}:{line_no}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not valid JSON ({e.msg})") from e
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected a JSON object per line")
+        rows.append((where, row))
+    return rows
+
+
+def jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a text file's non-blank lines; a line that is not UTF-8 is an
+    error naming the file, the line and the byte."""
     with path.open("rb") as f:
         for line_no, raw in enumerate(f, 1):
-            where = f"{path}:{line_no}"
             try:  # a BOM may open the file
-                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+                text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
             except UnicodeDecodeError as e:
                 raise ValueError(
-                    f"{where}: not UTF-8 text (byte {raw[e.start : e.start + 1]!r} at column "
-                    f"{e.start + 1} of the line)"
+                    f"{path}:{line_no}: not UTF-8 text (byte {raw[e.start : e.start + 1]!r} at "
+                    f"column {e.start + 1} of the line)"
                 ) from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from e
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object per line")
-            rows.append((where, row))
-    return rows
+            if text.strip():
+                yield line_no, text
 
 
 def _table_rows(path: Path) -> list[dict[str, Any]]:
@@ -94,6 +101,21 @@ def render_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers may return a BatchEncoding
         ids = ids["input_ids"]
     return list(ids)
+
+
+def recipe_prompts(
+    data, rows: list[dict[str, Any]], tokenizer, source: str
+) -> tuple[list[Prompt], int]:
+    """`build_prompts` with the recipe's `data` section (a `DataConfig`) giving the fields."""
+    return build_prompts(
+        rows,
+        tokenizer,
+        prompt_field=data.prompt_field,
+        id_field=data.id_field,
+        system_prompt=data.system_prompt,
+        max_prompt_tokens=data.max_prompt_tokens,
+        source=source,
+    )
 
 
 def build_prompts(

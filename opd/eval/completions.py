@@ -20,6 +20,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from opd.data.prompts import jsonl_lines
+
 EXAMPLES = 3  # problems shown in an error or warning
 
 
@@ -35,17 +37,7 @@ def _lines(path: Path):
         raise FileNotFoundError(f"completions file not found: {path}")
     if path.is_dir():
         raise ValueError(f"{path} is a folder; --completions takes a jsonl file")
-    with path.open("rb") as f:
-        for line_no, raw in enumerate(f, 1):
-            try:
-                text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(
-                    f"{path}:{line_no}: not UTF-8 text (byte {raw[e.start : e.start + 1]!r} at "
-                    f"column {e.start + 1} of the line)"
-                ) from None
-            if text.strip():
-                yield line_no, text
+    yield from jsonl_lines(path)
 
 
 def _row(path: Path, line_no: int, text: str) -> tuple[str, str, int | None]:
