@@ -2,8 +2,6 @@
 objective's gradient, gradient accumulation equals one big batch, and a non-finite gradient
 skips the update on every ZeRO stage and is counted."""
 
-import copy
-
 import pytest
 import torch
 
@@ -76,8 +74,20 @@ def test_step_updates_and_nonfinite_skips(tiny_pair, stage):
     assert any(not torch.equal(after[k], v) for k, v in later.items())
 
 
-def _reference_grad_norm(student, samples, normalizer):
-    """The sampled reverse-KL loss, normalized by all tokens, on a plain transformers model."""
+def _varied_samples():
+    """Four samples whose sampler and teacher log-probs differ per sample and per token, with
+    advantages of both signs: a gradient that pairs a score with the wrong token shows."""
+    out = _samples(4)
+    delta = [[0.7, -0.4, 1.1], [-0.9, 0.3, -0.2], [0.5, 0.8, -1.2], [-0.6, -0.1, 0.9]]
+    for i, s in enumerate(out):
+        s.logprobs = [-5.0 + 0.5 * i, -4.0 - 0.25 * i, -6.0 + 0.1 * i]
+        s.teacher = {"logprobs": torch.tensor(s.logprobs) + torch.tensor(delta[i])}
+    return out
+
+
+def _reference_grads(student, samples, normalizer):
+    """Per-parameter gradients of the sampled reverse-KL loss, normalized by all tokens, on a
+    plain transformers model."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
@@ -91,15 +101,41 @@ def _reference_grad_norm(student, samples, normalizer):
         advantage = s.teacher["logprobs"] - old
         total = total - (torch.exp(lp_c - old) * advantage).sum()
     (total / normalizer).backward()
-    return torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters())).item()
+    return {k: p.grad for k, p in model.named_parameters()}
+
+
+def _record_grads(model):
+    """{name: gradient} of every parameter, summed over the backward passes to come (as the
+    engine accumulates micro-batches), read by tensor hooks before DeepSpeed touches it."""
+    got = {}
+
+    def keep(name):
+        return lambda g: got.__setitem__(name, got.get(name, 0) + g.detach().clone())
+
+    for name, p in model.named_parameters():
+        p.register_hook(keep(name))
+    return got
 
 
 def test_loss_normalization_is_independent_of_micro_batching(tiny_pair):
-    want = _reference_grad_norm(tiny_pair["student"], _samples(4), 12)
+    """One micro-batch of 4 or four of 1: every parameter's gradient is the reference's, and
+    the optimizer steps along it (Adam's first step moves a weight by about -lr sign(g))."""
+    want = _reference_grads(tiny_pair["student"], _varied_samples(), 12)
+    want_norm = torch.sqrt(sum(g.pow(2).sum() for g in want.values())).item()
     for micro in (4, 1):
         learner = _learner(tiny_pair["student"], 2, micro=micro)
-        m = learner.train_step(copy.deepcopy(_samples(4)), normalizer=12)
-        assert m["train/grad_norm"] == pytest.approx(want, rel=1e-4), micro
+        got = _record_grads(learner.model)
+        before = _params(learner)
+        m = learner.train_step(_varied_samples(), normalizer=12)
+        assert m["train/grad_norm"] == pytest.approx(want_norm, rel=1e-4), micro
+        assert got.keys() == want.keys()
+        for name, g in want.items():
+            assert torch.allclose(got[name], g, rtol=1e-3, atol=1e-4 * g.abs().max()), name
+        after = _params(learner)
+        for name, g in want.items():
+            steps = (after[name] - before[name])[g.abs() > 1e-4]
+            assert steps.numel() > 0, name
+            assert torch.allclose(steps, -1e-2 * g[g.abs() > 1e-4].sign(), rtol=1e-2), name
 
 
 def _aligned_samples(n):
