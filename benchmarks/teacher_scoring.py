@@ -70,6 +70,7 @@ def main() -> None:
     ap.add_argument("--pad", action="store_true", help="the padded path instead of packing")
     ap.add_argument("--compile", action="store_true", help="decoder layers via torch.compile")
     ap.add_argument("--profile", action="store_true", help="one more call under the profiler")
+    ap.add_argument("--peak-flops", type=float, help="FLOP/s of the device, instead of the table")
     args = ap.parse_args()
 
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -93,7 +94,7 @@ def main() -> None:
 
         compile_layers(model)
     name = torch.cuda.get_device_name(0) if cuda else "cpu"
-    peak = peak_flops(name)
+    peak = args.peak_flops or peak_flops(name)
     for budget in args.budgets:
         cfg = TeacherConfig(path="-", token_budget=budget, logprob_chunk_tokens=args.chunk)
         scorer = TeacherScorer.from_model(cfg, model, tokenizer=None)
@@ -135,6 +136,7 @@ def main() -> None:
             "topk_format": args.topk_format,
             "packing": not args.pad,
             "tokens_per_call": tok,
+            "sequences": seqs,  # (prompt, completion) lengths of the call timed
             "seconds": round(sec, 4),
             "call_times": [round(t, 4) for t in times],
             "tokens_per_s": round(tok / sec, 1),
@@ -144,6 +146,7 @@ def main() -> None:
         if peak:
             result["mfu"] = round(2 * n_params * tok / sec / peak, 4)
             result["mfu_work"] = round(forward_flops(SHAPES[args.size], seqs) / sec / peak, 4)
+        if cuda:
             result["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         report(result)
 
