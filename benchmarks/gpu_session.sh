@@ -2,7 +2,7 @@
 # The GPU measurements behind benchmarks/RESULTS.md, one phase per call on a machine with two
 # H200s and no package index (the lent device): what each phase needs must already be there.
 #   bash benchmarks/gpu_session.sh PHASE
-#   PHASE: mfu | scaling | vllm | split | tune | stage | layouts | gkd | gkd2 | gkd3
+#   PHASE: mfu | scaling | vllm | split | tune | stage | layouts | gkd | gkd2 | gkd3 | gputests
 # Needs: .gpu-bundle (ray, deepspeed, ...; /work/shared/gpu/make-bundle.sh), .whl (trl 1.16.0,
 # datasets 4.7.0, dill, multiprocess) for `mfu`; for `vllm` and `split`, vLLM 0.25.1 from
 # /work/shared/gpu/make-vllm-stage.sh .vllm-stage: its three ~47 MB pieces are carried one per
@@ -116,6 +116,11 @@ gkd3)  # one invocation, each system in a process of its own: TRL; opd (ZeRO-2, 
     > "$OUT/gkd.log" 2>&1
   timeout -s ABRT 120 python3 $B/rollout_decode.py --size student-0.6b --batches 8 \
     --repeats 1 > "$OUT/rollout.log" 2>&1 ;;
+gputests)  # the gpu test tier (tests/gpu): kernels, then opd train with each weight transport
+  vllm_env || exit 1
+  export VLLM_LOGGING_LEVEL=WARNING
+  timeout -s ABRT ${LIMIT:-540} python3 -m pytest tests/gpu -v -s -p no:cacheprovider -rA \
+    > "$OUT/gpu_tests.log" 2>&1 ;;
 *) echo "unknown phase $phase" >&2; exit 2 ;;
 esac
 grep -h '^{' "$OUT"/*.log | cut -c1-1500
