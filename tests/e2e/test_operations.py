@@ -6,6 +6,7 @@ All runs share one short recipe; a split run is the reference. Rollouts are seed
 """
 
 import os
+import re
 import signal
 import threading
 import time
@@ -58,10 +59,45 @@ def split_rows(tiny_pair, ray_session, tmp_path_factory):
     return _run(tiny_pair, tmp_path_factory.mktemp("split"))
 
 
+def _actor_table() -> list:
+    """Every actor the session has started, dead ones included, as the GCS keeps them (the
+    state API needs the dashboard, which the test session omits)."""
+    from ray._private.state import state
+    from ray.core.generated.gcs_pb2 import ActorTableData
+
+    raw = state._connect_and_get_accessor().get_actor_table(None, None)
+    return [ActorTableData.FromString(r) for r in raw]
+
+
+def _bundles(actors, class_name: str) -> list[tuple[str, int]]:
+    """(placement group, bundle index) of each `class_name` actor: Ray books an actor in
+    bundle i of group G as the resource `bundle_group_<i>_<G>`."""
+    out = []
+    for a in actors:
+        if a.class_name == class_name:
+            pg = a.placement_group_id.hex()
+            found = [re.fullmatch(rf"bundle_group_(\d+)_{pg}", k) for k in a.required_resources]
+            (i,) = [int(m[1]) for m in found if m]
+            out.append((pg, i))
+    return sorted(out)
+
+
 def test_colocated_placement_matches_split(tiny_pair, ray_session, tmp_path, split_rows):
+    before = {a.actor_id for a in _actor_table()}
     rows = _run(tiny_pair, tmp_path, "cluster.placement=colocated")
     assert [r["step"] for r in rows] == list(range(STEPS + 1))
     assert _stable(rows) == _stable(split_rows)
+    # Only a colocated run puts vLLM to sleep while the learner updates, and wakes it after.
+    assert all({"time/sleep", "time/wake_up"} <= r.keys() for r in rows[1:])
+    assert not any("time/sleep" in r or "time/wake_up" in r for r in split_rows)
+    # Ray's own record of where the run's actors sat: one learner rank and one rollout worker
+    # in each of the two bundles of one placement group, the teacher in a group of its own.
+    actors = [a for a in _actor_table() if a.actor_id not in before]
+    learners, rollouts = _bundles(actors, "Learner"), _bundles(actors, "RolloutWorker")
+    ((shared, _), _) = learners
+    assert learners == rollouts == [(shared, 0), (shared, 1)]
+    (teacher,) = _bundles(actors, "TeacherScorer")
+    assert teacher[0] != shared
 
 
 @pytest.mark.parametrize("k", [1, 2])
