@@ -216,7 +216,8 @@ def _train(cfg: Config, run_dir: Path) -> Path:
             load_checkpoint(roles, resume[0])
             data.train.load_state_dict(resume[1]["data"])
             set_rng_state(resume[1]["rng"])
-            sync.push(version=start, update_teacher=False)
+            # an EMA teacher's state came from the checkpoint; a live one copies the student
+            sync.push(version=start, update_teacher=cfg.teacher.mode == "live")
         elif cfg.eval.every:
             log.write(
                 0,
@@ -229,7 +230,7 @@ def _train(cfg: Config, run_dir: Path) -> Path:
         progress = Progress(cfg.trainer.steps, start, enabled=cfg.run.progress)
         preemption = PreemptionFlag()
         rollouts = Rollouts(cfg, roles, sync, data.train, objective, request)
-        rollouts.start(start + 1)
+        rollouts.start(start + 1, resume[1]["data"].get("pending") if resume else None)
         for step in range(start + 1, cfg.trainer.steps + 1):
             t0 = time.perf_counter()
             rollouts.fill(step, tokenizer)

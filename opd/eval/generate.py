@@ -16,16 +16,18 @@ class VllmGenerator:
         kv_cache_memory_bytes: int | None = None,
     ) -> None:
         import torch
-        from transformers import AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
         from vllm import LLM
 
         gpu = torch.cuda.is_available()
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        # vLLM refuses a length past the model's positions (a model shorter than the default)
+        context = getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", None)
         self.llm = LLM(
             model=model_dir,
             dtype=dtype,
-            max_model_len=max_model_len,
+            max_model_len=min(max_model_len, context or max_model_len),
             # on CPU the cache is sized directly (1 GiB); on GPU by the memory fraction
             kv_cache_memory_bytes=kv_cache_memory_bytes or (None if gpu else 1 << 30),
             enforce_eager=not gpu,

@@ -8,7 +8,7 @@ weights back). `Rollouts` keeps batches in flight up to `rollout.max_staleness` 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from opd.cluster.group import Pending, RoleError
 from opd.cluster.roles import Roles
@@ -146,7 +146,6 @@ class Batch:
     """One step's batch, from the moment its prompts are taken until the learner uses it."""
 
     step: int
-    data_state: dict  # the prompt stream's position before this batch's prompts were taken
     generation: Generation | None = None  # None: dataset completions (gkd's off-policy steps)
     samples: list[Sample] | None = None
 
@@ -166,15 +165,20 @@ class Rollouts:
         self.queue: deque[Batch] = deque()
         self.next_step = 0
 
-    def start(self, step: int) -> None:
+    def start(self, step: int, pending: list[dict] | None = None) -> None:
+        """Learn from `step` on; `pending`: the batches a checkpoint kept (`data_state`), learned
+        as they were sampled."""
         self.next_step = step
+        for b in pending or []:
+            self.queue.append(Batch(b["step"], samples=[Sample(**s) for s in b["samples"]]))
+            self.next_step = b["step"] + 1
 
     def fill(self, learner_step: int, tokenizer) -> None:
         """Submit batches through step `learner_step + k` (or the last step)."""
         last = min(learner_step + self.cfg.rollout.max_staleness, self.cfg.trainer.steps)
         while self.next_step <= last:
             step = self.next_step
-            batch = Batch(step, self.stream.state_dict())
+            batch = Batch(step)
             prompts = self.stream.take(self.cfg.rollout.prompts_per_step)
             if on_policy(self.objective, step, self.cfg.run.seed):
                 batch.generation = submit_generation(
@@ -208,8 +212,16 @@ class Rollouts:
         return batch.samples
 
     def data_state(self) -> dict:
-        """Where a resume must take prompts from: before the first batch not yet learned."""
-        return self.queue[0].data_state if self.queue else self.stream.state_dict()
+        """The prompt stream's position and the batches sampled ahead but not yet learned
+        (waited for): a resume learns from those as an uninterrupted run would, rather than
+        sampling their prompts again from newer weights."""
+        pending = []
+        for batch in self.queue:
+            if batch.samples is None:
+                gen = batch.generation
+                batch.samples = collect_generation(self.cfg, self.roles, gen, self.sync)
+            pending.append({"step": batch.step, "samples": [asdict(s) for s in batch.samples]})
+        return {**self.stream.state_dict(), "pending": pending}
 
 
 def on_policy(objective, step: int, seed: int) -> bool:

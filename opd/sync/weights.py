@@ -49,19 +49,22 @@ class DirWeightSync:
 
     def push(self, version: int, update_teacher: bool = True) -> dict[str, float]:
         """Send the learner's weights to every rollout worker (and to a following teacher,
-        which applies its EMA; a resume re-sends to the rollouts only)."""
+        which applies its EMA; a resume re-sends to the rollouts and a live teacher only)."""
         t0 = time.perf_counter()
         folder = self.root / f"v{version}"
         nbytes = sum(self.learners.call("export_to_dir", str(folder), self.dtype))
         t1 = time.perf_counter()
-        refs = [h.load_weights_from_dir.remote(str(folder), version) for h in self.rollouts.handles]
-        teacher_ref = None
+        args = (str(folder), version)
+        loads = self.rollouts.submit_each("load_weights_from_dir", [args] * len(self.rollouts))
+        update = None
         if self.teacher is not None and update_teacher:
-            teacher_ref = self.teacher.handles[0].update_from_dir.remote(str(folder), version)
-        self.rollouts.gather(refs, "load_weights_from_dir")
+            update = self.teacher.submit_each("update_from_dir", [args])
+        # An actor that died meanwhile is restarted by Ray, given the previous weights, then
+        # these (an EMA teacher is not restarted: the run stops).
+        self.rollouts.collect(loads, lambda i: self.restore(self.rollouts, i))
         metrics = {}
-        if teacher_ref is not None:
-            (norm,) = self.teacher.gather([teacher_ref], "update_from_dir")
+        if update is not None:
+            (norm,) = self.teacher.collect(update, lambda i: self.restore(self.teacher, i))
             metrics = {"teacher/update_norm": norm, "teacher/version": float(version)}
         t2 = time.perf_counter()
         if self.current is not None and self.current != folder:

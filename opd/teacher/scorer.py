@@ -138,7 +138,10 @@ class TeacherScorer:
             for name, theta in load_file(str(file)).items():
                 phi = params[name]
                 delta = a * (theta.to(phi.device, torch.float32) - phi.float())
-                phi.add_(delta.to(phi.dtype))
+                if self.cfg.mode == "live":  # theta itself, not phi + (theta - phi) rounded
+                    phi.copy_(theta)
+                else:
+                    phi.add_(delta.to(phi.dtype))
                 sq += float(delta.pow(2).sum())
         self.version = version
         self.last_update_norm = sq**0.5
