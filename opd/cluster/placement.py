@@ -156,13 +156,15 @@ def spawn(
     timeout_s: float,
     max_restarts: int = 0,
     pg=None,
+    wait: bool = True,
 ) -> ActorGroup:
     """Start one actor per bundle (actor i asks for `bundles[i]`, in bundle i of `pg`).
 
     Without `pg`, a fresh placement group of `bundles` is reserved and owned by the group
     (removed when it is killed). `args_for(i, master)` gives actor i's (args, kwargs);
     `master` is an (address, port) on the node of bundle 0, for roles that form a process group
-    (the learners).
+    (the learners). With `wait=False` the constructors run on while the caller goes on: call
+    `group.call("ping")` before using the group.
     """
     owned = pg is None
     if owned:
@@ -192,5 +194,6 @@ def spawn(
     group = ActorGroup(
         role, handles, timeout_s, placement_group=pg if owned else None, max_restarts=max_restarts
     )
-    group.call("ping")  # surface constructor errors here, named by role
+    if wait:
+        group.call("ping")  # surface constructor errors here, named by role
     return group

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ray.util import remove_placement_group
+
 from opd.cluster.group import ActorGroup
 from opd.cluster.placement import colocated_bundles, reserve, role_bundles, spawn
 from opd.config.schema import Config
@@ -23,7 +25,11 @@ class Roles:
 def start_roles(
     cfg: Config, student_path: str, teacher_path: str, device: str, rollout_topk: int = 0
 ) -> Roles:
-    """`rollout_topk`: how many top log-probs per token the objective asks of the rollout."""
+    """`rollout_topk`: how many top log-probs per token the objective asks of the rollout.
+
+    The three roles load their models at the same time. On GPUs the vLLM engine starts last:
+    it sizes its KV cache from the memory it finds free, so the others must hold theirs first.
+    """
     from opd.learner.worker import Learner
     from opd.rollout.worker import RolloutWorker
     from opd.teacher.scorer import TeacherScorer
@@ -35,50 +41,72 @@ def start_roles(
     shared = None
     if cfg.cluster.placement == "colocated":
         shared = reserve("learner+rollout (colocated)", colocated_bundles(cfg), timeout)
-    learner = spawn(
-        "learner",
-        Learner,
-        bundles["learner"],
-        lambda i, master: (
-            (
-                i,
-                world,
-                master[0],
-                master[1],
-                student_path,
-                cfg.learner,
-                cfg.objective,
-                cfg.trainer.steps,
-                cfg.grad_accum_steps,
-                cfg.run.seed,
-                device,
+    started: list[ActorGroup] = []
+
+    def wait_for_all() -> None:
+        for group in started:
+            group.call("ping")  # constructor errors surface here, named by role
+
+    try:
+        learner = spawn(
+            "learner",
+            Learner,
+            bundles["learner"],
+            lambda i, master: (
+                (
+                    i,
+                    world,
+                    master[0],
+                    master[1],
+                    student_path,
+                    cfg.learner,
+                    cfg.objective,
+                    cfg.trainer.steps,
+                    cfg.grad_accum_steps,
+                    cfg.run.seed,
+                    device,
+                ),
+                {},
             ),
-            {},
-        ),
-        timeout,
-        pg=shared,
-    )
-    if shared is not None:
-        learner.placement_group = shared  # the learners own it: killed last, it goes with them
-    teacher = spawn(
-        "teacher",
-        TeacherScorer,
-        bundles["teacher"],
-        lambda i, _: ((cfg.teacher, teacher_path, device, student_path), {}),
-        timeout,
-        # an EMA teacher's state lives in the actor: a restart would silently reset it
-        max_restarts=restarts if cfg.teacher.mode != "ema" else 0,
-    )
-    rollout = spawn(
-        "rollout",
-        RolloutWorker,
-        bundles["rollout"],
-        lambda i, _: (
-            (student_path, cfg.rollout, cfg.run.seed, device, cfg.student.gguf_file),
-            {"compilation_config": cfg.rollout.compilation_config, "max_logprobs": rollout_topk},
-        ),
-        timeout,
-        max_restarts=restarts,
-        pg=shared,
-    )
+            timeout,
+            pg=shared,
+            wait=False,
+        )
+        if shared is not None:
+            learner.placement_group = shared  # the learners own it: killed last, it goes with them
+        started.append(learner)
+        teacher = spawn(
+            "teacher",
+            TeacherScorer,
+            bundles["teacher"],
+            lambda i, _: ((cfg.teacher, teacher_path, device, student_path), {}),
+            timeout,
+            # an EMA teacher's state lives in the actor: a restart would silently reset it
+            max_restarts=restarts if cfg.teacher.mode != "ema" else 0,
+            wait=False,
+        )
+        started.append(teacher)
+        if device == "cuda":
+            wait_for_all()
+        rollout = spawn(
+            "rollout",
+            RolloutWorker,
+            bundles["rollout"],
+            lambda i, _: (
+                (student_path, cfg.rollout, cfg.run.seed, device, cfg.student.gguf_file),
+                {"compilation_config": cfg.rollout.compilation_config, "max_logprobs": rollout_topk},
+            ),
+            timeout,
+            max_restarts=restarts,
+            pg=shared,
+            wait=False,
+        )
+        started.append(rollout)
+        wait_for_all()
+    except BaseException:
+        for group in reversed(started):  # learners last, with the placement group they own
+            group.kill()
+        if shared is not None and not started:
+            remove_placement_group(shared)
+        raise
     return Roles(rollout=rollout, teacher=teacher, learner=learner)

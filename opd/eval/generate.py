@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from opd.data.prompts import render_ids
 from opd.eval.runner import EvalSettings, problem_messages
 from opd.rollout.batch import sample_seed
@@ -17,9 +19,11 @@ class VllmGenerator:
     ) -> None:
         import torch
         from transformers import AutoConfig, AutoTokenizer
-        from vllm import LLM
 
         gpu = torch.cuda.is_available()
+        if not gpu:  # CPU: the engine in this process starts 15 s sooner than in two more
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from vllm import LLM
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         # vLLM refuses a length past the model's positions (a model shorter than the default)
