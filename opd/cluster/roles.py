@@ -94,7 +94,10 @@ def start_roles(
             bundles["rollout"],
             lambda i, _: (
                 (student_path, cfg.rollout, cfg.run.seed, device, cfg.student.gguf_file),
-                {"compilation_config": cfg.rollout.compilation_config, "max_logprobs": rollout_topk},
+                {
+                    "compilation_config": cfg.rollout.compilation_config,
+                    "max_logprobs": rollout_topk,
+                },
             ),
             timeout,
             max_restarts=restarts,
