@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 import pytest
+from e2e_runs import SHORT
 
 from opd.config import check_resources, load_config
 from opd.loop import train
@@ -90,14 +91,9 @@ def _config(tiny_pair, out, recipe, extra):
             "eval.every=2",
             "eval.heldout_prompts=4",
             "checkpoint.every=0",
-            "checkpoint.export_student=false",
-            "rollout.prompts_per_step=4",
             "rollout.samples_per_prompt=1",
-            "rollout.max_new_tokens=16",
-            "learner.micro_batch_size=2",
             f"learner.lr={LR}",
-            "run.progress=false",
-            "cluster.timeout_s=600",
+            *SHORT,
             *extra,
         ],
     )

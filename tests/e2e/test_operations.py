@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from e2e_runs import stable
 
 from opd.config import load_config
 from opd.loop import train
@@ -23,7 +24,6 @@ pytestmark = pytest.mark.e2e
 RECIPE = Path(__file__).parents[2] / "recipes/reverse_kl/tiny.yaml"
 STEPS = 4
 BATCH = 8 * 2  # rollout.prompts_per_step x samples_per_prompt in the recipe
-VOLATILE = ("time/", "perf/", "sync/export_s", "sync/load_s", "rollout/restarts")
 
 
 def _run(tiny_pair, out, *extra):
@@ -48,10 +48,6 @@ def _run(tiny_pair, out, *extra):
     )
     train(cfg)
     return read_metrics(Path(out) / "metrics.jsonl")
-
-
-def _stable(rows):
-    return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in rows]
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +82,7 @@ def test_colocated_placement_matches_split(tiny_pair, ray_session, tmp_path, spl
     before = {a.actor_id for a in _actor_table()}
     rows = _run(tiny_pair, tmp_path, "cluster.placement=colocated")
     assert [r["step"] for r in rows] == list(range(STEPS + 1))
-    assert _stable(rows) == _stable(split_rows)
+    assert stable(rows, ["rollout/restarts"]) == stable(split_rows, ["rollout/restarts"])
     # Only a colocated run puts vLLM to sleep while the learner updates, and wakes it after.
     assert all({"time/sleep", "time/wake_up"} <= r.keys() for r in rows[1:])
     assert not any("time/sleep" in r or "time/wake_up" in r for r in split_rows)
@@ -163,7 +159,7 @@ def test_killed_rollout_actor_is_restarted_and_nothing_is_lost(
     assert all(r["rollout/samples"] == BATCH for r in rows if r["step"] > 0)
     # The restarted engine got the current weights and the same seeded requests: the run is
     # indistinguishable from the uninterrupted one.
-    assert _stable(rows) == _stable(split_rows)
+    assert stable(rows, ["rollout/restarts"]) == stable(split_rows, ["rollout/restarts"])
 
 
 def test_dead_learner_stops_the_run_and_a_rerun_resumes(
@@ -185,7 +181,7 @@ def test_dead_learner_stops_the_run_and_a_rerun_resumes(
     # The same command resumes from the step-2 checkpoint and ends where an uninterrupted
     # run ends, metric for metric.
     rows = _run(tiny_pair, tmp_path, "checkpoint.every=2")
-    assert _stable(rows) == _stable(split_rows)
+    assert stable(rows, ["rollout/restarts"]) == stable(split_rows, ["rollout/restarts"])
 
 
 class _Planted:
@@ -216,7 +212,7 @@ def test_a_damaged_checkpoint_falls_back_and_planted_code_is_refused(
     rows = _run(tiny_pair, tmp_path, "checkpoint.every=2")
     err = capsys.readouterr().err
     assert str(model) in err and "resuming from" in err
-    assert _stable(rows) == _stable(split_rows)
+    assert stable(rows, ["rollout/restarts"]) == stable(split_rows, ["rollout/restarts"])
 
     # Code planted in the (re-written) step_4, with a manifest to match, is refused.
     marker = tmp_path / "marker"

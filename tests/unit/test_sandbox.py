@@ -30,6 +30,14 @@ def _run(code: str, **kw) -> sandbox.SandboxResult:
     return run_python(textwrap.dedent(code), **kw)
 
 
+def _assert_nothing_reached(res, listener) -> None:
+    """The sandboxed program failed to connect, and the host's listener never saw it."""
+    assert res.status == "error" and "connected" not in res.stdout
+    listener.settimeout(0.2)
+    with pytest.raises(TimeoutError):
+        listener.accept()
+
+
 # ------------------------------------------------------------------------------- normal cases
 def test_correct_code_passes():
     res = _run("print(sum(range(10)))")
@@ -266,10 +274,7 @@ def test_network_connect_fails():
         """,
             timeout_s=10,
         )
-        assert res.status == "error" and "connected" not in res.stdout
-        listener.settimeout(0.2)
-        with pytest.raises(TimeoutError):
-            listener.accept()
+        _assert_nothing_reached(res, listener)
     finally:
         listener.close()
     assert res.network_isolated == (sandbox.sandbox_mode() in ("bwrap", "ns"))
@@ -529,10 +534,7 @@ def test_host_unix_socket_is_unreachable():
             print("connected")
         """
         )
-        assert res.status == "error" and "connected" not in res.stdout
-        listener.settimeout(0.2)
-        with pytest.raises(TimeoutError):
-            listener.accept()
+        _assert_nothing_reached(res, listener)
     finally:
         listener.close()
         shutil.rmtree(where, ignore_errors=True)
