@@ -21,12 +21,13 @@ from opd.data.sources import resolve_data
 from opd.learner.checkpoint import CheckpointDir, CheckpointError, rng_state, set_rng_state
 from opd.metrics import MetricsLog
 from opd.models.sources import resolve_model
-from opd.objectives import build_objective
-from opd.objectives.base import TeacherRequest, step_normalizer
+from opd.objectives import Objective, build_objective
+from opd.objectives.base import step_normalizer
 from opd.progress import Progress
 from opd.rollout.batch import Sample
 from opd.rollout.schedule import Rollouts, generate
 from opd.rundir import RunLock
+from opd.signals import TeacherRequest, signal_of
 from opd.sync.weights import make_weight_sync
 
 
@@ -57,10 +58,23 @@ def load_data(cfg: Config, tokenizer) -> RunData:
 
 
 def score(roles: Roles, sync, samples: list[Sample], request: TeacherRequest) -> list[Sample]:
-    """The teacher's scores; a teacher that died is restarted by Ray (a following teacher gets
-    the current weights again) and scores the same batch."""
+    """The samples with the teacher's scores, in the driver (held-out metrics); a teacher that
+    died is restarted by Ray (a following teacher gets the current weights again) and scores
+    the same batch."""
     pending = roles.teacher.submit_each("score", [(samples, request)])
     return roles.teacher.collect_one(pending, 0, lambda i: sync.restore(roles.teacher, i))
+
+
+def score_for_learners(roles: Roles, sync, samples: list[Sample], request: TeacherRequest) -> list:
+    """The teacher scores `samples` and keeps the scores: one object reference per learner
+    rank, for its shard `samples[r::n]`, which the rank fetches itself; the driver waits for
+    the teacher's version only. Restarts as in `score`."""
+    n = len(roles.learner)
+    pending = roles.teacher.submit_each("score_shards", [(samples, request, n)], num_returns=1 + n)
+    version = roles.teacher.collect_one(pending, 0, lambda i: sync.restore(roles.teacher, i))
+    for s in samples:
+        s.teacher_version = version
+    return pending.refs[0][1:]
 
 
 def heldout_samples(cfg: Config, roles: Roles, sync, heldout: list[Prompt]) -> list[Sample]:
@@ -83,18 +97,18 @@ def heldout_samples(cfg: Config, roles: Roles, sync, heldout: list[Prompt]) -> l
 def heldout_reverse_kl(cfg: Config, roles: Roles, sync, heldout: list[Prompt]) -> dict[str, float]:
     """Mean per-token sampled estimate of KL(student || teacher) on the held-out prompts."""
     samples = score(roles, sync, heldout_samples(cfg, roles, sync, heldout), TeacherRequest())
-    diff = torch.cat([torch.tensor(s.logprobs) - s.teacher["logprobs"] for s in samples])
+    diff = torch.cat([torch.tensor(s.logprobs) - s.teacher.logprobs_BT[0] for s in samples])
     return {
         "heldout/reverse_kl": diff.mean().item(),
         "heldout/completion_tokens": diff.numel() / len(samples),
     }
 
 
-def heldout_aligned(
+def heldout_objective(
     cfg: Config, roles: Roles, sync, heldout: list[Prompt], request: TeacherRequest
 ) -> dict[str, float]:
-    """A cross-tokenizer teacher cannot score the student's token ids: the learner evaluates
-    the objective itself on the held-out completions (simct: the aligned KL, per token)."""
+    """A teacher that cannot score the student's token ids (another tokenizer): the learner
+    evaluates the objective itself on the held-out completions (simct: the aligned KL)."""
     samples = heldout_samples(cfg, roles, sync, heldout)
     n = len(roles.learner)
     if len(samples) < n:
@@ -102,9 +116,10 @@ def heldout_aligned(
             f"eval.heldout_prompts x eval.heldout_samples = {len(samples)} is fewer than "
             f"learner.num_workers={n}: every learner rank needs a held-out sample"
         )
-    samples = score(roles, sync, samples, request)
+    scores = score_for_learners(roles, sync, samples, request)
     sums: dict[str, float] = {}
-    for part in roles.learner.call_each("evaluate", [(samples[r::n],) for r in range(n)]):
+    shards = [(samples[r::n], scores[r]) for r in range(n)]
+    for part in roles.learner.call_each("evaluate", shards):
         for k, v in part.items():
             sums[k] = sums.get(k, 0.0) + v
     tokens = max(1.0, sums.pop("tokens"))
@@ -116,10 +131,10 @@ def heldout_aligned(
 def evaluation(
     cfg: Config, roles: Roles, sync, data: RunData, tokenizer, request: TeacherRequest
 ) -> dict[str, float]:
-    if request.signal == "aligned":
-        metrics = heldout_aligned(cfg, roles, sync, data.heldout, request)
-    else:
+    if signal_of(request).scores_student_tokens:
         metrics = heldout_reverse_kl(cfg, roles, sync, data.heldout)
+    else:
+        metrics = heldout_objective(cfg, roles, sync, data.heldout, request)
     if cfg.eval.benchmarks:
         from opd.eval.during_training import benchmark_metrics
 
@@ -127,12 +142,13 @@ def evaluation(
     return metrics
 
 
-def learn(roles: Roles, samples: list[Sample], objective) -> dict[str, float]:
-    """Shard the batch over the learner ranks and take one optimizer step."""
+def learn(roles: Roles, samples: list[Sample], scores: list, objective: Objective) -> dict:
+    """One optimizer step: rank r learns from `samples[r::n]` with the teacher's scores for
+    them (`scores[r]`, a reference the rank resolves)."""
     n = len(roles.learner)
     normalizer = step_normalizer(objective, [s.n_tokens for s in samples])
-    shards = [samples[r::n] for r in range(n)]
-    return roles.learner.call_each("train_step", [(s, normalizer) for s in shards])[0]
+    shards = [(samples[r::n], normalizer, scores[r]) for r in range(n)]
+    return roles.learner.call_each("train_step", shards)[0]
 
 
 def save_checkpoint(
@@ -210,8 +226,8 @@ def _train(cfg: Config, run_dir: Path) -> Path:
             teacher=roles.teacher if cfg.teacher.mode != "frozen" else None,
             colocated=colocated,
         )
-        if request.signal == "aligned":
-            _print_pair_report(roles.teacher.call("pair_report")[0])
+        for line in roles.teacher.call("signal_report", request)[0]:
+            print(line)
         if resume:
             load_checkpoint(roles, resume[0])
             data.train.load_state_dict(resume[1]["data"])
@@ -239,9 +255,11 @@ def _train(cfg: Config, run_dir: Path) -> Path:
             if colocated:
                 roles.rollout.call("sleep")  # the learner gets the devices
             t_sleep = time.perf_counter() - t1
-            samples = score(roles, sync, samples, request)
+            for s in samples:
+                s.teacher_messages = objective.teacher_messages(s)
+            scores = score_for_learners(roles, sync, samples, request)
             t2 = time.perf_counter()
-            metrics = learn(roles, samples, objective)
+            metrics = learn(roles, samples, scores, objective)
             t3 = time.perf_counter()
             if colocated:
                 roles.rollout.call("wake_up")
@@ -292,17 +310,6 @@ def _train(cfg: Config, run_dir: Path) -> Path:
             sync.close()
         roles.shutdown()
     return run_dir
-
-
-def _print_pair_report(report: dict) -> None:
-    print(
-        f"cross-tokenizer pair: shared vocabulary {report['shared_vocab']} tokens "
-        f"(student {report['student_vocab']}, teacher {report['teacher_vocab']}); probe text "
-        f"{report['probe_supervised_fraction']:.0%} supervised, "
-        f"{report['probe_one_to_one_fraction']:.0%} 1:1"
-    )
-    for warning in report["warnings"]:
-        print(f"warning: {warning}")
 
 
 class Preempted(RuntimeError):

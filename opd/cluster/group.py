@@ -24,12 +24,15 @@ class RoleError(RuntimeError):
 
 @dataclass
 class Pending:
-    """Calls in flight: actor i runs `method(*args[i], **kwargs)`."""
+    """Calls in flight: actor i runs `method(*args[i], **kwargs)`. With `num_returns > 1`,
+    `refs[i]` is the list of actor i's results; `collect` waits for the first of them and
+    returns its value, and the others stay references (data the driver passes on unread)."""
 
     method: str
     args: list[tuple]
     kwargs: dict[str, Any]
     refs: list
+    num_returns: int = 1
     submitted: float = field(default_factory=time.monotonic)
 
 
@@ -85,16 +88,21 @@ class ActorGroup:
 
     # -- submit now, gather later, survive restarts -------------------------------------------
 
-    def submit_each(self, method: str, per_actor_args: list[tuple], **kwargs) -> Pending:
-        refs = [
-            getattr(h, method).remote(*a, **kwargs) for h, a in zip(self.handles, per_actor_args)
-        ]
-        return Pending(method, list(per_actor_args), kwargs, refs)
+    def submit_each(
+        self, method: str, per_actor_args: list[tuple], num_returns: int = 1, **kwargs
+    ) -> Pending:
+        pending = Pending(method, list(per_actor_args), kwargs, [], num_returns)
+        pending.refs = [self._submit(pending, i) for i in range(len(per_actor_args))]
+        return pending
 
     def resubmit(self, pending: Pending, i: int) -> None:
-        pending.refs[i] = getattr(self.handles[i], pending.method).remote(
-            *pending.args[i], **pending.kwargs
-        )
+        pending.refs[i] = self._submit(pending, i)
+
+    def _submit(self, pending: Pending, i: int):
+        call = getattr(self.handles[i], pending.method)
+        if pending.num_returns > 1:
+            call = call.options(num_returns=pending.num_returns)
+        return call.remote(*pending.args[i], **pending.kwargs)
 
     def collect(
         self, pending: Pending, on_restart: Callable[[int], None] | None = None
@@ -108,8 +116,9 @@ class ActorGroup:
     ) -> Any:
         attempts = 0
         while True:
+            ref = pending.refs[i][0] if pending.num_returns > 1 else pending.refs[i]
             try:
-                return ray.get(pending.refs[i], timeout=self.timeout_s)
+                return ray.get(ref, timeout=self.timeout_s)
             except ray.exceptions.GetTimeoutError as e:
                 raise RoleError(
                     f"{self.role}[{i}].{pending.method} timed out after "

@@ -27,20 +27,16 @@ def build_checked_objective(cfg: Config) -> Any:
     except Exception as e:  # importing the user's module ran its code
         raise ConfigError(f"{where}: importing it raised {type(e).__name__}: {e}") from e
     if o.import_path:
-        if not isinstance(cls, type):
-            raise ConfigError(f"{where} is a {type(cls).__name__}, not a class")
-        missing = [
-            name
-            for name in ("Params", "teacher_request", "__call__")
-            if not any(name in vars(k) for k in cls.__mro__[:-1])  # [:-1]: not `object`
-        ]
-        if not missing and not dataclasses.is_dataclass(cls.Params):
-            missing = ["Params (as a dataclass)"]
-        if missing:
+        from opd.objectives.base import Objective
+
+        if not (isinstance(cls, type) and issubclass(cls, Objective)):
+            what = cls.__name__ if isinstance(cls, type) else f"a {type(cls).__name__}"
             raise ConfigError(
-                f"{where}: {cls.__name__} is not an objective (opd.objectives.base.Objective): "
-                f"it lacks {', '.join(missing)}"
+                f"{where}: {what} is not an objective: subclass opd.objectives.Objective "
+                "(docs/adding-an-objective.md)"
             )
+        if not dataclasses.is_dataclass(cls.Params):
+            raise ConfigError(f"{where}: {cls.__name__}.Params must be a dataclass")
     try:
         return build_objective(o.name, o.params, o.import_path)
     except ValueError as e:

@@ -101,48 +101,19 @@ def check_resources(cfg: Config) -> list[str]:
         notes.append(f"{role}: {model.path} ({json.dumps(info)})")
     notes += check_prompt_lengths(cfg, local_data)
 
+    from opd.signals import signal_of
+
     request = objective.teacher_request()
-    uses_ratio = getattr(objective, "uses_sampler_logprobs", lambda: True)()
-    if cfg.rollout.top_p < 1 and uses_ratio:
+    if cfg.rollout.top_p < 1 and objective.uses_sampler_logprobs():
         raise ConfigError(
             f"rollout.top_p={cfg.rollout.top_p} with objective {cfg.objective.name!r}: its loss "
             "uses the ratio pi_theta / pi_old, and the learner computes pi_theta over the whole "
             "vocabulary (at the sampling temperature) while a top-p sampler renormalizes over "
             "the nucleus, so the ratio would be off from the first step; use rollout.top_p=1"
         )
-    if request.signal == "at_ids" and vocab["student"] and request.k > vocab["student"]:
-        raise ConfigError(
-            f"objective.params.k={request.k} exceeds the student's vocabulary ({vocab['student']})"
-        )
-    if request.context == "demonstration" and not cfg.data.demonstration_field:
-        raise ConfigError(
-            f"objective {cfg.objective.name!r} shows the teacher a demonstration: set "
-            "data.demonstration_field to the data field that holds it"
-        )
-    # Objectives that may train on dataset completions declare `use_student_samples`; gkd's
-    # `lmbda` is the fraction of student-sample steps, the others (sft) never sample.
-    lmbda = getattr(getattr(objective, "params", None), "lmbda", 0.0)
-    if hasattr(objective, "use_student_samples") and lmbda < 1:
-        if not cfg.data.completion_field:
-            raise ConfigError(
-                f"objective {cfg.objective.name!r} trains on dataset completions "
-                f"(lmbda={lmbda}): set data.completion_field"
-            )
-        if request.signal == "at_ids":
-            raise ConfigError(
-                "dataset completions have no rollout top-k: with objective.params.lmbda < 1 "
-                "use objective.params.estimator=full"
-            )
-    cross_tokenizer = request.signal == "aligned"
-    if (
-        not cross_tokenizer
-        and vocab["student"]
-        and vocab["teacher"]
-        and vocab["student"] != vocab["teacher"]
-    ):
-        raise ConfigError(
-            f"student vocab {vocab['student']} != teacher vocab {vocab['teacher']}: objective "
-            f"{cfg.objective.name!r} scores the student's token ids with the teacher, so both "
-            "must share a tokenizer"
-        )
+    try:
+        signal_of(request).check(cfg, request, vocab)
+        objective.check(cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     return notes

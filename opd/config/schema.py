@@ -179,7 +179,7 @@ class LearnerConfig:
     grad_clip: float = 1.0
     logprob_chunk_tokens: int = 1024
     # A micro-batch whose LM-head logits (tokens x vocab, model dtype) fit in this many GB
-    # keeps them for backward instead of recomputing them (opd/learner/head_logprob.py).
+    # keeps them for backward instead of recomputing them (opd/modeling/head_logprob.py).
     logits_cache_gb: float = 2.0
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile each decoder layer (CUDA; pays once at the start)
@@ -342,11 +342,6 @@ class Config:
                 f"rollout.max_staleness={self.rollout.max_staleness} generates while the "
                 "learner updates, but cluster.placement=colocated puts vLLM to sleep then: "
                 "use split placement for async rollouts"
-            )
-        if self.teacher.mode != "frozen" and self.objective.name == "simct":
-            raise ValueError(
-                f"teacher.mode={self.teacher.mode!r}: simct distills from a teacher with another "
-                "tokenizer, which cannot follow the student's weights; use teacher.mode=frozen"
             )
         if self.cluster.placement == "colocated" and self.rollout.weight_sync == "nccl":
             raise ValueError(

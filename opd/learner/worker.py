@@ -17,18 +17,12 @@ import torch.distributed as dist
 
 from opd.cluster.devices import show_peer_gpus
 from opd.config.schema import LearnerConfig, ObjectiveConfig
-from opd.learner.logprobs import (
-    HeadLogits,
-    chunks_needed,
-    final_hidden,
-    gather_positions,
-    head_logits,
-    token_logprobs,
-)
-from opd.objectives import LossInputs, TeacherScores, build_objective
-from opd.rollout.batch import MicroBatch, Sample, collate
-
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from opd.learner.microbatch import MicroBatch, collate
+from opd.modeling.loading import TORCH_DTYPES
+from opd.modeling.logprobs import chunks_needed, final_hidden, gather_positions, token_logprobs
+from opd.objectives import LossInputs, build_objective
+from opd.rollout.batch import Sample
+from opd.signals import signal_of
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):
@@ -89,12 +83,12 @@ class Learner:
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         if cfg.compile and device == "cuda":
-            from opd.learner.compile import compile_layers
+            from opd.modeling.compile import compile_layers
 
             compile_layers(model)
         model.config.use_cache = False
         self.objective = build_objective(objective.name, objective.params, objective.import_path)
-        self.request = self.objective.teacher_request()
+        self.signal = signal_of(self.objective.teacher_request())
         ds_config = {
             "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
             "gradient_accumulation_steps": grad_accum_steps,
@@ -150,7 +144,8 @@ class Learner:
             clear()
         hidden = final_hidden(self.model, mb.input_ids_BL.to(d), mb.attention_mask_BL.to(d))
         hidden_BTH = gather_positions(hidden, mb.positions_BT.to(d))
-        ids = mb.topk_ids_BTK.to(d) if self.request.signal == "at_ids" else None
+        scores = mb.teacher.to(d)
+        ids = self.signal.student_ids(scores)  # where the loss also needs the learner's log-probs
         n_chunks = None
         if self.cfg.zero_stage == 3 and self.world_size > 1:
             # each LM-head call gathers its weight on every rank: make the same number of calls
@@ -169,32 +164,24 @@ class Learner:
             cache_bytes=int(self.cfg.logits_cache_gb * 2**30),
             temperature=mb.temperature,  # pi_theta as the rollout sampled from it
         )
-        logits_BTV = None
-        if self.request.signal == "full":
-            logits_BTV = head_logits(self.model, hidden_BTH)
-        teacher = TeacherScores(
-            logprobs_BT=_to(mb.teacher_logprobs_BT, d),
-            ids_BTK=ids,
-            logprobs_BTK=_to(mb.teacher_logprobs_BTK, d),
-            logits_BTV=_to(mb.teacher_logits_BTV, d),
-            aligned=_to(mb.aligned, d),
-        )
-        aligned = self.request.signal == "aligned"
         return LossInputs(
             logprobs_BT=lp_BT,
             old_logprobs_BT=mb.old_logprobs_BT.to(d),
             mask_BT=mb.mask_BT.to(d),
-            teacher=teacher,
+            teacher=scores,
             student_logprobs_BTK=lp_BTK,
-            student_logits_BTV=logits_BTV,
             targets_BT=mb.targets_BT.to(d),
-            student_logits=HeadLogits(self.model, hidden_BTH) if aligned else None,
             temperature=mb.temperature,
+            **self.signal.student_inputs(self.model, hidden_BTH, scores),
         )
 
-    def train_step(self, samples: list[Sample], normalizer: int) -> dict[str, float]:
+    def train_step(
+        self, samples: list[Sample], normalizer: int, scores: list | None = None
+    ) -> dict[str, float]:
         """One optimizer step over this rank's shard. `normalizer` is the whole step's
-        `step_normalizer` (all ranks): loss and metric sums are divided by it."""
+        `step_normalizer` (all ranks): loss and metric sums are divided by it. `scores`: the
+        teacher's, one per sample, where the samples do not carry them."""
+        _attach(samples, scores)
         self.model.train()
         mbs = self.cfg.micro_batch_size
         sums: dict[str, torch.Tensor] = {}
@@ -227,14 +214,14 @@ class Learner:
         metrics["train/grad_norm"] = float(norm) if norm is not None else float("nan")
         metrics["train/lr"] = self.engine.get_lr()[0]
         metrics["train/skipped_steps"] = self.skipped_steps
-        finalize = getattr(self.objective, "finalize_metrics", None)
-        return finalize(metrics) if finalize else metrics
+        return self.objective.finalize_metrics(metrics)
 
     @torch.no_grad()
-    def evaluate(self, samples: list[Sample]) -> dict[str, float]:
+    def evaluate(self, samples: list[Sample], scores: list | None = None) -> dict[str, float]:
         """The objective's loss and metric *sums* over `samples` (one forward, no update), and
         the completion tokens they cover. Under ZeRO-3 every rank must call this with >= 1
         sample (the forward gathers parameters collectively)."""
+        _attach(samples, scores)
         if not samples:
             raise ValueError(f"learner rank {self.rank}: evaluate needs at least one sample")
         self.model.eval()
@@ -387,5 +374,7 @@ class Learner:
         return self.rank
 
 
-def _to(t: torch.Tensor | None, device) -> torch.Tensor | None:
-    return t.to(device) if t is not None else None
+def _attach(samples: list[Sample], scores: list | None) -> None:
+    if scores is not None:
+        for s, sc in zip(samples, scores, strict=True):
+            s.teacher = sc

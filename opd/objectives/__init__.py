@@ -8,20 +8,14 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from opd.objectives.base import (
-    LossInputs,
-    LossOutput,
-    Objective,
-    TeacherRequest,
-    TeacherScores,
-)
+from opd.objectives.base import LossInputs, LossOutput, Objective, TeacherRequest
 from opd.objectives.gkd import GKD
 from opd.objectives.reverse_kl import ReverseKL
 from opd.objectives.sdft import SDFT
 from opd.objectives.sft import SFT
 from opd.objectives.simct import SimCT
 
-REGISTRY: dict[str, type] = {cls.name: cls for cls in (ReverseKL, GKD, SDFT, SFT, SimCT)}
+REGISTRY: dict[str, type[Objective]] = {cls.name: cls for cls in (ReverseKL, GKD, SDFT, SFT, SimCT)}
 
 __all__ = [
     "REGISTRY",
@@ -29,7 +23,6 @@ __all__ = [
     "LossOutput",
     "Objective",
     "TeacherRequest",
-    "TeacherScores",
     "build_objective",
     "objective_class",
 ]

@@ -1,4 +1,5 @@
-"""Generalized knowledge distillation (GKD; Agarwal et al., TRL's GKDTrainer), OBJECTIVES.md 2.
+"""Generalized knowledge distillation (GKD; Agarwal et al., TRL's GKDTrainer);
+docs/objectives.md#gkd.
 
 Per completion token, the generalized Jensen-Shannon divergence between the student and the
 teacher at temperature `loss_temperature`,
@@ -30,7 +31,7 @@ from typing import ClassVar
 
 import torch
 
-from opd.objectives.base import LossInputs, LossOutput, Normalizer, TeacherRequest
+from opd.objectives.base import LossInputs, LossOutput, Normalizer, Objective, TeacherRequest
 from opd.objectives.divergences import full_divergence, topk_divergence
 
 ESTIMATORS = ("full", "topk")
@@ -79,13 +80,10 @@ def _uniform(seed: int, step: int) -> float:
     return int.from_bytes(digest, "little") / 2.0**64
 
 
-class GKD:
+class GKD(Objective):
     name: ClassVar[str] = "gkd"
     Params: ClassVar[type] = GKDParams
     normalize_by: ClassVar[Normalizer] = "tokens"
-
-    def __init__(self, params: GKDParams) -> None:
-        self.params = params
 
     def teacher_request(self) -> TeacherRequest:
         if self.params.estimator == "topk":
@@ -98,6 +96,19 @@ class GKD:
     def use_student_samples(self, step: int, seed: int) -> bool:
         """Whether step `step` trains on fresh student samples (else dataset completions)."""
         return _uniform(seed, step) < self.params.lmbda
+
+    def check(self, cfg) -> None:
+        lmbda = self.params.lmbda
+        if lmbda < 1 and not cfg.data.completion_field:
+            raise ValueError(
+                f"objective 'gkd' trains on dataset completions (lmbda={lmbda}): set "
+                "data.completion_field"
+            )
+        if lmbda < 1 and self.params.estimator == "topk":
+            raise ValueError(
+                "dataset completions have no rollout top-k: with objective.params.lmbda < 1 "
+                "use objective.params.estimator=full"
+            )
 
     def __call__(self, x: LossInputs) -> LossOutput:
         p, mask = self.params, x.mask_BT

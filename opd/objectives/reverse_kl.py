@@ -1,4 +1,5 @@
-"""Reverse KL of the student to the teacher: on-policy distillation (OBJECTIVES.md section 1).
+"""Reverse KL of the student to the teacher: on-policy distillation
+(docs/objectives.md#reverse_kl).
 
 Three estimators of KL(pi_theta || pi_T) on the student's own tokens:
 
@@ -19,12 +20,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from opd.objectives.base import (
-    LossInputs,
-    LossOutput,
-    Normalizer,
-    TeacherRequest,
-)
+from opd.objectives.base import LossInputs, LossOutput, Normalizer, Objective, TeacherRequest
 from opd.objectives.divergences import full_divergence
 
 ESTIMATORS = ("sampled", "topk", "full")
@@ -82,13 +78,10 @@ def full_reverse_kl(student_logits_BTV: Tensor, teacher_lp_BTV: Tensor, chunk: i
     return full_divergence(student_logits_BTV, teacher_lp_BTV, "reverse_kl", chunk=chunk)
 
 
-class ReverseKL:
+class ReverseKL(Objective):
     name: ClassVar[str] = "reverse_kl"
     Params: ClassVar[type] = ReverseKLParams
     normalize_by: ClassVar[Normalizer] = "tokens"
-
-    def __init__(self, params: ReverseKLParams) -> None:
-        self.params = params
 
     def teacher_request(self) -> TeacherRequest:
         return {

@@ -1,4 +1,4 @@
-"""Self-distillation fine-tuning (SDFT, arXiv 2601.19897), OBJECTIVES.md section 3.
+"""Self-distillation fine-tuning (SDFT, arXiv 2601.19897); docs/objectives.md#sdft.
 
 The teacher is the model itself (EMA weights, kept by the teacher scorer) conditioned on a
 demonstration: the student sees the question x, the teacher sees `teacher_prompt(x, demo)`,
@@ -33,7 +33,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from opd.objectives.base import LossInputs, LossOutput, Normalizer, TeacherRequest
+from opd.objectives.base import LossInputs, LossOutput, Normalizer, Objective, TeacherRequest
 from opd.objectives.divergences import DIVERGENCES, full_divergence, topk_divergence
 
 ESTIMATORS = ("topk", "full")
@@ -91,18 +91,34 @@ def _seq_mean(values_BT: Tensor, keep_BT: Tensor, n_B: Tensor, empty: float) -> 
     return torch.where(n_B > 0, total / n_B.clamp_min(1), torch.full_like(total, empty))
 
 
-class SDFT:
+class SDFT(Objective):
     name: ClassVar[str] = "sdft"
     Params: ClassVar[type] = SDFTParams
     normalize_by: ClassVar[Normalizer] = "sequences"
 
-    def __init__(self, params: SDFTParams) -> None:
-        self.params = params
-
     def teacher_request(self) -> TeacherRequest:
         if self.params.estimator == "topk":
-            return TeacherRequest("at_ids", k=self.params.k, context="demonstration")
-        return TeacherRequest("full", context="demonstration")
+            return TeacherRequest("at_ids", k=self.params.k)
+        return TeacherRequest("full")
+
+    def teacher_messages(self, sample) -> list[dict[str, str]]:
+        """The student's conversation with the last user turn replaced by `teacher_prompt`:
+        the question and the sample's demonstration (`data.demonstration_field`)."""
+        if sample.demonstration is None:
+            raise ValueError(
+                f"prompt {sample.prompt_id}: sdft shows the teacher a demonstration, but the "
+                "sample has none (data.demonstration_field)"
+            )
+        question = sample.messages[-1]["content"]
+        turn = {"role": "user", "content": teacher_prompt(question, sample.demonstration)}
+        return [*sample.messages[:-1], turn]
+
+    def check(self, cfg) -> None:
+        if not cfg.data.demonstration_field:
+            raise ValueError(
+                "objective 'sdft' shows the teacher a demonstration: set "
+                "data.demonstration_field to the data field that holds it"
+            )
 
     def uses_sampler_logprobs(self) -> bool:
         return True  # the importance weight min(pi_theta / pi_old, is_clip)

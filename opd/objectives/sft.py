@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from opd.objectives.base import LossInputs, LossOutput, Normalizer, TeacherRequest
+from opd.objectives.base import LossInputs, LossOutput, Normalizer, Objective, TeacherRequest
 
 
 @dataclass
@@ -19,13 +19,10 @@ class SFTParams:
     pass
 
 
-class SFT:
+class SFT(Objective):
     name: ClassVar[str] = "sft"
     Params: ClassVar[type] = SFTParams
     normalize_by: ClassVar[Normalizer] = "tokens"
-
-    def __init__(self, params: SFTParams) -> None:
-        self.params = params
 
     def teacher_request(self) -> TeacherRequest:
         return TeacherRequest("sampled")
@@ -35,6 +32,12 @@ class SFT:
 
     def uses_sampler_logprobs(self) -> bool:
         return False
+
+    def check(self, cfg) -> None:
+        if not cfg.data.completion_field:
+            raise ValueError(
+                "objective 'sft' trains on dataset completions: set data.completion_field"
+            )
 
     def __call__(self, x: LossInputs) -> LossOutput:
         mask = x.mask_BT

@@ -1,7 +1,8 @@
-"""SimCT: cross-tokenizer on-policy distillation (OBJECTIVES.md section 4, arXiv 2605.07711).
+"""SimCT: cross-tokenizer on-policy distillation (arXiv 2605.07711;
+docs/objectives.md#simct).
 
 Teacher and student tokenize the same completion differently. Three pieces, the first two in
-`opd.objectives.simct_align` (the text half: tokens as exact bytes):
+`opd.signals.alignment` (the text half: tokens as exact bytes):
 
 - `shared_vocab`: token pairs whose strings match exactly once the byte-level space marker is
   normalized ("Ġ" -> "▁"), plus EOS <-> EOS.
@@ -30,7 +31,6 @@ authors' ones (`merge_spans`) unless the recipe asks for `fine`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
@@ -38,79 +38,19 @@ import torch
 from torch import Tensor
 
 from opd.objectives.base import (
-    AlignedScores,
     LogitsAt,
     LossInputs,
     LossOutput,
     Normalizer,
+    Objective,
     TeacherRequest,
     at_least_fp32,
 )
 from opd.objectives.divergences import reverse_kl
-from opd.objectives.simct_align import SEGMENTATIONS, Segment
+from opd.signals.aligned import AlignedScores, SegmentIndex, side_logits
+from opd.signals.alignment import SEGMENTATIONS
 
 MODES = ("simct", "shared_only")
-
-
-@dataclass
-class SegmentIndex:
-    """The K segments of a micro-batch, flattened over its rows (built once, in Python)."""
-
-    batch_K: Tensor  # row of each segment
-    student_start_K: Tensor  # completion position of the segment's first student token
-    student_len_K: Tensor
-    teacher_start_K: Tensor
-    teacher_len_K: Tensor
-
-    @classmethod
-    def from_alignments(
-        cls, alignments: Sequence[Sequence[Segment]], device: torch.device | str = "cpu"
-    ) -> SegmentIndex:
-        rows = [(b, *seg) for b, segs in enumerate(alignments) for seg in segs]
-        flat = torch.tensor(rows, dtype=torch.long, device=device).reshape(-1, 5)
-        b, s0, s1, t0, t1 = flat.unbind(-1)
-        return cls(b, s0, s1 - s0, t0, t1 - t0)
-
-
-@dataclass
-class DenseLogits:
-    """`LogitsAt` over a materialized [B, T, V] tensor (tests, small models)."""
-
-    logits_BTV: Tensor
-
-    def columns(self, rows_K: Tensor, pos_K: Tensor, vocab_S: Tensor) -> Tensor:
-        return self.logits_BTV[rows_K[:, None], pos_K[:, None], vocab_S[None, :]]
-
-    def at(self, rows_N: Tensor, pos_N: Tensor, ids_N: Tensor) -> Tensor:
-        return self.logits_BTV[rows_N, pos_N, ids_N]
-
-
-def side_logits(
-    logits: LogitsAt | Tensor,
-    ids_BT: Tensor,
-    batch_K: Tensor,
-    start_K: Tensor,
-    len_K: Tensor,
-    vocab_ids_S: Tensor,
-) -> tuple[Tensor, Tensor]:
-    """One side's (shared_KS, own_K): raw logits at segment starts on the shared vocabulary,
-    and per segment the mean raw logit of its own tokens (a span's virtual entry; on a 1:1
-    segment it is only needed when `merge_spans` makes the segment part of a span).
-
-    Position t of `logits` is the distribution of completion token t (`ids_BT[:, t]`); a
-    plain [B, T, V] tensor is accepted too.
-    """
-    if isinstance(logits, Tensor):
-        logits = DenseLogits(logits)
-    shared_KS = logits.columns(batch_K, start_K, vocab_ids_S)
-    k = torch.arange(len(batch_K), device=batch_K.device)
-    seg_N = torch.repeat_interleave(k, len_K)
-    first_N = torch.cumsum(len_K, 0)[seg_N] - len_K[seg_N]
-    pos_N = start_K[seg_N] + torch.arange(len(seg_N), device=k.device) - first_N
-    row_N = batch_K[seg_N]
-    own_N = at_least_fp32(logits.at(row_N, pos_N, ids_BT[row_N, pos_N]))
-    sums_K = torch.zeros(len(k), dtype=own_N.dtype, device=k.device).index_add(0, seg_N, own_N)
-    return shared_KS, sums_K / len_K.clamp_min(1).to(sums_K.dtype)
 
 
 @dataclass
@@ -268,7 +208,7 @@ def student_batch(
     )
 
 
-class SimCT:
+class SimCT(Objective):
     """Loss sum over segments, normalized by the student's completion tokens (the learner's
     usual "tokens" normalizer). `segmentation` cuts the aligned text into segments (`authors`
     merges the scorer's `fine` ones); `shared_only` trains on the identical tokens alone, each
@@ -278,9 +218,6 @@ class SimCT:
     Params: ClassVar[type] = SimCTParams
     normalize_by: ClassVar[Normalizer] = "tokens"
 
-    def __init__(self, params: SimCTParams) -> None:
-        self.params = params
-
     def teacher_request(self) -> TeacherRequest:
         return TeacherRequest(signal="aligned")
 
@@ -288,12 +225,10 @@ class SimCT:
         return False  # the virtual-vocabulary KL needs no pi_theta / pi_old ratio
 
     def __call__(self, x: LossInputs) -> LossOutput:
-        if x.teacher.aligned is None or x.student_logits is None or x.targets_BT is None:
+        if not isinstance(x.teacher, AlignedScores) or x.student_logits is None:
             raise ValueError("simct needs the teacher's aligned scores and the student's logits")
         n_tokens = x.mask_BT.sum()
-        return self.batch_loss(
-            student_batch(x.student_logits, x.targets_BT, x.teacher.aligned, n_tokens)
-        )
+        return self.batch_loss(student_batch(x.student_logits, x.targets_BT, x.teacher, n_tokens))
 
     def finalize_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
         """Called by the learner on the step's reduced metrics."""

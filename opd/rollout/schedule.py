@@ -180,7 +180,7 @@ class Rollouts:
             step = self.next_step
             batch = Batch(step)
             prompts = self.stream.take(self.cfg.rollout.prompts_per_step)
-            if on_policy(self.objective, step, self.cfg.run.seed):
+            if self.objective.use_student_samples(step, self.cfg.run.seed):
                 batch.generation = submit_generation(
                     self.cfg,
                     self.roles,
@@ -222,9 +222,3 @@ class Rollouts:
                 batch.samples = collect_generation(self.cfg, self.roles, gen, self.sync)
             pending.append({"step": batch.step, "samples": [asdict(s) for s in batch.samples]})
         return {**self.stream.state_dict(), "pending": pending}
-
-
-def on_policy(objective, step: int, seed: int) -> bool:
-    """Objectives that mix in dataset completions (gkd) decide per step; others never do."""
-    decide = getattr(objective, "use_student_samples", None)
-    return decide(step, seed) if decide else True

@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from opd.learner import packing
-from opd.learner.compile import compile_layers
-from opd.learner.head_logprob import HeadLogProb
-from opd.learner.logprobs import final_hidden, gather_positions, token_logprobs
+from opd.modeling import packing
+from opd.modeling.compile import compile_layers
+from opd.modeling.head_logprob import HeadLogProb
+from opd.modeling.logprobs import final_hidden, gather_positions, token_logprobs
 
 CUDA = torch.device("cuda")
 

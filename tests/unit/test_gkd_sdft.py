@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from opd.objectives import REGISTRY, LossInputs, TeacherScores, build_objective
+from opd.objectives import REGISTRY, LossInputs, Objective, build_objective
 from opd.objectives.base import step_normalizer
 from opd.objectives.divergences import (
     divergence,
@@ -22,6 +22,9 @@ from opd.objectives.divergences import (
 )
 from opd.objectives.reverse_kl import topk_reverse_kl
 from opd.objectives.sdft import teacher_prompt
+from opd.rollout.batch import Sample
+from opd.signals.at_ids import AtIdsScores
+from opd.signals.full import FullScores
 
 B, T, V = 3, 5, 11
 KINDS = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.2), ("jsd", 0.9)]
@@ -112,20 +115,19 @@ def _inputs(s_logits, t_lp, mask, k=None):
     """LossInputs as the learner builds them: full logits, or log-probs at the student top-k."""
     s_lp = torch.log_softmax(s_logits, -1)
     sampled = torch.zeros(s_logits.shape[:2], dtype=torch.long)
-    teacher = TeacherScores(logprobs_BT=t_lp.gather(-1, sampled[..., None])[..., 0])
+    t_sampled = t_lp.gather(-1, sampled[..., None])[..., 0]
     x = LossInputs(
         logprobs_BT=s_lp.gather(-1, sampled[..., None])[..., 0],
         old_logprobs_BT=s_lp.detach().gather(-1, sampled[..., None])[..., 0],
         mask_BT=mask,
-        teacher=teacher,
+        teacher=None,
     )
-    if k is None:
-        teacher.logits_BTV = t_lp - 3.0  # unnormalized, as the teacher sends them
+    if k is None:  # unnormalized logits, as the teacher sends them
+        x.teacher = FullScores(logprobs_BT=t_sampled, logits_BTV=t_lp - 3.0)
         x.student_logits_BTV = s_logits
     else:
         ids = s_lp.detach().topk(k, -1).indices
-        teacher.ids_BTK = ids
-        teacher.logprobs_BTK = t_lp.gather(-1, ids)
+        x.teacher = AtIdsScores(t_sampled, ids, t_lp.gather(-1, ids))
         x.student_logprobs_BTK = s_lp.gather(-1, ids)
     return x
 
@@ -314,7 +316,7 @@ def test_gkd_masked_positions_never_leak_nan():
 def test_gkd_teacher_request_follows_the_estimator():
     assert build_objective("gkd", {}).teacher_request().signal == "full"
     req = build_objective("gkd", {"estimator": "topk"}).teacher_request()
-    assert (req.signal, req.k, req.context) == ("at_ids", 64, "prompt")
+    assert (req.signal, req.k) == ("at_ids", 64)
 
 
 @pytest.mark.parametrize("lmbda", [0.0, 0.3, 0.5, 1.0])
@@ -480,10 +482,30 @@ def test_sdft_topk_matches_brute_force_and_whole_vocab_equals_full(kind):
 
 
 def test_sdft_teacher_request_and_prompt():
-    req = build_objective("sdft", {}).teacher_request()
-    assert (req.signal, req.k, req.context) == ("at_ids", 20, "demonstration")
-    req = build_objective("sdft", {"estimator": "full"}).teacher_request()
-    assert (req.signal, req.context) == ("full", "demonstration")
+    sdft = build_objective("sdft", {})
+    req = sdft.teacher_request()
+    assert (req.signal, req.k) == ("at_ids", 20)
+    assert build_objective("sdft", {"estimator": "full"}).teacher_request().signal == "full"
+    # the teacher's context: the last user turn carries the demonstration, the rest is kept
+    system = {"role": "system", "content": "Be brief."}
+    sample = Sample(
+        0,
+        0,
+        "p0",
+        [system, {"role": "user", "content": "What is 2+2?"}],
+        [1],
+        [2],
+        [0.0],
+        "stop",
+        0,
+        demonstration="2+2 = 4.",
+    )
+    turn = {"role": "user", "content": teacher_prompt("What is 2+2?", "2+2 = 4.")}
+    assert sdft.teacher_messages(sample) == [system, turn]
+    assert build_objective("gkd", {}).teacher_messages(sample) is sample.messages
+    sample.demonstration = None
+    with pytest.raises(ValueError, match="p0.*demonstration_field"):
+        sdft.teacher_messages(sample)
     assert teacher_prompt("What is 2+2?", "2+2 = 4.") == (
         "What is 2+2?\n\nThis is an example for a response to the question:\n2+2 = 4.\n\n"
         "Now answer with a response of your own, including the thinking process."
@@ -500,7 +522,7 @@ def test_registry_and_normalization_units():
     assert step_normalizer(build_objective("gkd", {}), lengths) == 7
     assert step_normalizer(build_objective("reverse_kl", {}), lengths) == 7
     assert step_normalizer(build_objective("sdft", {}), lengths) == 3
-    assert step_normalizer(object(), lengths) == 7  # user objectives default to tokens
+    assert step_normalizer(Objective(None), lengths) == 7  # the base class's default: tokens
 
 
 @pytest.mark.parametrize(

@@ -5,8 +5,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from opd.learner.head_logprob import HeadLogProb
-from opd.learner.logprobs import fused_head_applies, token_logprobs
+from opd.modeling.head_logprob import HeadLogProb
+from opd.modeling.logprobs import fused_head_applies, token_logprobs
 
 
 def test_values_and_gradients_match_a_full_log_softmax():

@@ -9,6 +9,8 @@ from opd.cluster.placement import free_port
 from opd.config.schema import LearnerConfig, ObjectiveConfig
 from opd.learner.worker import Learner
 from opd.rollout.batch import Sample
+from opd.signals.aligned import AlignedScores
+from opd.signals.sampled import TokenScores
 
 
 def _samples(n, teacher_value=-1.0):
@@ -26,7 +28,7 @@ def _samples(n, teacher_value=-1.0):
                 logprobs=[-5.0, -4.0, -6.0],
                 finish_reason="stop",
                 policy_version=0,
-                teacher={"logprobs": torch.full((3,), teacher_value)},
+                teacher=TokenScores(torch.full((1, 3), teacher_value)),
             )
         )
     return out
@@ -63,7 +65,7 @@ def test_step_updates_and_nonfinite_skips(tiny_pair, stage):
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
     bad = _samples(4)
-    bad[3].teacher["logprobs"][1] = float("nan")
+    bad[3].teacher.logprobs_BT[0, 1] = float("nan")
     m = learner.train_step(bad, normalizer=12)
     assert m["train/skipped_steps"] == 1
     unchanged = _params(learner)
@@ -81,7 +83,7 @@ def _varied_samples():
     delta = [[0.7, -0.4, 1.1], [-0.9, 0.3, -0.2], [0.5, 0.8, -1.2], [-0.6, -0.1, 0.9]]
     for i, s in enumerate(out):
         s.logprobs = [-5.0 + 0.5 * i, -4.0 - 0.25 * i, -6.0 + 0.1 * i]
-        s.teacher = {"logprobs": torch.tensor(s.logprobs) + torch.tensor(delta[i])}
+        s.teacher = TokenScores((torch.tensor(s.logprobs) + torch.tensor(delta[i]))[None])
     return out
 
 
@@ -98,7 +100,7 @@ def _reference_grads(student, samples, normalizer):
         n = len(s.prompt_ids)
         lp_c = lp[torch.arange(n - 1, ids.shape[1] - 1), torch.tensor(s.completion_ids)]
         old = torch.tensor(s.logprobs)
-        advantage = s.teacher["logprobs"] - old
+        advantage = s.teacher.logprobs_BT[0] - old
         total = total - (torch.exp(lp_c - old) * advantage).sum()
     (total / normalizer).backward()
     return {k: p.grad for k, p in model.named_parameters()}
@@ -144,12 +146,15 @@ def _aligned_samples(n):
     g = torch.Generator().manual_seed(0)
     out = _samples(n)
     for s in out:
-        s.teacher = {
-            "aligned_segments": torch.tensor([[0, 1, 0, 1], [1, 3, 1, 2]]),
-            "aligned_shared": torch.randn(2, 16, generator=g),
-            "aligned_span": torch.randn(2, generator=g) * torch.tensor([0.0, 1.0]),
-            "aligned_vocab": torch.arange(40, 56),
-        }
+        s.teacher = AlignedScores(
+            batch_K=torch.zeros(2, dtype=torch.long),
+            student_start_K=torch.tensor([0, 1]),
+            student_len_K=torch.tensor([1, 2]),
+            teacher_len_K=torch.tensor([1, 1]),
+            teacher_shared_KS=torch.randn(2, 16, generator=g),
+            teacher_span_K=torch.randn(2, generator=g) * torch.tensor([0.0, 1.0]),
+            student_vocab_S=torch.arange(40, 56),
+        )
     return out
 
 

@@ -5,10 +5,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from opd.config.schema import TeacherConfig
-from opd.learner.logprobs import final_hidden, gather_positions, token_logprobs
+from opd.modeling.batching import budget_batches
+from opd.modeling.logprobs import final_hidden, gather_positions, token_logprobs
 from opd.objectives import TeacherRequest
 from opd.rollout.batch import Sample
-from opd.teacher.scorer import TeacherScorer, budget_batches
+from opd.teacher.scorer import TeacherScorer
 
 
 @pytest.fixture(scope="module")
@@ -97,15 +98,18 @@ def test_teacher_scores_student_tokens_under_its_own_template(tiny_pair, model):
         assert prompt.startswith("### ") and prompt.endswith("=> ")
         prompt_ids = scorer.prompt_ids(s)
         full, ref = _reference(model, prompt_ids + s.completion_ids, len(prompt_ids))
-        assert torch.allclose(s.teacher["logprobs"].double(), ref, atol=1e-5)
-        assert torch.allclose(s.teacher["logprobs_at_ids"].double(), full[:, [3, 4]], atol=1e-5)
+        assert torch.allclose(s.teacher.logprobs_BT[0].double(), ref, atol=1e-5)
+        assert torch.allclose(s.teacher.logprobs_BTK[0].double(), full[:, [3, 4]], atol=1e-5)
+        assert s.teacher.ids_BTK[0].tolist() == s.topk_ids  # the ids travel with the scores
+        # each sample's scores own their storage: sending one does not send the whole batch
+        assert s.teacher.logprobs_BT.untyped_storage().nbytes() == 8 * s.n_tokens
     scorer.score(samples[:1], TeacherRequest("full"))
     full, _ = _reference(
         model,
         scorer.prompt_ids(samples[0]) + samples[0].completion_ids,
         len(scorer.prompt_ids(samples[0])),
     )
-    logits = samples[0].teacher["logits_full"]
+    logits = samples[0].teacher.logits_BTV[0]
     assert logits.dtype == model.dtype  # the head's own output, not upcast log-probs
     assert torch.allclose(torch.log_softmax(logits.double(), -1), full, atol=1e-5)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from opd.learner import packing
-from opd.learner.logprobs import final_hidden, gather_positions, token_logprobs
+from opd.modeling import packing
+from opd.modeling.logprobs import final_hidden, gather_positions, token_logprobs
 
 
 def _model(kind: str):

@@ -5,8 +5,11 @@ import math
 import pytest
 import torch
 
-from opd.objectives import LossInputs, TeacherScores, build_objective
+from opd.objectives import LossInputs, build_objective
 from opd.objectives.reverse_kl import discounted_returns
+from opd.signals.at_ids import AtIdsScores
+from opd.signals.full import FullScores
+from opd.signals.sampled import TokenScores
 
 B, T, V = 3, 5, 11
 
@@ -30,7 +33,7 @@ def test_sampled_matches_brute_force_value_and_grad():
     lp = (old + 0.1 * torch.randn(B, T, dtype=torch.float64)).requires_grad_()
     c, gamma = 0.7, 0.5
     obj = build_objective("reverse_kl", {"estimator": "sampled", "coef": c, "gamma": gamma})
-    out = obj(LossInputs(lp, old, mask, TeacherScores(logprobs_BT=teacher)))
+    out = obj(LossInputs(lp, old, mask, TokenScores(logprobs_BT=teacher)))
     out.loss_sum.backward()
 
     expected, grad = 0.0, torch.zeros(B, T, dtype=torch.float64)
@@ -61,7 +64,7 @@ def test_sampled_ratio_clip_matches_ppo_brute_force():
     lp = (old + 0.5 * torch.randn(B, T, dtype=torch.float64)).requires_grad_()
     eps = 0.2
     obj = build_objective("reverse_kl", {"estimator": "sampled", "ratio_clip": eps})
-    out = obj(LossInputs(lp, old, mask, TeacherScores(logprobs_BT=teacher)))
+    out = obj(LossInputs(lp, old, mask, TokenScores(logprobs_BT=teacher)))
     out.loss_sum.backward()
 
     expected, grad, clipped = 0.0, torch.zeros(B, T, dtype=torch.float64), 0
@@ -104,7 +107,7 @@ def test_full_matches_brute_force_value_and_grad():
         logprobs_BT=torch.log_softmax(s_logits, -1)[..., 0],
         old_logprobs_BT=torch.zeros(B, T, dtype=torch.float64),
         mask_BT=mask,
-        teacher=TeacherScores(
+        teacher=FullScores(
             logprobs_BT=t_lp.gather(-1, ids[..., None])[..., 0],
             logits_BTV=t_lp + 7.0,  # unnormalized, as the teacher sends them
         ),
@@ -156,7 +159,7 @@ def test_topk_with_whole_vocab_equals_full_and_tail_is_counted():
             logprobs_BT=s_lp[..., 0],
             old_logprobs_BT=s_lp[..., 0],
             mask_BT=mask,
-            teacher=TeacherScores(
+            teacher=AtIdsScores(
                 logprobs_BT=t_lp[..., 0], ids_BTK=ids, logprobs_BTK=t_lp.gather(-1, ids)
             ),
             student_logprobs_BTK=s_at,

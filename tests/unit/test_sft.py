@@ -2,7 +2,8 @@
 
 import torch
 
-from opd.objectives import LossInputs, TeacherScores, build_objective
+from opd.objectives import LossInputs, build_objective
+from opd.signals.sampled import TokenScores
 
 
 def test_sft_is_the_masked_negative_log_likelihood():
@@ -10,7 +11,7 @@ def test_sft_is_the_masked_negative_log_likelihood():
     lp.requires_grad_()
     mask = torch.tensor([[1.0, 1, 1, 0], [1, 1, 0, 0]])
     obj = build_objective("sft", {})
-    out = obj(LossInputs(lp, torch.zeros_like(lp), mask, TeacherScores(lp.detach())))
+    out = obj(LossInputs(lp, torch.zeros_like(lp), mask, TokenScores(lp.detach())))
     out.loss_sum.backward()
     want = -sum(lp[b, t].item() for b in range(2) for t in range(4) if mask[b, t])
     assert abs(out.loss_sum.item() - want) < 1e-12

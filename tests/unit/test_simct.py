@@ -9,8 +9,9 @@ import random
 import pytest
 import torch
 
-from opd.objectives.simct import SegmentIndex, SimCT, SimCTParams, build_simct_batch
-from opd.objectives.simct_align import (
+from opd.objectives.simct import SimCT, SimCTParams, build_simct_batch
+from opd.signals.aligned import SegmentIndex
+from opd.signals.alignment import (
     align_ids,
     align_segments,
     retokenize,

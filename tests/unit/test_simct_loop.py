@@ -8,13 +8,16 @@ import torch
 
 from opd.config.schema import TeacherConfig
 from opd.data.prompts import render_ids
-from opd.learner.logprobs import HeadLogits, final_hidden, gather_positions
+from opd.learner.microbatch import collate
+from opd.modeling.logprobs import final_hidden, gather_positions
 from opd.objectives import build_objective
-from opd.objectives.base import LossInputs, TeacherRequest, TeacherScores
-from opd.objectives.simct import SegmentIndex, build_simct_batch
-from opd.objectives.simct_align import SEGMENTATIONS, shared_vocab
-from opd.rollout.batch import Sample, collate
-from opd.teacher.pair import TokenizerPair
+from opd.objectives.base import LossInputs, TeacherRequest
+from opd.objectives.simct import build_simct_batch
+from opd.rollout.batch import Sample
+from opd.signals import SIGNALS
+from opd.signals.aligned import AlignedScores, SegmentIndex, pair
+from opd.signals.aligned_pair import PROBE_TEXT, TokenizerPair
+from opd.signals.alignment import SEGMENTATIONS, shared_vocab
 from opd.teacher.scorer import TeacherScorer
 
 TEXTS = ["the answer is 42", "apples and pears 7 + 5 = 12", "", "Tom has 3 cats", "Ann: 12 pears?"]
@@ -52,8 +55,9 @@ def setup(tmp_path_factory):
     t_tok = _teacher_tokenizer()
     assert t_tok.chat_template is None  # the scorer renders prompts as plain text
     student, teacher = _model(len(s_tok), 0), _model(len(t_tok), 1)
-    scorer = TeacherScorer.from_model(TeacherConfig(path="-", token_budget=64), teacher, t_tok)
-    scorer._pair = TokenizerPair(s_tok, t_tok, *shared_vocab(s_tok, t_tok))
+    cfg = TeacherConfig(path="-", token_budget=64)
+    scorer = TeacherScorer(cfg, model=teacher, tokenizer=t_tok)
+    scorer.signal_state["pair"] = TokenizerPair(s_tok, t_tok, *shared_vocab(s_tok, t_tok))
     samples = []
     for i, text in enumerate(TEXTS):
         messages = [{"role": "user", "content": f"question {i}: what is {i} + {i}?"}]
@@ -67,11 +71,11 @@ def _dense_reference(setup, samples, params):
     """Both sides' full logits along their own tokenizations, then `build_simct_batch` on the
     fine segments (the objective merges them for `segmentation: authors`)."""
     s_tok, t_tok, student, teacher, scorer, _ = setup
-    pair = scorer.pair()
+    tokens = pair(scorer)
     s_rows, t_rows, s_logits, t_logits, aligns = [], [], [], [], []
     for s in samples:
-        t_ids = pair.retokenize(s.completion_ids)
-        aligns.append(pair.align(s.completion_ids, t_ids))
+        t_ids = tokens.retokenize(s.completion_ids)
+        aligns.append(tokens.align(s.completion_ids, t_ids))
         for model, prompt, ids, rows, out in (
             (student, s.prompt_ids, s.completion_ids, s_rows, s_logits),
             (teacher, scorer.prompt_ids(s), t_ids, t_rows, t_logits),
@@ -87,7 +91,7 @@ def _dense_reference(setup, samples, params):
         pad(t_logits).detach(),
         pad(t_rows),
         SegmentIndex.from_alignments(aligns),
-        (pair.student_vocab, pair.teacher_vocab),
+        (tokens.student_vocab, tokens.teacher_vocab),
         sum(s.n_tokens for s in samples),
     )
     return build_objective("simct", params).batch_loss(batch)
@@ -107,16 +111,18 @@ def test_scorer_and_learner_halves_match_dense_reference(setup, params):
     objective = build_objective("simct", params)
     assert objective.teacher_request() == TeacherRequest("aligned")
     scored = scorer.score([_copy(s) for s in samples], objective.teacher_request())
-    assert all("logprobs" not in s.teacher for s in scored)
+    assert all(isinstance(s.teacher, AlignedScores) for s in scored)
     mb = collate(scored)
-    hidden = final_hidden(student, mb.input_ids_BL, mb.attention_mask_BL)
-    x = LossInputs(
+    hidden = gather_positions(
+        final_hidden(student, mb.input_ids_BL, mb.attention_mask_BL), mb.positions_BT
+    )
+    x = LossInputs(  # as the learner builds them: the signal says what the student adds
         logprobs_BT=torch.zeros_like(mb.mask_BT),
         old_logprobs_BT=mb.old_logprobs_BT,
         mask_BT=mb.mask_BT,
-        teacher=TeacherScores(logprobs_BT=None, aligned=mb.aligned),
+        teacher=mb.teacher,
         targets_BT=mb.targets_BT,
-        student_logits=HeadLogits(student, gather_positions(hidden, mb.positions_BT)),
+        **SIGNALS["aligned"].student_inputs(student, hidden, mb.teacher),
     )
     student.zero_grad()
     out = objective(x)
@@ -153,10 +159,14 @@ def test_plain_prompt_and_pair_report(setup):
     ids = scorer.prompt_ids(samples[1])
     assert ids[0] == t_tok.bos_token_id
     assert t_tok.decode(ids[1:]) == "Question: question 1: what is 1 + 1?\nAnswer:\n"
-    report = scorer.pair_report()
-    assert report["shared_vocab"] == len(scorer.pair().student_vocab) > 0
+    report = pair(scorer).report(PROBE_TEXT, uses_chat_template=False)
+    assert report["shared_vocab"] == len(pair(scorer).student_vocab) > 0
     assert 0 < report["probe_one_to_one_fraction"] <= report["probe_supervised_fraction"] <= 1
     assert any("plain text" in w for w in report["warnings"])
+    lines = scorer.signal_report(TeacherRequest("aligned"))  # what `opd train` prints
+    assert f"shared vocabulary {report['shared_vocab']} tokens" in lines[0]
+    assert lines[1:] == [f"warning: {w}" for w in report["warnings"]]
+    assert scorer.signal_report(TeacherRequest("sampled")) == []
 
 
 def test_objective_registry_and_metrics_finalize():

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from opd.objectives.simct_align import Segment, align_ids, retokenize, shared_vocab, token_bytes
+from opd.signals.alignment import Segment, align_ids, retokenize, shared_vocab, token_bytes
 
 # Digits, whitespace runs, LaTeX, code and non-ASCII text: where tokenizers tend to disagree.
 PROBE_TEXT = (

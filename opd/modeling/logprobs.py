@@ -1,6 +1,6 @@
 """Log-probabilities of given tokens from a causal LM, without a full [B, T, V] fp32 tensor.
 
-The decoder runs once, padding-free where the model allows it (`opd.learner.packing`); the LM
+The decoder runs once, padding-free where the model allows it (`opd.modeling.packing`); the LM
 head and the log-softmax run `chunk` positions at a time under activation checkpointing, so
 only one chunk's fp32 logits exist at once, in forward and in backward; given a mask, only
 the real (unmasked) positions go through the head. Shared by the learner (with grad) and the
@@ -15,9 +15,13 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from opd.learner.head_logprob import HeadLogProb
-from opd.learner.packing import packed_hidden
-from opd.objectives.base import at_least_fp32
+from opd.modeling.head_logprob import HeadLogProb
+from opd.modeling.packing import packed_hidden
+
+
+def at_least_fp32(x: Tensor) -> Tensor:
+    """Upcast bf16/fp16 to fp32 for softmax-type math; leave fp32 and fp64 as they are."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def final_hidden(model, input_ids_BL: Tensor, attention_mask_BL: Tensor) -> Tensor:
