@@ -124,7 +124,7 @@ def profile_step(step_fn) -> dict:
 
 def run_config(args, c: dict, folder: str, rank: int, world: int, port: int, cuda: bool) -> dict:
     from opd.config.schema import LearnerConfig, ObjectiveConfig
-    from opd.learner import packing
+    from opd.modeling import packing
     from opd.learner.worker import Learner
 
     packing.ENABLED = not c["pad"]
@@ -152,7 +152,7 @@ def run_config(args, c: dict, folder: str, rank: int, world: int, port: int, cud
         device="cuda" if cuda else "cpu",
     )
     if c["compile"]:  # each decoder layer through torch.compile (elementwise ops fused)
-        from opd.learner.compile import compile_layers
+        from opd.modeling.compile import compile_layers
 
         compile_layers(learner.model)
     shape = SHAPES[args.size]

@@ -32,8 +32,8 @@ def main() -> None:
 
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from opd.learner import packing
-    from opd.learner.logprobs import final_hidden, gather_positions, token_logprobs
+    from opd.modeling import packing
+    from opd.modeling.logprobs import final_hidden, gather_positions, token_logprobs
 
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")

@@ -76,7 +76,7 @@ def main() -> None:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from opd.config.schema import TeacherConfig
-    from opd.learner import packing
+    from opd.modeling import packing
     from opd.objectives import TeacherRequest
     from opd.teacher.scorer import TeacherScorer
 
@@ -90,7 +90,7 @@ def main() -> None:
         model = Qwen2ForCausalLM(config).to(dtype)
     n_params = sum(p.numel() for p in model.parameters())
     if args.compile:
-        from opd.learner.compile import compile_layers
+        from opd.modeling.compile import compile_layers
 
         compile_layers(model)
     name = torch.cuda.get_device_name(0) if cuda else "cpu"
