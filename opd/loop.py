@@ -28,7 +28,7 @@ from opd.rollout.batch import Sample
 from opd.rollout.schedule import Rollouts, generate
 from opd.rundir import RunLock
 from opd.signals import TeacherRequest, signal_of
-from opd.sync.weights import make_weight_sync
+from opd.sync.weights import WeightSync, make_weight_sync
 
 
 @dataclass
@@ -57,44 +57,54 @@ def load_data(cfg: Config, tokenizer) -> RunData:
     return RunData(PromptStream(train, cfg.run.seed, d.shuffle), heldout[:n_held], dropped)
 
 
-def score(roles: Roles, sync, samples: list[Sample], request: TeacherRequest) -> list[Sample]:
+def score(
+    roles: Roles, sync: WeightSync, samples: list[Sample], request: TeacherRequest
+) -> list[Sample]:
     """The samples with the teacher's scores, in the driver (held-out metrics); a teacher that
     died is restarted by Ray (a following teacher gets the current weights again) and scores
     the same batch."""
-    pending = roles.teacher.submit_each("score", [(samples, request)])
+    pending = roles.teacher.submit_score(samples, request)
     return roles.teacher.collect_one(pending, 0, lambda i: sync.restore(roles.teacher, i))
 
 
-def score_for_learners(roles: Roles, sync, samples: list[Sample], request: TeacherRequest) -> list:
-    """The teacher scores `samples` and keeps the scores: one object reference per learner
-    rank, for its shard `samples[r::n]`, which the rank fetches itself; the driver waits for
-    the teacher's version only. Restarts as in `score`."""
+def score_for_learners(
+    roles: Roles, sync: WeightSync, samples: list[Sample], objective: Objective
+) -> list:
+    """The teacher scores `samples` as the objective asks (its signal, after the conversation
+    it shows the teacher) and keeps the scores: one object reference per learner rank, for
+    its shard `samples[r::n]`, which the rank fetches itself; the driver waits for the
+    teacher's version only. Restarts as in `score`."""
+    for s in samples:
+        s.teacher_messages = objective.teacher_messages(s)
     n = len(roles.learner)
-    pending = roles.teacher.submit_each("score_shards", [(samples, request, n)], num_returns=1 + n)
+    pending = roles.teacher.submit_score_shards(samples, objective.teacher_request(), n)
     version = roles.teacher.collect_one(pending, 0, lambda i: sync.restore(roles.teacher, i))
     for s in samples:
         s.teacher_version = version
     return pending.refs[0][1:]
 
 
-def heldout_samples(cfg: Config, roles: Roles, sync, heldout: list[Prompt]) -> list[Sample]:
+def heldout_samples(
+    cfg: Config, roles: Roles, sync: WeightSync, heldout: list[Prompt]
+) -> list[Sample]:
     """Held-out completions at temperature 1, with the same seeds at every evaluation, so
     successive evaluations differ only through the weights."""
     return generate(
         cfg,
         roles,
         heldout,
-        cfg.eval.heldout_samples,
-        0,
-        "heldout",
-        0,
-        cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
-        temperature=1.0,
         sync=sync,
+        samples_per_prompt=cfg.eval.heldout_samples,
+        step=0,
+        stream="heldout",
+        max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
+        temperature=1.0,
     )
 
 
-def heldout_reverse_kl(cfg: Config, roles: Roles, sync, heldout: list[Prompt]) -> dict[str, float]:
+def heldout_reverse_kl(
+    cfg: Config, roles: Roles, sync: WeightSync, heldout: list[Prompt]
+) -> dict[str, float]:
     """Mean per-token sampled estimate of KL(student || teacher) on the held-out prompts."""
     samples = score(roles, sync, heldout_samples(cfg, roles, sync, heldout), TeacherRequest())
     diff = torch.cat([torch.tensor(s.logprobs) - s.teacher.logprobs_BT[0] for s in samples])
@@ -105,7 +115,7 @@ def heldout_reverse_kl(cfg: Config, roles: Roles, sync, heldout: list[Prompt]) -
 
 
 def heldout_objective(
-    cfg: Config, roles: Roles, sync, heldout: list[Prompt], request: TeacherRequest
+    cfg: Config, roles: Roles, sync: WeightSync, heldout: list[Prompt], objective: Objective
 ) -> dict[str, float]:
     """A teacher that cannot score the student's token ids (another tokenizer): the learner
     evaluates the objective itself on the held-out completions (simct: the aligned KL)."""
@@ -116,10 +126,10 @@ def heldout_objective(
             f"eval.heldout_prompts x eval.heldout_samples = {len(samples)} is fewer than "
             f"learner.num_workers={n}: every learner rank needs a held-out sample"
         )
-    scores = score_for_learners(roles, sync, samples, request)
+    scores = score_for_learners(roles, sync, samples, objective)
     sums: dict[str, float] = {}
     shards = [(samples[r::n], scores[r]) for r in range(n)]
-    for part in roles.learner.call_each("evaluate", shards):
+    for part in roles.learner.evaluate(shards):
         for k, v in part.items():
             sums[k] = sums.get(k, 0.0) + v
     tokens = max(1.0, sums.pop("tokens"))
@@ -129,12 +139,14 @@ def heldout_objective(
 
 
 def evaluation(
-    cfg: Config, roles: Roles, sync, data: RunData, tokenizer, request: TeacherRequest
+    cfg: Config, roles: Roles, sync: WeightSync, data: RunData, tokenizer, objective: Objective
 ) -> dict[str, float]:
-    if signal_of(request).scores_student_tokens:
+    """Held-out metrics: the reverse KL to the teacher where it scores the student's tokens,
+    else the objective's own; and the recipe's benchmarks."""
+    if signal_of(objective.teacher_request()).scores_student_tokens:
         metrics = heldout_reverse_kl(cfg, roles, sync, data.heldout)
     else:
-        metrics = heldout_objective(cfg, roles, sync, data.heldout, request)
+        metrics = heldout_objective(cfg, roles, sync, data.heldout, objective)
     if cfg.eval.benchmarks:
         from opd.eval.during_training import benchmark_metrics
 
@@ -148,15 +160,15 @@ def learn(roles: Roles, samples: list[Sample], scores: list, objective: Objectiv
     n = len(roles.learner)
     normalizer = step_normalizer(objective, [s.n_tokens for s in samples])
     shards = [(samples[r::n], normalizer, scores[r]) for r in range(n)]
-    return roles.learner.call_each("train_step", shards)[0]
+    return roles.learner.train_step(shards)
 
 
 def save_checkpoint(
     ckpt: CheckpointDir, roles: Roles, cfg: Config, step: int, data_state: dict
 ) -> None:
     def write(tmp: Path) -> None:
-        roles.learner.call("save_checkpoint", str(tmp / "learner"))
-        roles.teacher.call("save_state", str(tmp / "teacher"))
+        roles.learner.save_checkpoint(str(tmp / "learner"))
+        roles.teacher.save_state(str(tmp / "teacher"))
 
     state = {"step": step, "data": data_state, "rng": rng_state(), "config": to_yaml(cfg)}
     ckpt.save(step, write, state)
@@ -166,13 +178,13 @@ def load_checkpoint(roles: Roles, path: Path) -> None:
     """The learners' and the teacher's state from checkpoint `path`; a file a learner refuses
     (damaged, or holding more than weights) is a CheckpointError naming it."""
     try:
-        roles.learner.call("load_checkpoint", str(path / "learner"))
+        roles.learner.load_checkpoint(str(path / "learner"))
     except RoleError as e:
         cause = getattr(e.__cause__, "cause", None)  # the learner's own exception
         if isinstance(cause, CheckpointError):
             raise CheckpointError(f"resuming from {path}: {cause}") from e
         raise
-    roles.teacher.call("load_state", str(path / "teacher"))
+    roles.teacher.load_state(str(path / "teacher"))
 
 
 def train(cfg: Config) -> Path:
@@ -226,7 +238,7 @@ def _train(cfg: Config, run_dir: Path) -> Path:
             teacher=roles.teacher if cfg.teacher.mode != "frozen" else None,
             colocated=colocated,
         )
-        for line in roles.teacher.call("signal_report", request)[0]:
+        for line in roles.teacher.signal_report(request):
             print(line)
         if resume:
             load_checkpoint(roles, resume[0])
@@ -238,7 +250,7 @@ def _train(cfg: Config, run_dir: Path) -> Path:
             log.write(
                 0,
                 {
-                    **evaluation(cfg, roles, sync, data, tokenizer, request),
+                    **evaluation(cfg, roles, sync, data, tokenizer, objective),
                     "data/dropped_prompts": data.dropped,
                 },
             )
@@ -253,16 +265,14 @@ def _train(cfg: Config, run_dir: Path) -> Path:
             samples = rollouts.take(step)
             t1 = time.perf_counter()
             if colocated:
-                roles.rollout.call("sleep")  # the learner gets the devices
+                roles.rollout.sleep()  # the learner gets the devices
             t_sleep = time.perf_counter() - t1
-            for s in samples:
-                s.teacher_messages = objective.teacher_messages(s)
-            scores = score_for_learners(roles, sync, samples, request)
+            scores = score_for_learners(roles, sync, samples, objective)
             t2 = time.perf_counter()
             metrics = learn(roles, samples, scores, objective)
             t3 = time.perf_counter()
             if colocated:
-                roles.rollout.call("wake_up")
+                roles.rollout.wake_up()
                 metrics.update({"time/sleep": t_sleep, "time/wake_up": time.perf_counter() - t3})
             metrics.update(sync.push(version=step))
             t4 = time.perf_counter()
@@ -290,7 +300,7 @@ def _train(cfg: Config, run_dir: Path) -> Path:
                 }
             )
             if cfg.eval.every and step % cfg.eval.every == 0:
-                metrics.update(evaluation(cfg, roles, sync, data, tokenizer, request))
+                metrics.update(evaluation(cfg, roles, sync, data, tokenizer, objective))
             log.write(step, metrics)  # before the checkpoint: a resume drops lines past it
             last = step == cfg.trainer.steps
             if (
@@ -304,7 +314,7 @@ def _train(cfg: Config, run_dir: Path) -> Path:
                 raise Preempted(f"SIGTERM: checkpoint written at step {step}; re-run to resume")
         progress.close()
         if cfg.checkpoint.export_student:
-            roles.learner.call("save_pretrained", str(run_dir / "student"), student)
+            roles.learner.save_pretrained(str(run_dir / "student"), student)
     finally:
         if sync is not None:
             sync.close()

@@ -79,6 +79,15 @@ class ActorGroup:
         refs = [getattr(h, method).remote(*args, **kwargs) for h in self.handles]
         return self.gather(refs, method)
 
+    def call_one(self, i: int, method: str, *args, **kwargs) -> Any:
+        """The call on actor i only."""
+        return self.gather([getattr(self.handles[i], method).remote(*args, **kwargs)], method)[0]
+
+    def call_on(self, which: list[int], method: str, per_actor_args: list[tuple]) -> list[Any]:
+        """Actor `which[j]` gets `per_actor_args[j]`."""
+        refs = [getattr(self.handles[i], method).remote(*a) for i, a in zip(which, per_actor_args)]
+        return self.gather(refs, method)
+
     def call_each(self, method: str, per_actor_args: list[tuple], **kwargs) -> list[Any]:
         """Actor i gets `per_actor_args[i]`."""
         refs = [
@@ -94,6 +103,11 @@ class ActorGroup:
         pending = Pending(method, list(per_actor_args), kwargs, [], num_returns)
         pending.refs = [self._submit(pending, i) for i in range(len(per_actor_args))]
         return pending
+
+    def wait(self, pending: Pending) -> list[Any]:
+        """All of `pending`'s results, failing as soon as any call fails (no restarts): for
+        calls in a collective, where a dead peer leaves the others blocked."""
+        return self.gather(pending.refs, pending.method)
 
     def resubmit(self, pending: Pending, i: int) -> None:
         pending.refs[i] = self._submit(pending, i)

@@ -157,6 +157,7 @@ def spawn(
     max_restarts: int = 0,
     pg=None,
     wait: bool = True,
+    group_cls: type[ActorGroup] = ActorGroup,
 ) -> ActorGroup:
     """Start one actor per bundle (actor i asks for `bundles[i]`, in bundle i of `pg`).
 
@@ -191,7 +192,7 @@ def spawn(
                 ),
             ).remote(*args, **kwargs)
         )
-    group = ActorGroup(
+    group = group_cls(
         role, handles, timeout_s, placement_group=pg if owned else None, max_restarts=max_restarts
     )
     if wait:

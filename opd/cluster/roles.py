@@ -8,14 +8,15 @@ from ray.util import remove_placement_group
 
 from opd.cluster.group import ActorGroup
 from opd.cluster.placement import colocated_bundles, reserve, role_bundles, spawn
+from opd.cluster.role_groups import LearnerGroup, RolloutGroup, TeacherGroup
 from opd.config.schema import Config
 
 
 @dataclass
 class Roles:
-    rollout: ActorGroup
-    teacher: ActorGroup
-    learner: ActorGroup
+    rollout: RolloutGroup
+    teacher: TeacherGroup
+    learner: LearnerGroup
 
     def shutdown(self) -> None:
         for group in (self.rollout, self.teacher, self.learner):  # learners last: see above
@@ -71,6 +72,7 @@ def start_roles(
             timeout,
             pg=shared,
             wait=False,
+            group_cls=LearnerGroup,
         )
         if shared is not None:
             learner.placement_group = shared  # the learners own it: killed last, it goes with them
@@ -84,6 +86,7 @@ def start_roles(
             # an EMA teacher's state lives in the actor: a restart would silently reset it
             max_restarts=restarts if cfg.teacher.mode != "ema" else 0,
             wait=False,
+            group_cls=TeacherGroup,
         )
         started.append(teacher)
         if device == "cuda":
@@ -103,6 +106,7 @@ def start_roles(
             max_restarts=restarts,
             pg=shared,
             wait=False,
+            group_cls=RolloutGroup,
         )
         started.append(rollout)
         wait_for_all()

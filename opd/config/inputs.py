@@ -29,11 +29,12 @@ def build_checked_objective(cfg: Config) -> Any:
     if o.import_path:
         from opd.objectives.base import Objective
 
-        if not (isinstance(cls, type) and issubclass(cls, Objective)):
-            what = cls.__name__ if isinstance(cls, type) else f"a {type(cls).__name__}"
+        if not isinstance(cls, type):
+            raise ConfigError(f"{where} is a {type(cls).__name__}, not a class")
+        if not issubclass(cls, Objective):
             raise ConfigError(
-                f"{where}: {what} is not an objective: subclass opd.objectives.Objective "
-                "(docs/adding-an-objective.md)"
+                f"{where}: {cls.__name__} is not an objective: subclass "
+                "opd.objectives.Objective (docs/adding-an-objective.md)"
             )
         if not dataclasses.is_dataclass(cls.Params):
             raise ConfigError(f"{where}: {cls.__name__}.Params must be a dataclass")

@@ -31,12 +31,11 @@ def benchmark_metrics(cfg, roles, tokenizer, generate) -> dict[str, float]:
             cfg,
             roles,
             prompts,
-            e.benchmark_samples,
-            0,
-            f"eval/{name}",
-            0,
-            e.benchmark_max_tokens,
-            e.benchmark_temperature,
+            samples_per_prompt=e.benchmark_samples,
+            step=0,
+            stream=f"eval/{name}",
+            max_new_tokens=e.benchmark_max_tokens,
+            temperature=e.benchmark_temperature,
         )
         texts = [
             (

@@ -14,7 +14,10 @@ from opd.cluster.group import Pending, RoleError
 from opd.cluster.roles import Roles
 from opd.config import Config
 from opd.data.prompts import Prompt, PromptStream
+from opd.objectives import Objective
 from opd.rollout.batch import GenerationRequest, Sample, sample_seed
+from opd.signals import TeacherRequest
+from opd.sync.weights import WeightSync
 
 
 @dataclass
@@ -31,13 +34,14 @@ def submit_generation(
     cfg: Config,
     roles: Roles,
     prompts: list[Prompt],
+    *,
     samples_per_prompt: int,
     step: int,
     stream: str,
-    topk: int,
     max_new_tokens: int,
     temperature: float,
     version: int,
+    topk: int = 0,
 ) -> Generation:
     """n samples per prompt, seeded by (run.seed, step, prompt, sample), spread over workers;
     returns at once. `version` is the policy version the workers hold now."""
@@ -47,9 +51,8 @@ def submit_generation(
         for j in range(samples_per_prompt)
     ]
     n = len(roles.rollout)
-    pending = roles.rollout.submit_each(
-        "generate",
-        [(requests[w::n],) for w in range(n)],
+    pending = roles.rollout.submit_generate(
+        [requests[w::n] for w in range(n)],
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_p=cfg.rollout.top_p if stream == "train" else 1.0,
@@ -58,7 +61,9 @@ def submit_generation(
     return Generation(prompts, pending, [version] * n, temperature)
 
 
-def collect_generation(cfg: Config, roles: Roles, gen: Generation, sync) -> list[Sample]:
+def collect_generation(
+    cfg: Config, roles: Roles, gen: Generation, sync: WeightSync | None
+) -> list[Sample]:
     """The batch's samples, in (prompt, sample) order. A worker that died is restarted by Ray,
     given the current weights and its requests again (same seeds: same samples); a worker
     that came back while idle is caught by the version it reports."""
@@ -101,10 +106,13 @@ def collect_generation(cfg: Config, roles: Roles, gen: Generation, sync) -> list
     return out
 
 
-def generate(cfg: Config, roles: Roles, prompts: list[Prompt], *args, sync=None, **kwargs):
-    """`submit_generation` + `collect_generation`, blocking (evaluation)."""
+def generate(
+    cfg: Config, roles: Roles, prompts: list[Prompt], *, sync: WeightSync | None = None, **how
+) -> list[Sample]:
+    """`submit_generation` (with its keyword arguments `how`, at the policy version `sync`
+    holds) + `collect_generation`, blocking (evaluation)."""
     version = sync.version if sync is not None else 0
-    gen = submit_generation(cfg, roles, prompts, *args, **kwargs, version=version)
+    gen = submit_generation(cfg, roles, prompts, **how, version=version)
     return collect_generation(cfg, roles, gen, sync)
 
 
@@ -159,7 +167,15 @@ class Rollouts:
     they are sent, so a push queued behind a generation takes effect after it.
     """
 
-    def __init__(self, cfg: Config, roles: Roles, sync, stream: PromptStream, objective, request):
+    def __init__(
+        self,
+        cfg: Config,
+        roles: Roles,
+        sync: WeightSync,
+        stream: PromptStream,
+        objective: Objective,
+        request: TeacherRequest,
+    ):
         self.cfg, self.roles, self.sync, self.stream = cfg, roles, sync, stream
         self.objective, self.request = objective, request
         self.queue: deque[Batch] = deque()
@@ -185,13 +201,13 @@ class Rollouts:
                     self.cfg,
                     self.roles,
                     prompts,
-                    self.cfg.rollout.samples_per_prompt,
-                    step,
-                    "train",
-                    self.request.rollout_topk,
-                    self.cfg.rollout.max_new_tokens,
-                    self.cfg.rollout.temperature,
+                    samples_per_prompt=self.cfg.rollout.samples_per_prompt,
+                    step=step,
+                    stream="train",
+                    max_new_tokens=self.cfg.rollout.max_new_tokens,
+                    temperature=self.cfg.rollout.temperature,
                     version=self.sync.version,
+                    topk=self.request.rollout_topk,
                 )
             else:
                 batch.samples = reference_samples(self.cfg, prompts, tokenizer, self.sync.version)

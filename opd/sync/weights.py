@@ -16,11 +16,33 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Protocol
 
 from opd.cluster.group import ActorGroup, RoleError
+from opd.cluster.role_groups import LearnerGroup, RolloutGroup, TeacherGroup
 from opd.rundir import clear_stale, owned_name
 
 SYNC_PREFIX = "opd-sync-"
+
+
+class WeightSync(Protocol):
+    """A transport of the learner's weights to the rollout engines (and a following teacher).
+
+    `version` is the policy version the engines hold: every sample records the version it was
+    sampled with, and a restarted actor is brought back to it (`restore`)."""
+
+    version: int
+
+    def push(self, version: int, update_teacher: bool = True) -> dict[str, float]:
+        """Send the learner's current weights as `version`; the transport's metrics."""
+        ...
+
+    def restore(self, group: ActorGroup, i: int) -> None:
+        """Give actor i of `group`, restarted by Ray with its initial weights, the current
+        ones (or raise RoleError where the transport cannot)."""
+        ...
+
+    def close(self) -> None: ...
 
 
 def default_sync_root() -> Path:
@@ -34,11 +56,11 @@ def default_sync_root() -> Path:
 class DirWeightSync:
     def __init__(
         self,
-        learners: ActorGroup,
-        rollouts: ActorGroup,
+        learners: LearnerGroup,
+        rollouts: RolloutGroup,
         dtype: str,
         root: Path | None = None,
-        teacher: ActorGroup | None = None,
+        teacher: TeacherGroup | None = None,
     ) -> None:
         self.learners, self.rollouts, self.dtype = learners, rollouts, dtype
         self.teacher = teacher  # a self-distillation teacher that follows the student
@@ -52,13 +74,12 @@ class DirWeightSync:
         which applies its EMA; a resume re-sends to the rollouts and a live teacher only)."""
         t0 = time.perf_counter()
         folder = self.root / f"v{version}"
-        nbytes = sum(self.learners.call("export_to_dir", str(folder), self.dtype))
+        nbytes = self.learners.export_to_dir(str(folder), self.dtype)
         t1 = time.perf_counter()
-        args = (str(folder), version)
-        loads = self.rollouts.submit_each("load_weights_from_dir", [args] * len(self.rollouts))
+        loads = self.rollouts.submit_load_from_dir(str(folder), version)
         update = None
         if self.teacher is not None and update_teacher:
-            update = self.teacher.submit_each("update_from_dir", [args])
+            update = self.teacher.submit_update(str(folder), version)
         # An actor that died meanwhile is restarted by Ray, given the previous weights, then
         # these (an EMA teacher is not restarted: the run stops).
         self.rollouts.collect(loads, lambda i: self.restore(self.rollouts, i))
@@ -82,9 +103,10 @@ class DirWeightSync:
         follows the student) after Ray restarted it with the initial ones."""
         if self.current is None:
             return
-        method = "load_weights_from_dir" if group is self.rollouts else "update_from_dir"
-        handle = group.handles[i]
-        group.gather([getattr(handle, method).remote(str(self.current), self.version)], method)
+        if group is self.rollouts:
+            self.rollouts.load_one_from_dir(i, str(self.current), self.version)
+        elif group is self.teacher:
+            self.teacher.update_one(i, str(self.current), self.version)
 
     def close(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
@@ -98,29 +120,21 @@ class NcclWeightSync:
     CPU tests use `dir`, since NCCL needs GPUs.
     """
 
-    def __init__(
-        self, learners: ActorGroup, rollouts: ActorGroup, dtype: str, tp_size: int = 1
-    ) -> None:
+    def __init__(self, learners: LearnerGroup, rollouts: RolloutGroup, dtype: str) -> None:
         self.learners, self.rollouts, self.dtype = learners, rollouts, dtype
-        address, port = learners.gather(
-            [learners.handles[0].node_address.remote()], "node_address"
-        )[0]
-        world = 1 + tp_size * len(rollouts)
-        refs = [
-            h.init_weight_group.remote(address, port, 1 + i * tp_size, world)
-            for i, h in enumerate(rollouts.handles)
-        ]
-        refs += [h.init_weight_group.remote(address, port, world) for h in learners.handles]
-        learners.gather(refs, "init_weight_group")
-        self.specs = learners.call("weight_specs", dtype)[0]
+        address, port = learners.node_address()
+        world = 1 + len(rollouts)  # learner rank 0, then one vLLM engine per worker
+        joining = rollouts.submit_init_weight_group(address, port, list(range(1, world)), world)
+        learners.wait(learners.submit_init_weight_group(address, port, world))
+        rollouts.wait(joining)
+        self.specs = learners.weight_specs(dtype)
         self.version = 0
 
     def push(self, version: int, update_teacher: bool = True) -> dict[str, float]:
         t0 = time.perf_counter()
-        receive = [h.receive_weights.remote(self.specs, version) for h in self.rollouts.handles]
-        send = [h.broadcast_weights.remote(self.dtype) for h in self.learners.handles]
-        nbytes = sum(self.learners.gather(send, "broadcast_weights"))
-        self.rollouts.gather(receive, "receive_weights")
+        receive = self.rollouts.submit_receive_weights(self.specs, version)
+        nbytes = sum(self.learners.wait(self.learners.submit_broadcast_weights(self.dtype)))
+        self.rollouts.wait(receive)
         self.version = version
         return {"sync/bytes": float(nbytes), "sync/broadcast_s": time.perf_counter() - t0}
 
@@ -146,7 +160,7 @@ class IpcWeightSync:
     colocated default stays `dir`; choose it with `rollout.weight_sync: ipc`.
     """
 
-    def __init__(self, learners: ActorGroup, rollouts: ActorGroup, dtype: str) -> None:
+    def __init__(self, learners: LearnerGroup, rollouts: RolloutGroup, dtype: str) -> None:
         if len(rollouts) > len(learners):
             raise ValueError(
                 f"rollout.weight_sync=ipc pairs rollout worker i with learner rank i: "
@@ -156,12 +170,8 @@ class IpcWeightSync:
         self.version = 0
 
     def _send(self, version: int, workers: list[int]) -> None:
-        shared = self.learners.call("ipc_weights", self.dtype)  # one (entries, handle) per rank
-        refs = [
-            self.rollouts.handles[i].load_weights_from_ipc.remote(*shared[i], version)
-            for i in workers
-        ]
-        self.rollouts.gather(refs, "load_weights_from_ipc")
+        shared = self.learners.ipc_weights(self.dtype)  # one (entries, handle) per rank
+        self.rollouts.load_from_ipc(shared, workers, version)
 
     def push(self, version: int, update_teacher: bool = True) -> dict[str, float]:
         t0 = time.perf_counter()
@@ -180,12 +190,12 @@ class IpcWeightSync:
 def make_weight_sync(
     transport: str,
     device: str,
-    learners: ActorGroup,
-    rollouts: ActorGroup,
+    learners: LearnerGroup,
+    rollouts: RolloutGroup,
     dtype: str,
-    teacher: ActorGroup | None = None,
+    teacher: TeacherGroup | None = None,
     colocated: bool = False,
-):
+) -> WeightSync:
     """`auto` picks NCCL on GPUs and the shared-memory folder on CPUs, or when learner and
     vLLM share GPUs (colocated: NCCL cannot join two processes on one GPU); a teacher that
     follows the student (sdft's EMA) is fed through the folder."""

@@ -1,7 +1,8 @@
 """Options that no other test runs through `opd train` or the CLI (issue #15), each for real at
 the least cost on the tiny models:
 
-- a user objective (`objective.import_path`) in a module outside opd, a bf16 learner, a
+- a user objective (`objective.import_path`, the worked example of
+  docs/adding-an-objective.md) in a module outside opd, a bf16 learner, a
   held-out file (`data.heldout_path`) and HumanEval graded in the sandbox during training:
   one `opd train` in a subprocess, run as a user runs it (the module's folder on PYTHONPATH);
 - async rollouts (`rollout.max_staleness: 1`): stopped by SIGTERM and re-run, and with the
@@ -35,44 +36,14 @@ RECIPES = Path(__file__).parents[2] / "recipes"
 TINY = RECIPES / "reverse_kl/tiny.yaml"
 OPD = Path(sys.executable).with_name("opd")  # the console script a user runs
 
-USER_OBJECTIVE = '''
-"""A user's objective, outside opd: the sampled reverse KL, scaled."""
-
-from dataclasses import dataclass
-
-from opd.objectives.base import LossOutput, TeacherRequest
+GUIDE = Path(__file__).parents[2] / "docs/adding-an-objective.md"
 
 
-@dataclass
-class Params:
-    scale: float = 1.0
-
-
-class ScaledReverseKL:
-    name = "scaled_reverse_kl"
-    Params = Params
-    normalize_by = "tokens"
-
-    def __init__(self, params):
-        self.params = params
-
-    def teacher_request(self):
-        return TeacherRequest("sampled")
-
-    def uses_sampler_logprobs(self):
-        return True
-
-    def __call__(self, x):
-        mask = x.mask_BT
-        advantage = (x.teacher.logprobs_BT - x.old_logprobs_BT) * mask
-        ratio = (x.logprobs_BT - x.old_logprobs_BT).exp()
-        loss = -self.params.scale * (ratio * advantage).sum()
-        metrics = {
-            "mine/sampled_kl": -advantage.sum().detach(),
-            "mine/scale": self.params.scale * mask.sum(),
-        }
-        return LossOutput(loss_sum=loss, n_tokens=mask.sum(), metrics=metrics)
-'''
+def _guide_example() -> str:
+    """The worked example of docs/adding-an-objective.md: the first python block after its
+    heading, so that the guide's code is what this test trains with."""
+    text = GUIDE.read_text().split("## Worked example", 1)[1]
+    return text.split("```python\n", 1)[1].split("```", 1)[0]
 
 
 def _paths(tiny_pair, out, teacher="teacher"):
@@ -100,7 +71,7 @@ def test_user_objective_bf16_learner_heldout_file_and_humaneval(tiny_pair, tmp_p
     # import it from PYTHONPATH.
     modules = tmp_path / "my_objectives"
     modules.mkdir()
-    (modules / "user_objectives.py").write_text(USER_OBJECTIVE)
+    (modules / "user_objectives.py").write_text(_guide_example())
     recipe = OmegaConf.load(TINY)
     recipe.objective = {"import_path": "user_objectives:ScaledReverseKL", "params": {"scale": 0.5}}
     OmegaConf.save(recipe, tmp_path / "mine.yaml")
