@@ -33,6 +33,7 @@ median step time: the batches are seeded by the step number, so they are drawn a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -60,6 +61,7 @@ def build(size: str, dtype: str, folder: str) -> int:
 
 def batch(n: int, prompt: tuple[int, int], completion: tuple[int, int], vocab: int, seed: int):
     from opd.rollout.batch import Sample
+    from opd.signals.sampled import TokenScores
 
     rng = random.Random(seed)
     out = []
@@ -76,7 +78,7 @@ def batch(n: int, prompt: tuple[int, int], completion: tuple[int, int], vocab: i
                 logprobs=[-2.0] * c,
                 finish_reason="length",
                 policy_version=0,
-                teacher={"logprobs": torch.full((c,), -1.5)},
+                teacher=TokenScores(logprobs_BT=torch.full((1, c), -1.5)),
             )
         )
     return out
@@ -124,10 +126,8 @@ def profile_step(step_fn) -> dict:
 
 def run_config(args, c: dict, folder: str, rank: int, world: int, port: int, cuda: bool) -> dict:
     from opd.config.schema import LearnerConfig, ObjectiveConfig
-    from opd.modeling import packing
     from opd.learner.worker import Learner
 
-    packing.ENABLED = not c["pad"]
     dtype = "bfloat16" if cuda else "float32"
     cfg = LearnerConfig(
         dtype=dtype,
@@ -271,6 +271,8 @@ def replay(paths: list[str], prompt, completion) -> None:
 
 
 def worker(rank: int, world: int, args, folder: str, n_params: int, port: int) -> None:
+    from opd.modeling import packing
+
     if world > 1:  # this rank's GPU first (the learner uses cuda:0); the others stay visible
         os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices(rank, world)
     cuda = torch.cuda.is_available()
@@ -279,7 +281,8 @@ def worker(rank: int, world: int, args, folder: str, n_params: int, port: int) -
     for spec in args.configs:
         c = parse(spec, cuda)
         try:
-            out, seqs, times = run_config(args, c, folder, rank, world, port, cuda)
+            with packing.padded() if c["pad"] else contextlib.nullcontext():
+                out, seqs, times = run_config(args, c, folder, rank, world, port, cuda)
         except Exception as e:  # out of memory, or a configuration that does not run: say so
             out, seqs, times = {"config": spec, "error": f"{type(e).__name__}: {e}"[:300]}, [], []
         if not seqs:  # outside the handler, whose traceback still holds the failed run

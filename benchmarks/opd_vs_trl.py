@@ -197,8 +197,8 @@ def run_opd(args, student: str, teacher: str, prompts: list[list[int]]) -> dict:
         teacher,
         device=device,
     )
-    scorer.prompt_ids = lambda sample, context="prompt": sample.prompt_ids  # ids already
-    scorer.output_device = scorer.device  # one process: the teacher's logits stay on the GPU
+    scorer.prompt_ids = lambda sample: sample.prompt_ids  # ids already
+    # the scores come back on the host, as in `opd train`; the learner moves them to its device
     compilation = None
     if cuda and not args.eager:
         compilation = {"mode": args.vllm_compile_mode, "cudagraph_mode": args.cudagraph_mode}
@@ -243,7 +243,7 @@ def run_opd(args, student: str, teacher: str, prompts: list[list[int]]) -> dict:
         ]
         t1 = time.perf_counter()
         scorer.score(samples, request)
-        _sync()  # the scores stay on the device: wait for them so the phase owns its time
+        _sync()  # the phase owns its device work (the scores are on the host by now)
         t2 = time.perf_counter()
         losses.append(learner.train_step(samples, sum(s.n_tokens for s in samples))["train/loss"])
         t3 = time.perf_counter()

@@ -75,8 +75,8 @@ def measure_segments(texts: list[str]) -> dict:
 
     from opd.models.gemma import prepare_gemma3_tokenizer
     from opd.models.registry import prepare_smollm2
+    from opd.signals.aligned_pair import TokenizerPair
     from opd.signals.alignment import shared_vocab
-    from opd.teacher.pair import TokenizerPair
 
     student = AutoTokenizer.from_pretrained(str(prepare_smollm2()))
     teacher = AutoTokenizer.from_pretrained(str(prepare_gemma3_tokenizer()))

@@ -80,7 +80,7 @@ def make_rollout_and_teacher(args, student: str, teacher: str):
         teacher,
         device=device,
     )
-    scorer.prompt_ids = lambda sample, context="prompt": sample.prompt_ids  # ids already
+    scorer.prompt_ids = lambda sample: sample.prompt_ids  # ids already
     compilation = {"mode": 0, "cudagraph_mode": args.cudagraph_mode} if cuda else None
     rollout = RolloutWorker(
         student,

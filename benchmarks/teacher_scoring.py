@@ -14,6 +14,7 @@ completion positions). The scores take O(T k) memory.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import statistics
@@ -75,12 +76,8 @@ def main() -> None:
 
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from opd.config.schema import TeacherConfig
     from opd.modeling import packing
-    from opd.objectives import TeacherRequest
-    from opd.teacher.scorer import TeacherScorer
 
-    packing.ENABLED = not args.pad
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -95,60 +92,71 @@ def main() -> None:
         compile_layers(model)
     name = torch.cuda.get_device_name(0) if cuda else "cpu"
     peak = args.peak_flops or peak_flops(name)
-    for budget in args.budgets:
-        cfg = TeacherConfig(path="-", token_budget=budget, logprob_chunk_tokens=args.chunk)
-        scorer = TeacherScorer.from_model(cfg, model, tokenizer=None)
-        # samples carry the teacher's prompt ids already: no chat template needed here
-        scorer.prompt_ids = lambda sample, context="prompt": sample.prompt_ids
-        rng = random.Random(0)
-        times, seqs_per_call = [], []
-        for step in range(args.steps + 1):
-            samples = samples_for(
-                args.samples, args.k, config.vocab_size, rng, args.topk_format == "tensor"
-            )
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            scorer.score(samples, TeacherRequest("at_ids", k=args.k))
-            if cuda:
-                torch.cuda.synchronize()
-            if step:
-                times.append(time.perf_counter() - t0)
-                seqs_per_call.append([(len(s.prompt_ids), s.n_tokens) for s in samples])
-        sec = statistics.median(times)
-        seqs = seqs_per_call[times.index(sec)]
-        tok = sum(p + c for p, c in seqs)
-        prof = {}
-        if args.profile and cuda:
-            from learner_step import profile_step
+    with packing.padded() if args.pad else contextlib.nullcontext():
+        for budget in args.budgets:
+            report(run_budget(args, model, n_params, budget, peak))
 
-            req = TeacherRequest("at_ids", k=args.k)
-            prof = profile_step(lambda s=scorer, x=samples, r=req: s.score(x, r))
-        result = {
-            "benchmark": "teacher_scoring",
-            "size": args.size,
-            "params": n_params,
-            "samples": args.samples,
-            "k": args.k,
-            "token_budget": budget,
-            "chunk": args.chunk,
-            "topk_format": args.topk_format,
-            "packing": not args.pad,
-            "tokens_per_call": tok,
-            "sequences": seqs,  # (prompt, completion) lengths of the call timed
-            "seconds": round(sec, 4),
-            "call_times": [round(t, 4) for t in times],
-            "tokens_per_s": round(tok / sec, 1),
-            "compiled_layers": args.compile,
-            **prof,
-        }
-        if peak:
-            result["mfu"] = round(2 * n_params * tok / sec / peak, 4)
-            result["mfu_work"] = round(forward_flops(SHAPES[args.size], seqs) / sec / peak, 4)
+
+def run_budget(args, model, n_params: int, budget: int, peak: float | None) -> dict:
+    """`args.steps` timed `score` calls (after one warm-up) with `budget` tokens per pass."""
+    from opd.config.schema import TeacherConfig
+    from opd.objectives import TeacherRequest
+    from opd.teacher.scorer import TeacherScorer
+
+    cuda = torch.cuda.is_available()
+    vocab = model.config.vocab_size
+    cfg = TeacherConfig(path="-", token_budget=budget, logprob_chunk_tokens=args.chunk)
+    # The model stays on its device; the scores come back on the host, as in `opd train`.
+    scorer = TeacherScorer(cfg, model=model, tokenizer=None)
+    # samples carry the teacher's prompt ids already: no chat template needed here
+    scorer.prompt_ids = lambda sample: sample.prompt_ids
+    request = TeacherRequest("at_ids", k=args.k)
+    rng = random.Random(0)
+    times, seqs_per_call = [], []
+    for step in range(args.steps + 1):
+        samples = samples_for(args.samples, args.k, vocab, rng, args.topk_format == "tensor")
         if cuda:
-            result["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        report(result)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        scorer.score(samples, request)
+        if cuda:
+            torch.cuda.synchronize()
+        if step:
+            times.append(time.perf_counter() - t0)
+            seqs_per_call.append([(len(s.prompt_ids), s.n_tokens) for s in samples])
+    sec = statistics.median(times)
+    seqs = seqs_per_call[times.index(sec)]
+    tok = sum(p + c for p, c in seqs)
+    prof = {}
+    if args.profile and cuda:
+        from learner_step import profile_step
+
+        prof = profile_step(lambda s=scorer, x=samples, r=request: s.score(x, r))
+    result = {
+        "benchmark": "teacher_scoring",
+        "size": args.size,
+        "params": n_params,
+        "samples": args.samples,
+        "k": args.k,
+        "token_budget": budget,
+        "chunk": args.chunk,
+        "topk_format": args.topk_format,
+        "packing": not args.pad,
+        "tokens_per_call": tok,
+        "sequences": seqs,  # (prompt, completion) lengths of the call timed
+        "seconds": round(sec, 4),
+        "call_times": [round(t, 4) for t in times],
+        "tokens_per_s": round(tok / sec, 1),
+        "compiled_layers": args.compile,
+        **prof,
+    }
+    if peak:
+        result["mfu"] = round(2 * n_params * tok / sec / peak, 4)
+        result["mfu_work"] = round(forward_flops(SHAPES[args.size], seqs) / sec / peak, 4)
+    if cuda:
+        result["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return result
 
 
 if __name__ == "__main__":

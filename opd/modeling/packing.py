@@ -16,7 +16,8 @@ PyTorch (`aten._flash_attention_forward/_backward` with `cu_seqlens`, native gro
 heads when the kernel accepts them, else repeated key/value heads); elsewhere, and for dtypes
 or head sizes that kernel does not take, a loop of causal SDPA calls, one per sequence.
 Only decoder families whose attention is plain causal over the whole sequence are packed
-(`PACKABLE_TYPES`, no sliding windows); others keep the padded path.
+(`PACKABLE_TYPES`, no sliding windows); others keep the padded path. Within `padded()` every
+forward takes the padded path, for comparing the two.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from torch import Tensor
 
 NAME = "opd_varlen"
 PACKABLE_TYPES = {"llama", "qwen2", "qwen3", "mistral"}
-ENABLED = True  # benchmarks switch it off to time the padded path
+_padded_only = False  # set inside `padded()`
 _native_gqa: bool | None = None  # does the flash kernel take fewer key/value heads? (probed)
 
 
@@ -150,9 +151,23 @@ def _register() -> None:
 _register()
 
 
+@contextmanager
+def padded():
+    """Within it every forward takes the padded path; for comparisons in tests and benchmarks
+    (packed against padded results, or timings). The setting in force before is restored on
+    exit, so uses nest."""
+    global _padded_only
+    before, _padded_only = _padded_only, True
+    try:
+        yield
+    finally:
+        _padded_only = before
+
+
 def packable(model) -> bool:
+    """Whether `packed_hidden` packs `model`'s batches (False within `padded()`)."""
     cfg = model.config
-    if not ENABLED or getattr(cfg, "model_type", None) not in PACKABLE_TYPES:
+    if _padded_only or getattr(cfg, "model_type", None) not in PACKABLE_TYPES:
         return False
     if cfg._attn_implementation not in ("sdpa", NAME):
         return False

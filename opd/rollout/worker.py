@@ -43,6 +43,8 @@ class RolloutWorker:
         # tensor hand-over (`load_weights_from_tensors`) needs, and on CPU 15 s less start-up
         # than an engine-core and a worker process that each import vLLM again
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        # a caller may have asked for an engine process of its own (set the variable to 1)
+        self.engine_in_process = os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
         from vllm import LLM
 
         self.cfg = cfg
@@ -130,9 +132,24 @@ class RolloutWorker:
         return version
 
     def load_weights_from_tensors(self, named: list[tuple[str, object]], version: int) -> int:
-        """Colocated transport: the learner's tensors, on the same device, copied straight into
-        the engine's weights. Only for an engine in this process (VLLM_ENABLE_V1_MULTIPROCESSING
-        =0): otherwise the tensors would be pickled to the engine process."""
+        """Load new weights from (name, tensor) pairs held in this process, and serve them as
+        `version`. For a learner in the same process as the engine (an in-process composition
+        of `Learner`, `TeacherScorer` and this worker, without Ray): its parameters reach the
+        engine as they are, with no serialization or staging on the way, and are loaded in
+        place (`opd.sync.vllm_extension`: on a GPU one device-to-device copy per weight). Names
+        are the transformers model's (`model.named_parameters()`).
+
+        Only valid with the engine in this process, which is the default on every device
+        (`__init__` sets VLLM_ENABLE_V1_MULTIPROCESSING=0 unless it is set already); with an
+        engine process of its own it raises, since the tensors would have to be serialized to
+        it (`load_weights_from_ipc` or `load_weights_from_dir` cross processes). Ray actors
+        (`opd train`) use those, or the NCCL broadcast (`receive_weights`)."""
+        if not self.engine_in_process:
+            raise RuntimeError(
+                "load_weights_from_tensors needs the vLLM engine in this process "
+                "(VLLM_ENABLE_V1_MULTIPROCESSING=0 when the worker was built); use "
+                "load_weights_from_ipc or load_weights_from_dir across processes"
+            )
         self.llm.collective_rpc("opd_load_tensors", args=(named, version))
         self.llm.reset_prefix_cache()
         self.version = version

@@ -7,8 +7,9 @@ redoes what follows loading (the CPU backend's layout repacking, quantization) b
 back. Transports only differ in how the tensors reach the worker process:
 
 - `opd_load_from_dir`: safetensors files in a shared-memory folder (CPU, or any single host);
-- `opd_load_tensors`: tensors handed over in the same process (a learner colocated with an
-  in-process engine: one device-to-device copy per weight);
+- `opd_load_tensors`: tensors handed over in the same process (a learner in the process of an
+  in-process engine, `RolloutWorker.load_weights_from_tensors`: one device-to-device copy per
+  weight);
 - `opd_init_weight_group` + `opd_receive_broadcast`: a NCCL broadcast from the learner's rank 0
   (GPU; the learner joins the same process group as rank 0);
 - `opd_load_ipc`: a CUDA IPC handle to a flat buffer of the learner rank on the same GPU
@@ -51,7 +52,11 @@ class WeightSyncExtension:
         return version
 
     def opd_load_tensors(self, named: list, version: int) -> int:
-        """(name, tensor) pairs handed over in-process (a colocated learner's weights)."""
+        """Load (name, tensor) pairs handed over in the same process: the weights of a learner
+        that runs in the engine's process (`RolloutWorker.load_weights_from_tensors`, the
+        public entry). The tensors arrive as they are, with no copy on the way, so this is
+        only valid for an in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0, the
+        `RolloutWorker` default); across processes they would be serialized."""
         self._opd_load(iter(named))
         return version
 

@@ -69,12 +69,12 @@ def _logprobs_and_grads(model, batch):
     return lp.detach().float(), grads
 
 
-def test_packed_flash_attention_equals_padding(model, monkeypatch):
+def test_packed_flash_attention_equals_padding(model):
     batch = _batch(model.config.vocab_size)
     assert packing.packable(model)
     packed = _logprobs_and_grads(model, batch)
-    monkeypatch.setattr(packing, "ENABLED", False)
-    padded = _logprobs_and_grads(model, batch)
+    with packing.padded():
+        padded = _logprobs_and_grads(model, batch)
     assert (packed[0] - padded[0]).abs().max() < 3e-2
     for name, g in padded[1].items():
         assert (packed[1][name] - g).norm() <= 3e-2 * g.norm() + 1e-6, name

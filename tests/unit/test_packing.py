@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 
@@ -36,11 +38,13 @@ def _batch(lengths: list[int], vocab: int = 97):
 
 
 def _padded(model, ids, mask):
-    packing.ENABLED = False
-    try:
+    with packing.padded():
         return final_hidden(model, ids, mask)
-    finally:
-        packing.ENABLED = True
+
+
+def _path(packed: bool):
+    """The packed path (the default) or, for `packed=False`, the padded one."""
+    return nullcontext() if packed else packing.padded()
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "llama"])
@@ -67,12 +71,9 @@ def test_packed_gradients_match_padded():
 
     def loss(packed: bool):
         model.zero_grad()
-        packing.ENABLED = packed
-        try:
+        with _path(packed):
             h = gather_positions(final_hidden(model, ids, mask), pos)
             lp, _ = token_logprobs(model, h, targets, chunk=4, mask_BT=tmask if packed else None)
-        finally:
-            packing.ENABLED = True
         (lp * tmask).sum().backward()
         return (lp * tmask).detach(), [p.grad.clone() for p in model.parameters()]
 
@@ -100,14 +101,25 @@ def test_packed_gradients_under_activation_checkpointing():
 
     def grads(packed: bool):
         model.zero_grad()
-        packing.ENABLED = packed
-        try:
+        with _path(packed):
             (final_hidden(model, ids, mask) * mask[..., None]).sum().backward()
-        finally:
-            packing.ENABLED = True
         return [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
     packed, padded = grads(True), grads(False)
     assert len(packed) == len(padded) > 10
     for a, b in zip(packed, padded):
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
+
+
+def test_padded_switches_packing_off_and_restores_it():
+    model = _model("qwen2")
+    assert packing.packable(model)
+    with packing.padded():
+        assert not packing.packable(model)
+        with packing.padded():
+            assert not packing.packable(model)
+        assert not packing.packable(model)  # the outer block still holds
+    assert packing.packable(model)
+    with pytest.raises(RuntimeError), packing.padded():
+        raise RuntimeError
+    assert packing.packable(model)  # restored on the way out of an error too
