@@ -111,11 +111,16 @@ def _config(tiny_pair, out, recipe, extra):
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_every_estimator_trains_end_to_end(case, tiny_pair, ray_session, tmp_path):
+def test_every_estimator_trains_end_to_end(case, tiny_pair, ray_session, tmp_path, monkeypatch):
     recipe, extra, metric = CASES[case]
     cfg = _config(tiny_pair, tmp_path, recipe, extra)
     check_resources(cfg)  # what `opd train` checks before it starts anything
+    received = _count_driver_reads(monkeypatch)
     train(cfg)
+    if case == "reverse_kl-full":
+        # the teacher's full logits go from the teacher to the learner by reference: what the
+        # driver reads in the whole run is less than one step's logits (4 x 16 x 384 fp32)
+        assert sum(received) < 4 * 16 * 384 * 4, sum(received)
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in rows] == [0, 1, 2]
     heldout = "heldout/simct/aligned_kl" if case.startswith("simct") else "heldout/reverse_kl"
@@ -136,6 +141,24 @@ def test_every_estimator_trains_end_to_end(case, tiny_pair, ray_session, tmp_pat
         assert 0 < rows[1]["reverse_kl/student_topk_mass"] <= 1 + 1e-6
 
     _check_golden(case, rows)
+
+
+def _count_driver_reads(monkeypatch) -> list[int]:
+    """Sizes of what the driver's actor groups read back (every `ray.get` they make)."""
+    import ray
+
+    from opd.cluster import group
+
+    sizes: list[int] = []
+    real_get = ray.get
+
+    def get(refs, *args, **kwargs):
+        out = real_get(refs, *args, **kwargs)
+        sizes.append(len(ray.cloudpickle.dumps(out)))
+        return out
+
+    monkeypatch.setattr(group.ray, "get", get)
+    return sizes
 
 
 def _fingerprint() -> dict:
