@@ -90,12 +90,15 @@ class RolloutConfig:
     # fraction; on GPU, whatever the utilization leaves)
     kv_cache_memory_bytes: int | None = None
     max_model_len: int = 1024
-    enforce_eager: bool = True
+    # None: eager on CPU; on GPUs vLLM's own default (torch.compile and CUDA graphs), what it
+    # runs fastest and what TRL's vLLM trainers use
+    enforce_eager: bool | None = None
     # vLLM's compilation config (GPU, enforce_eager: false), passed as is; e.g.
     # {mode: 0, cudagraph_mode: FULL_DECODE_ONLY}: CUDA graphs for decode, no torch.compile pass
     compilation_config: dict[str, Any] | None = None
-    # auto: nccl on GPUs when split, dir otherwise | dir | nccl | ipc (colocated GPUs: CUDA
-    # IPC from learner rank i to rollout worker i; run on one GPU, not yet with several ranks)
+    # auto: on GPUs ipc when colocated, nccl when split; dir on CPUs and for a teacher that
+    # follows the student | dir | nccl | ipc (colocated GPUs: CUDA IPC from learner rank i to
+    # rollout worker i)
     weight_sync: str = "auto"
     # Async rollouts: batches are generated up to this many steps ahead of the learner, so a
     # batch may come from a policy this many updates old (0: the synchronous loop).

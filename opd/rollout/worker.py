@@ -59,7 +59,7 @@ class RolloutWorker:
             # On CPU vLLM subtracts its own memory from the RAM fraction: size the cache instead.
             kv_cache_memory_bytes=cfg.kv_cache_memory_bytes or (None if gpu else 512 * 2**20),
             max_model_len=cfg.max_model_len,
-            enforce_eager=cfg.enforce_eager,
+            enforce_eager=cfg.enforce_eager if cfg.enforce_eager is not None else not gpu,
             worker_extension_cls=EXTENSION,
             enable_sleep_mode=gpu,
             # log-probs of the distribution actually sampled from (after temperature, top-p)

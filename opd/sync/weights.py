@@ -156,8 +156,8 @@ class IpcWeightSync:
     copies from views of that buffer into vLLM's weights (no host round trip, no file).
 
     Run in `opd train` with one learner rank and one worker on an H100 (0.127 s per 1.26 GB
-    against 1.69 s for `dir`; benchmarks/RESULTS.md), not yet with several ranks: the
-    colocated default stays `dir`; choose it with `rollout.weight_sync: ipc`.
+    against 1.69 s for `dir`; benchmarks/RESULTS.md), and with two ranks on two H200s
+    (tests/gpu/test_train_gpu.py): the colocated default on GPUs.
     """
 
     def __init__(self, learners: LearnerGroup, rollouts: RolloutGroup, dtype: str) -> None:
@@ -196,12 +196,14 @@ def make_weight_sync(
     teacher: TeacherGroup | None = None,
     colocated: bool = False,
 ) -> WeightSync:
-    """`auto` picks NCCL on GPUs and the shared-memory folder on CPUs, or when learner and
-    vLLM share GPUs (colocated: NCCL cannot join two processes on one GPU); a teacher that
-    follows the student (sdft's EMA) is fed through the folder."""
+    """`auto` picks, on GPUs, CUDA IPC when learner and vLLM share them (colocated: NCCL
+    cannot join two processes on one GPU) and NCCL when split; the shared-memory folder on
+    CPUs, and wherever a teacher follows the student (sdft's EMA), which only it feeds."""
     if transport == "auto":
-        nccl = device == "cuda" and teacher is None and not colocated
-        transport = "nccl" if nccl else "dir"
+        if device != "cuda" or teacher is not None:
+            transport = "dir"
+        else:
+            transport = "ipc" if colocated else "nccl"
     if transport == "nccl":
         return NcclWeightSync(learners, rollouts, dtype)
     if transport == "ipc":

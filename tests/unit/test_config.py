@@ -85,17 +85,22 @@ def test_cli_validate_exit_codes(tmp_path, capsys, tiny_pair):
     assert main(["validate", str(tmp_path / "missing.yaml")]) == 2
 
 
-def test_colocated_nccl_is_refused_and_auto_picks_the_folder(tmp_path):
+def test_colocated_nccl_is_refused_and_auto_picks_ipc_when_colocated(tmp_path):
     from opd.sync.weights import make_weight_sync
 
     base = "student: {path: x}\nteacher: {path: y}\ndata: {train_path: z}\n"
     p = _write(tmp_path, base + "cluster: {placement: colocated}\nrollout: {weight_sync: nccl}\n")
     with pytest.raises(ConfigError, match="NCCL cannot join two processes on one GPU"):
         load_config(p)
-    # auto on GPUs: NCCL when split, the folder when colocated (no actor is contacted for it)
-    sync = make_weight_sync("auto", "cuda", None, None, "bfloat16", colocated=True)
-    assert type(sync).__name__ == "DirWeightSync"
-    sync.close()
+    # auto on GPUs: CUDA IPC when colocated; the folder on CPUs and for a following teacher
+    # (no actor is contacted for these)
+    pair = [], []  # learner ranks, rollout workers: only counted here
+    sync = make_weight_sync("auto", "cuda", *pair, "bfloat16", colocated=True)
+    assert type(sync).__name__ == "IpcWeightSync"
+    for device, teacher in (("cpu", None), ("cuda", "a teacher that follows the student")):
+        sync = make_weight_sync("auto", device, *pair, "bfloat16", teacher, colocated=True)
+        assert type(sync).__name__ == "DirWeightSync"
+        sync.close()
 
 
 def test_vllm_memory_default_follows_a_fractional_gpu_share():
