@@ -37,10 +37,9 @@ def teacher_forward(
     seqs = [teacher.prompt_ids(s) + s.completion_ids for s in samples]
     out: list[dict[str, Tensor]] = [{} for _ in samples]
     for idx in budget_batches([len(s) for s in seqs], teacher.cfg.token_budget):
-        batch = [samples[i] for i in idx]
-        for i, parts in zip(
-            idx, _forward(teacher, batch, [seqs[i] for i in idx], ids_of, full_logits), strict=True
-        ):
+        batch, batch_seqs = [samples[i] for i in idx], [seqs[i] for i in idx]
+        scored = _forward(teacher, batch, batch_seqs, ids_of, full_logits)
+        for i, parts in zip(idx, scored, strict=True):
             out[i] = parts
     return out
 
