@@ -21,12 +21,24 @@ from opd.metrics import read_metrics
 RECIPE = Path(__file__).parents[2] / "recipes/reverse_kl/tiny.yaml"
 STEPS = 4
 
-# name: (GPUs, overrides)
+# name: (GPUs, overrides); eager vLLM (start-up in seconds) except for `1-colocated-defaults`,
+# which runs the GPU defaults: CUDA IPC sync (`weight_sync: auto`) and vLLM's compile and CUDA
+# graphs (`enforce_eager` unset)
 LAYOUTS = {
+    "1-colocated-defaults": (
+        1,
+        [
+            "cluster.placement=colocated",
+            "learner.num_gpus=0.5",
+            "rollout.num_gpus=0.4",
+            "teacher.num_gpus=0.1",
+        ],
+    ),
     "1-colocated-ipc": (
         1,
         [
             "cluster.placement=colocated",
+            "rollout.enforce_eager=true",
             "rollout.weight_sync=ipc",
             "learner.num_gpus=0.5",
             "rollout.num_gpus=0.4",
@@ -37,6 +49,7 @@ LAYOUTS = {
         1,
         [
             "cluster.placement=colocated",
+            "rollout.enforce_eager=true",
             "rollout.weight_sync=dir",
             "learner.num_gpus=0.5",
             "rollout.num_gpus=0.4",
@@ -47,6 +60,7 @@ LAYOUTS = {
         2,
         [
             "cluster.placement=colocated",
+            "rollout.enforce_eager=true",
             "rollout.weight_sync=ipc",
             "learner.num_workers=2",
             "rollout.num_workers=2",
@@ -59,6 +73,7 @@ LAYOUTS = {
     "2-split-nccl": (
         2,
         [
+            "rollout.enforce_eager=true",
             "rollout.weight_sync=nccl",
             "learner.num_gpus=1",
             "rollout.num_gpus=0.6",
@@ -70,6 +85,7 @@ LAYOUTS = {
     "2-split-nccl-async": (
         2,
         [
+            "rollout.enforce_eager=true",
             "rollout.weight_sync=nccl",
             "rollout.max_staleness=1",
             "learner.num_gpus=1",
@@ -118,6 +134,9 @@ def test_every_step_samples_with_the_learners_weights(layout, tiny_pair, ray_gpu
     check_resources(cfg)
     train(cfg)
     rows = read_metrics(tmp_path / "metrics.jsonl")
+    if layout == "1-colocated-defaults":  # auto chose the CUDA IPC transport
+        assert cfg.rollout.weight_sync == "auto" and cfg.rollout.enforce_eager is None
+        assert all("sync/ipc_s" in r for r in rows), rows[0]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     floor = rows[0]["reverse_kl/abs_log_ratio"]
     print(layout, "abs_log_ratio per step:", [r["reverse_kl/abs_log_ratio"] for r in rows])
