@@ -55,6 +55,10 @@ SHAPES = {
 }
 # the GKD teacher: the Qwen2.5-1.5B shape with an untied LM head (1.78 B parameters)
 SHAPES["teacher-1.8b"] = {**SHAPES["qwen2.5-1.5b"], "tie_word_embeddings": False}
+# The Qwen2.5-7B shape with the Qwen2.5-1.5B shape's LM-head rows (151,936; the real 7B pads
+# its head to 152,064): full-vocabulary losses need one vocabulary size on both sides (TRL's
+# DistillationTrainer refuses two), so the 1.5B student's teacher in opd_vs_trl_train.py
+SHAPES["teacher-7b"] = {**SHAPES["qwen2.5-7b"], "vocab_size": SHAPES["qwen2.5-1.5b"]["vocab_size"]}
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16, SXM datasheet
 HBM_BYTES_S = {"H100": 3.35e12, "H200": 4.8e12}  # datasheet

@@ -36,7 +36,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import SHAPES, build_folder, environment, report  # noqa: E402
+from common import SHAPES, build_folder, environment, param_counts, report  # noqa: E402
 
 # GPUs, placement, learner ranks, rollout workers, and each role's share of a GPU
 LAYOUTS = {
@@ -69,7 +69,7 @@ def overrides(args, layout: str, root: str, cuda: bool) -> list[str]:
     lay = LAYOUTS[layout]
     dtype = "bfloat16" if cuda else "float32"
     out = [
-        f"run.output_dir={root}/run-{layout}",
+        f"run.output_dir={root}/run-{layout}-{args.estimator}",
         "run.progress=false",
         f"student.path={root}/student",
         f"teacher.path={root}/teacher",
@@ -82,7 +82,7 @@ def overrides(args, layout: str, root: str, cuda: bool) -> list[str]:
         "checkpoint.every=0",
         "checkpoint.export_student=false",
         f"rollout.prompts_per_step={args.prompts_per_gpu * lay['gpus']}",
-        "rollout.samples_per_prompt=1",
+        f"rollout.samples_per_prompt={args.samples_per_prompt}",
         f"rollout.max_new_tokens={args.new_tokens}",
         f"rollout.max_model_len={args.new_tokens + 512}",
         f"rollout.num_workers={lay['rollouts']}",
@@ -96,10 +96,12 @@ def overrides(args, layout: str, root: str, cuda: bool) -> list[str]:
         "teacher.token_budget=65536",
         "teacher.logprob_chunk_tokens=2048",
         "objective.name=reverse_kl",
-        "objective.params.estimator=sampled",
+        f"objective.params.estimator={args.estimator}",
         f"cluster.placement={lay['placement']}",
         "cluster.timeout_s=900",
     ]
+    if args.lr is not None:  # else the recipe's
+        out.append(f"learner.lr={args.lr}")
     if cuda:
         out += [
             f"learner.num_gpus={lay['learner_gpu']}",
@@ -107,7 +109,7 @@ def overrides(args, layout: str, root: str, cuda: bool) -> list[str]:
             f"teacher.num_gpus={lay['teacher_gpu']}",
             "rollout.enforce_eager=false",
             "rollout.gpu_memory_utilization=0.3",
-            f"rollout.kv_cache_memory_bytes={8 * 2**30}",
+            f"rollout.kv_cache_memory_bytes={int(args.kv_cache_gib * 2**30)}",
             "rollout.compilation_config={mode: 0, cudagraph_mode: FULL_DECODE_ONLY}",
         ]
     return out
@@ -117,7 +119,8 @@ def run_layout(args, layout: str, root: str, cuda: bool) -> dict:
     cmd = [sys.executable, "-m", "opd.cli", "train", args.recipe]
     cmd += overrides(args, layout, root, cuda)
     t0 = time.perf_counter()
-    log_path = f"{root}/run-{layout}.log"
+    run = f"{root}/run-{layout}-{args.estimator}"
+    log_path = f"{run}.log"
     with open(log_path, "w") as log:
         # its own session: a run past the timeout is killed with its Ray processes
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -136,7 +139,7 @@ def run_layout(args, layout: str, root: str, cuda: bool) -> dict:
         return {"layout": layout, "error": f"exit {code}", "wall_s": round(wall, 1)}
     with open(log_path) as f:  # start-up messages and warnings, for the record
         print(f"-- {layout}: last lines of {log_path}", f.read()[-3000:], sep="\n")
-    rows = [json.loads(line) for line in open(f"{root}/run-{layout}/metrics.jsonl")]
+    rows = [json.loads(line) for line in open(f"{run}/metrics.jsonl")]
     steps = [r for r in rows if "time/step" in r][1:]  # step 1 is warm-up
     if not steps:
         return {"layout": layout, "error": "no timed steps after the first"}
@@ -155,6 +158,10 @@ def run_layout(args, layout: str, root: str, cuda: bool) -> dict:
         "rollout_workers": lay["rollouts"],
         "weight_sync": lay["sync"] if cuda else "dir",
         "zero_stage": args.zero,
+        "estimator": args.estimator,
+        # DeepSpeed bf16 keeps fp32 master weights and moments at every ZeRO stage
+        "optimizer": f"DeepSpeed ZeRO-{args.zero} torch AdamW"
+        + (" (fused), bf16 weights, fp32 master weights and moments" if cuda else ", fp32"),
         "steps_timed": len(steps),
         "completion_tokens_per_step": tokens,
         "step_s": med("time/step"),
@@ -177,11 +184,15 @@ def run_layout(args, layout: str, root: str, cuda: bool) -> dict:
         "wall_s": round(wall, 1),
     }
     if cuda and result["sync_bytes"] and result["sync_s"]:
-        from common import nvlink_bandwidth
+        from common import hbm_bandwidth, nvlink_bandwidth
 
         name = torch.cuda.get_device_name(0)
-        link = nvlink_bandwidth(name) if result["weight_sync"] == "nccl" else PCIE_BYTES_S / 2
-        if link:  # the folder crosses PCIe twice (device -> host, host -> device)
+        # the folder crosses PCIe twice (device -> host, host -> device); CUDA IPC is one copy
+        # on the device, each byte read and written through HBM
+        link = {"nccl": nvlink_bandwidth(name), "dir": PCIE_BYTES_S / 2}.get(result["weight_sync"])
+        if result["weight_sync"] == "ipc" and hbm_bandwidth(name):
+            link = hbm_bandwidth(name) / 2
+        if link:
             floor = result["sync_bytes"] / link
             result["sync_floor_s"] = round(floor, 5)
             result["sync_fraction_of_floor"] = round(floor / result["sync_s"], 4)
@@ -199,6 +210,13 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--micro", type=int, default=16)
     ap.add_argument("--zero", type=int, default=3)
+    ap.add_argument("--samples-per-prompt", type=int, default=1)
+    ap.add_argument("--estimator", choices=("sampled", "topk", "full"), default="sampled",
+                    help="objective.params.estimator of reverse_kl")  # fmt: skip
+    ap.add_argument("--lr", type=float, default=None, help="learner.lr (default: the recipe's)")
+    ap.add_argument("--kv-cache-gib", type=float, default=8, help="rollout KV cache (GPU)")
+    ap.add_argument("--root", help="folder with student/, teacher/, prompts.jsonl to use "
+                    "(built where missing; default: a new temporary folder)")  # fmt: skip
     ap.add_argument("--timeout", type=float, default=420)
     ap.add_argument("--recipe", default=os.path.join(os.path.dirname(__file__), "..", "recipes",
                                                       "reverse_kl", "tiny.yaml"))  # fmt: skip
@@ -207,12 +225,18 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     n_gpus = torch.cuda.device_count() if cuda else 0
     layouts = args.layouts or [k for k, v in LAYOUTS.items() if not cuda or v["gpus"] <= n_gpus]
-    root = tempfile.mkdtemp(prefix="opd-layouts-")
+    root = args.root or tempfile.mkdtemp(prefix="opd-layouts-")
     dtype = "bfloat16" if cuda else "float32"
-    n_student = build_folder(args.size, f"{root}/student", dtype, seed=0)
-    n_teacher = build_folder(args.teacher, f"{root}/teacher", dtype, seed=1)
-    write_prompts(f"{root}/prompts.jsonl", args.prompts_per_gpu * max(1, n_gpus) * args.steps
-                  + 8, args.prompt_words)  # fmt: skip
+    params = {}
+    for role, shape, seed in (("student", args.size, 0), ("teacher", args.teacher, 1)):
+        if os.path.exists(f"{root}/{role}/config.json"):  # built by the caller (same shape)
+            params[role] = param_counts(SHAPES[shape])["total"]
+        else:
+            params[role] = build_folder(shape, f"{root}/{role}", dtype, seed=seed)
+    n_student, n_teacher = params["student"], params["teacher"]
+    if not os.path.exists(f"{root}/prompts.jsonl"):
+        write_prompts(f"{root}/prompts.jsonl", args.prompts_per_gpu * max(1, n_gpus)
+                      * args.steps + 8, args.prompt_words)  # fmt: skip
     if cuda:
         torch.cuda.empty_cache()
     sizes = {
@@ -222,8 +246,10 @@ def main() -> None:
         "teacher": args.teacher,
         "teacher_params": n_teacher,
         "prompts_per_gpu": args.prompts_per_gpu,
+        "samples_per_prompt": args.samples_per_prompt,
         "new_tokens": args.new_tokens,
         "micro_batch": args.micro,
+        "lr": args.lr if args.lr is not None else "recipe's",
     }
     results = {}
     for layout in layouts:
