@@ -96,17 +96,41 @@ def build(args) -> None:
         json.dump(spec, f)
 
 
+RUNNING: list[subprocess.Popen] = []  # the row's process, for `stop`
+
+
+def kill(proc: subprocess.Popen) -> None:
+    """End a row's process group, and any Ray it started (`opd train` runs in a session of its
+    own under train_layouts.py; its actors hold the GPU)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"],
+                   capture_output=True)  # fmt: skip
+
+
+def stop(signum, frame) -> None:
+    """SIGTERM / SIGINT (e.g. an outer `timeout`): the running row must not outlive us."""
+    for proc in RUNNING:
+        kill(proc)
+    sys.exit(128 + signum)
+
+
 def run_child(cmd: list[str], log_path: str, timeout: float) -> tuple[int | str, str]:
     """Run `cmd` in a session of its own (killed whole past `timeout`); (exit code, output)."""
     print("$", " ".join(cmd), flush=True)
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        RUNNING.append(proc)
         try:
             code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            kill(proc)
             code = f"timeout after {timeout:.0f} s"
+        finally:
+            RUNNING.remove(proc)
     with open(log_path) as f:
         out = f.read()
     print(f"-- last lines of {log_path}", out[-4000:], sep="\n", flush=True)
@@ -287,6 +311,8 @@ def main() -> None:
     ap.add_argument("--root", help="where the folders are built (default: a new temp folder)")
     ap.add_argument("--out", help="PREFIX: writes PREFIX.jsonl (appended) and PREFIX.md")
     ap.add_argument("--render", help="a .jsonl of earlier rows: write its table and stop")
+    ap.add_argument("--build-only", action="store_true", help="build the folders under --root "
+                    "and stop (a later call with the same --root reuses them)")  # fmt: skip
     ap.add_argument("--child-build", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -306,6 +332,8 @@ def main() -> None:
     if args.child_build:
         build(args)
         return
+    if args.build_only:
+        args.rows = []
     if (args.prompts * args.samples) % args.micro:
         raise SystemExit(f"--micro {args.micro} does not divide {args.prompts * args.samples}")
     args.root = args.root or tempfile.mkdtemp(prefix="opd-vs-trl-")
@@ -331,6 +359,8 @@ def main() -> None:
         "lr": args.lr,
         "steps": args.steps,
     }
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     results = []
     for row in args.rows:
         t = time.perf_counter()
@@ -341,9 +371,9 @@ def main() -> None:
         r.setdefault("teacher", args.teacher)
         results.append(r)
         print(json.dumps(r), flush=True)
+        if args.out:  # after every row: a run stopped later keeps the rows it finished
+            write_outputs(args.out, [r])
     print(render(results), flush=True)
-    if args.out:
-        write_outputs(args.out, results)
 
 
 if __name__ == "__main__":

@@ -116,12 +116,17 @@ def small_fs(tmp_path):
 
 
 class _Role:
+    """A role group whose checkpoint call writes with `save` (the learner's `save_checkpoint`,
+    the teacher's `save_state`)."""
+
     def __init__(self, save):
         self.save = save
 
-    def call(self, method, path):
+    def _write(self, path):
         Path(path).mkdir(parents=True, exist_ok=True)
         self.save(Path(path))
+
+    save_checkpoint = save_state = _write
 
 
 class _Roles:
