@@ -2,7 +2,9 @@
 invocation, each system in a process of its own, one after the other (issue #17).
 
     python benchmarks/opd_vs_trl_train.py --workload S --out /tmp/opd-vs-trl-S     # one H200
-    python benchmarks/opd_vs_trl_train.py --workload L --rows opd-full --out /tmp/L  # a row a call
+    python benchmarks/opd_vs_trl_train.py --workload L --root /tmp/ovt-L --build-only
+    python benchmarks/opd_vs_trl_train.py --workload L --root /tmp/ovt-L --rows opd-full \
+        --out /tmp/L                          # a row a call where a call has a time limit
     python benchmarks/opd_vs_trl_train.py --render /tmp/L.jsonl --out /tmp/L       # table again
     python benchmarks/opd_vs_trl_train.py --workload tiny --rows trl-distill trl-gkd  # CPU smoke
 
@@ -96,45 +98,51 @@ def build(args) -> None:
         json.dump(spec, f)
 
 
-RUNNING: list[subprocess.Popen] = []  # the row's process, for `stop`
+RUNNING: list[tuple[subprocess.Popen, bool]] = []  # the row's process (and if it runs Ray)
 
 
-def kill(proc: subprocess.Popen) -> None:
-    """End a row's process group, and any Ray it started (`opd train` runs in a session of its
-    own under train_layouts.py; its actors hold the GPU)."""
+def kill(proc: subprocess.Popen, ray: bool) -> None:
+    """End a row's process group, and for an `opd train` row the Ray it started (`opd train`
+    runs in a session of its own under train_layouts.py; its actors hold the GPU)."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
     proc.wait()
-    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"],
-                   capture_output=True)  # fmt: skip
+    if ray:
+        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"],
+                       capture_output=True)  # fmt: skip
 
 
 def stop(signum, frame) -> None:
     """SIGTERM / SIGINT (e.g. an outer `timeout`): the running row must not outlive us."""
-    for proc in RUNNING:
-        kill(proc)
+    for proc, ray in RUNNING:
+        kill(proc, ray)
     sys.exit(128 + signum)
 
 
-def run_child(cmd: list[str], log_path: str, timeout: float) -> tuple[int | str, str]:
+def run_child(cmd: list[str], log_path: str, timeout: float, ray: bool) -> tuple[int | str, str]:
     """Run `cmd` in a session of its own (killed whole past `timeout`); (exit code, output)."""
     print("$", " ".join(cmd), flush=True)
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        RUNNING.append(proc)
+        RUNNING.append((proc, ray))
         try:
             code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            kill(proc)
+            kill(proc, ray)
             code = f"timeout after {timeout:.0f} s"
         finally:
-            RUNNING.remove(proc)
+            RUNNING.remove((proc, ray))
     with open(log_path) as f:
         out = f.read()
     print(f"-- last lines of {log_path}", out[-4000:], sep="\n", flush=True)
     return code, out
+
+
+def failure(code: int | str, found: list) -> str:
+    why = f"exit {code}" if isinstance(code, int) else code
+    return why + ("" if found else ", no result line")
 
 
 def json_lines(text: str) -> list[dict]:
@@ -162,14 +170,14 @@ def run_opd(args, row: str) -> dict:
            "--prompts-per-gpu", str(args.prompts), "--micro", str(args.micro),
            "--kv-cache-gib", str(args.kv_cache_gib),
            "--timeout", str(max(60, args.row_timeout - 30))]  # fmt: skip
-    code, out = run_child(cmd, os.path.join(args.root, f"{row}.log"), args.row_timeout)
+    code, out = run_child(cmd, os.path.join(args.root, f"{row}.log"), args.row_timeout, ray=True)
     # the final checkpoint `opd train` always writes (tens of GB at workload L: weights, fp32
     # masters and moments) would fill the disk before the next row
     ckpt = os.path.join(args.root, f"run-{args.layout}-{estimator}", "checkpoints")
     shutil.rmtree(ckpt, ignore_errors=True)
     found = [r for r in json_lines(out) if r.get("benchmark") == "train_layouts" and "layout" in r]
     if code != 0 or not found:
-        return {"error": f"exit {code}, {len(found)} result lines"}
+        return {"error": failure(code, found)}
     r = found[0]
     return {
         **r,
@@ -193,13 +201,13 @@ def run_trl(args, row: str) -> dict:
         if args.trl_grad_ckpt:
             cmd.append("--grad-ckpt")
         log = os.path.join(args.root, f"{row}-micro{micro}.log")
-        code, out = run_child(cmd, log, args.row_timeout)
+        code, out = run_child(cmd, log, args.row_timeout, ray=False)
         found = [r for r in json_lines(out) if r.get("benchmark") == "trl_distill"]
         if code == 0 and found:
             return {**found[0], "micro_batch_tries": tries + [micro]}
         tries.append(micro)
         if not any(s in out for s in OOM):
-            return {"error": f"exit {code}, {len(found)} result lines", "micro_batch_tries": tries}
+            return {"error": failure(code, found), "micro_batch_tries": tries}
     return {"error": "out of GPU memory at every --trl-micro", "micro_batch_tries": tries}
 
 
