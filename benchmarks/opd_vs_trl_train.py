@@ -26,6 +26,8 @@ Workloads (`--workload`; every number can be overridden by its flag):
   (Qwen2-0.5B shape), teacher `teacher-1.8b` (Qwen2.5-1.5B shape, untied head);
 - `L`: 64 prompts x 4 samples, 128-word prompts, 1,024 new tokens, student `qwen2.5-1.5b`,
   teacher `teacher-7b` (Qwen2.5-7B shape with the student's 151,936-row vocabulary);
+  micro-batch 8 on both sides (TRL's default fp32 student under autocast, beside a vLLM that
+  keeps 30 % of the GPU, would need about 60 GB of activations at 16: estimated, not measured);
 - `tiny`: the CPU smoke (tiny shapes, 4 prompts x 2 samples, 8 new tokens).
 
 Same for every row: the model folders and the prompt file (built once, by a child process, under
@@ -62,7 +64,7 @@ WORKLOADS = {
               prompt_words=128, new_tokens=256, micro=8, trl_micro=[8, 4], steps=6,
               kv_cache_gib=8, rows=list(ROWS)),
     "L": dict(student="qwen2.5-1.5b", teacher="teacher-7b", prompts=64, samples=4,
-              prompt_words=128, new_tokens=1024, micro=16, trl_micro=[16, 8, 4], steps=4,
+              prompt_words=128, new_tokens=1024, micro=8, trl_micro=[8, 4], steps=4,
               kv_cache_gib=16, rows=["opd-full", "opd-sampled", "trl-distill"]),
     "tiny": dict(student="tiny", teacher="tiny-teacher", prompts=4, samples=2, prompt_words=8,
                  new_tokens=8, micro=4, trl_micro=[4], steps=3, kv_cache_gib=1,
