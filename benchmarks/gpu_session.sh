@@ -2,7 +2,8 @@
 # The GPU measurements behind benchmarks/RESULTS.md, one phase per call on a machine with two
 # H200s and no package index (the lent device): what each phase needs must already be there.
 #   bash benchmarks/gpu_session.sh PHASE
-#   PHASE: mfu | scaling | vllm | split | tune | stage | layouts | gkd | gkd2 | gkd3 | gputests
+#   PHASE: mfu | scaling | vllm | split | tune | stage | layouts | gkd | gkd2 | gkd3 | gputests |
+#          ovt (issue #17: opd train vs TRL DistillationTrainer, WORKLOAD=S|L, ROWS=...)
 # Needs: .gpu-bundle (ray, deepspeed, ...; /work/shared/gpu/make-bundle.sh), .whl (trl 1.16.0,
 # datasets 4.7.0, dill, multiprocess) for `mfu`; for `vllm` and `split`, vLLM 0.25.1 from
 # /work/shared/gpu/make-vllm-stage.sh .vllm-stage: its three ~47 MB pieces are carried one per
@@ -119,8 +120,15 @@ gkd3)  # one invocation, each system in a process of its own: TRL; opd (ZeRO-2, 
 gputests)  # the gpu test tier (tests/gpu): kernels, then opd train with each weight transport
   vllm_env || exit 1
   export VLLM_LOGGING_LEVEL=WARNING
-  timeout -s ABRT ${LIMIT:-540} python3 -m pytest tests/gpu -v -s -p no:cacheprovider -rA \
-    > "$OUT/gpu_tests.log" 2>&1 ;;
+  timeout -s ABRT ${LIMIT:-540} python3 -m pytest ${TESTS:-tests/gpu} -v -s -p no:cacheprovider \
+    -rA > "$OUT/gpu_tests.log" 2>&1 ;;
+ovt)  # opd train vs TRL DistillationTrainer (vLLM colocated), one process per row
+  vllm_env || exit 1
+  export VLLM_LOGGING_LEVEL=WARNING
+  timeout -s TERM ${LIMIT:-590} python3 $B/opd_vs_trl_train.py --workload ${WORKLOAD:-S} \
+    --zero ${ZERO:-0} --root /tmp/ovt-${WORKLOAD:-S} --row-timeout ${ROW_LIMIT:-200} \
+    ${ROWS:+--rows $ROWS} --out "$OUT/${WORKLOAD:-S}" > "$OUT/ovt-${WORKLOAD:-S}.log" 2>&1
+  grep -h '^|' "$OUT"/*.md ;;
 *) echo "unknown phase $phase" >&2; exit 2 ;;
 esac
 grep -h '^{' "$OUT"/*.log | cut -c1-1500

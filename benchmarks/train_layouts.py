@@ -107,11 +107,14 @@ def overrides(args, layout: str, root: str, cuda: bool) -> list[str]:
             f"learner.num_gpus={lay['learner_gpu']}",
             f"rollout.num_gpus={lay['rollout_gpu']}",
             f"teacher.num_gpus={lay['teacher_gpu']}",
-            "rollout.enforce_eager=false",
             "rollout.gpu_memory_utilization=0.3",
             f"rollout.kv_cache_memory_bytes={int(args.kv_cache_gib * 2**30)}",
-            "rollout.compilation_config={mode: 0, cudagraph_mode: FULL_DECODE_ONLY}",
         ]
+        if args.vllm_compile == "decode-graphs":  # no torch.compile pass; graphs for decode
+            out += [
+                "rollout.enforce_eager=false",
+                "rollout.compilation_config={mode: 0, cudagraph_mode: FULL_DECODE_ONLY}",
+            ]  # else opd's GPU default: vLLM's own compile and CUDA-graph settings
     return out
 
 
@@ -210,6 +213,13 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--micro", type=int, default=16)
     ap.add_argument("--zero", type=int, default=3)
+    ap.add_argument(
+        "--vllm-compile",
+        choices=["default", "decode-graphs"],
+        default="default",
+        help="default: opd's GPU default (vLLM's compile and CUDA graphs); decode-graphs: no "
+        "torch.compile, CUDA graphs for decode only (what earlier runs used)",
+    )
     ap.add_argument("--samples-per-prompt", type=int, default=1)
     ap.add_argument("--estimator", choices=("sampled", "topk", "full"), default="sampled",
                     help="objective.params.estimator of reverse_kl")  # fmt: skip
