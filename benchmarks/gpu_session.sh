@@ -122,8 +122,10 @@ gputests)  # the gpu test tier (tests/gpu): kernels, then opd train with each we
   export VLLM_LOGGING_LEVEL=WARNING
   timeout -s ABRT ${LIMIT:-540} python3 -m pytest ${TESTS:-tests/gpu} -v -s -p no:cacheprovider \
     -rA > "$OUT/gpu_tests.log" 2>&1 ;;
-ovt)  # opd train vs TRL DistillationTrainer (vLLM colocated), one process per row
+ovt)  # opd train vs TRL DistillationTrainer (vLLM colocated), one process per row, one GPU
   vllm_env || exit 1
+  # TRL's Trainer wraps the model in nn.DataParallel when a process sees several GPUs
+  export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}
   export VLLM_LOGGING_LEVEL=WARNING
   timeout -s TERM ${LIMIT:-590} python3 $B/opd_vs_trl_train.py --workload ${WORKLOAD:-S} \
     --zero ${ZERO:-0} --root /tmp/ovt-${WORKLOAD:-S} --row-timeout ${ROW_LIMIT:-200} \
