@@ -60,7 +60,7 @@ def build(size: str, dtype: str, folder: str) -> int:
 
 
 def batch(n: int, prompt: tuple[int, int], completion: tuple[int, int], vocab: int, seed: int):
-    from opd.rollout.batch import Sample
+    from opd.samples import Sample
     from opd.signals.sampled import TokenScores
 
     rng = random.Random(seed)

@@ -162,8 +162,8 @@ def run_opd(args, student: str, teacher: str, prompts: list[list[int]]) -> dict:
     from opd.config.schema import LearnerConfig, ObjectiveConfig, RolloutConfig, TeacherConfig
     from opd.learner.worker import Learner
     from opd.objectives import build_objective
-    from opd.rollout.batch import GenerationRequest, Sample, sample_seed
     from opd.rollout.worker import RolloutWorker
+    from opd.samples import GenerationRequest, Sample, sample_seed
     from opd.teacher.scorer import TeacherScorer
 
     cuda = torch.cuda.is_available()

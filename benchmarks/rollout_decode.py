@@ -93,7 +93,7 @@ def print_host_profile(worker, prompts: list[list[int]], new_tokens: int) -> Non
     import cProfile
     import pstats
 
-    from opd.rollout.batch import GenerationRequest
+    from opd.samples import GenerationRequest
 
     reqs = [GenerationRequest(p, 7 + i, (i, 0)) for i, p in enumerate(prompts)]
     prof = cProfile.Profile()
@@ -126,7 +126,7 @@ def compare(a: list[tuple], b: list[tuple]) -> dict:
 
 def seeded_generate(worker, prompts: list[list[int]], new_tokens: int) -> list[tuple]:
     """(tokens, log-probs) per prompt, with the same seeds on every call."""
-    from opd.rollout.batch import GenerationRequest
+    from opd.samples import GenerationRequest
 
     reqs = [GenerationRequest(p, 99 + i, (i, 0)) for i, p in enumerate(prompts)]
     out = worker.generate(reqs, max_new_tokens=new_tokens, temperature=1.0, top_p=1.0)
@@ -157,8 +157,8 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from opd.config.schema import RolloutConfig
-    from opd.rollout.batch import GenerationRequest
     from opd.rollout.worker import RolloutWorker
+    from opd.samples import GenerationRequest
 
     cuda = torch.cuda.is_available()
     dtype = "bfloat16" if cuda else "float32"

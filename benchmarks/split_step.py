@@ -100,7 +100,7 @@ def make_rollout_and_teacher(args, student: str, teacher: str):
 
 def sample_step(rollout, scorer, prompts, args, step: int):
     from opd.objectives import TeacherRequest
-    from opd.rollout.batch import GenerationRequest, Sample, sample_seed
+    from opd.samples import GenerationRequest, Sample, sample_seed
 
     t0 = time.perf_counter()
     reqs = [GenerationRequest(p, sample_seed(0, step, i, 0), (i, 0)) for i, p in enumerate(prompts)]

@@ -28,7 +28,7 @@ from common import SHAPES, forward_flops, peak_flops, report  # noqa: E402
 
 
 def samples_for(n: int, k: int, vocab: int, rng: random.Random, tensor_topk: bool):
-    from opd.rollout.batch import Sample
+    from opd.samples import Sample
 
     out = []
     for i in range(n):

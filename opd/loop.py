@@ -24,9 +24,9 @@ from opd.models.sources import resolve_model
 from opd.objectives import Objective, build_objective
 from opd.objectives.base import step_normalizer
 from opd.progress import Progress
-from opd.rollout.batch import Sample
 from opd.rollout.schedule import Rollouts, generate
 from opd.rundir import RunLock
+from opd.samples import Sample
 from opd.signals import TeacherRequest, signal_of
 from opd.sync.weights import WeightSync, make_weight_sync
 

@@ -6,7 +6,7 @@ import os
 
 from opd.data.prompts import render_ids
 from opd.eval.runner import EvalSettings, problem_messages
-from opd.rollout.batch import sample_seed
+from opd.samples import sample_seed
 
 
 class VllmGenerator:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from opd.modeling.batching import pad_rows
-from opd.rollout.batch import Sample
+from opd.samples import Sample
 from opd.signals.base import Scores
 
 

@@ -21,7 +21,7 @@ from opd.learner.microbatch import MicroBatch, collate
 from opd.modeling.loading import TORCH_DTYPES
 from opd.modeling.logprobs import chunks_needed, final_hidden, gather_positions, token_logprobs
 from opd.objectives import LossInputs, build_objective
-from opd.rollout.batch import Sample
+from opd.samples import Sample
 from opd.signals import signal_of
 
 

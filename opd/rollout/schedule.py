@@ -15,7 +15,7 @@ from opd.cluster.roles import Roles
 from opd.config import Config
 from opd.data.prompts import Prompt, PromptStream
 from opd.objectives import Objective
-from opd.rollout.batch import GenerationRequest, Sample, sample_seed
+from opd.samples import GenerationRequest, Sample, sample_seed
 from opd.signals import TeacherRequest
 from opd.sync.weights import WeightSync
 

@@ -12,7 +12,7 @@ import os
 
 from opd.cluster.devices import show_peer_gpus
 from opd.config.schema import RolloutConfig
-from opd.rollout.batch import GenerationRequest
+from opd.samples import GenerationRequest
 
 EXTENSION = "opd.sync.vllm_extension.WeightSyncExtension"
 _VLLM_DEFAULT_MAX_LOGPROBS = 20

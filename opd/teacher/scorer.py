@@ -17,7 +17,7 @@ import torch
 from opd.config.schema import TeacherConfig
 from opd.data.prompts import render_ids
 from opd.modeling.loading import TORCH_DTYPES, load_causal_lm
-from opd.rollout.batch import Sample
+from opd.samples import Sample
 from opd.signals import TeacherRequest, signal_of
 
 

@@ -12,7 +12,7 @@ import json, sys
 import torch
 from transformers import AutoModelForCausalLM
 from opd.config.schema import RolloutConfig
-from opd.rollout.batch import GenerationRequest
+from opd.samples import GenerationRequest
 from opd.rollout.worker import RolloutWorker
 
 path = sys.argv[1]

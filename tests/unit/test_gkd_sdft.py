@@ -22,7 +22,7 @@ from opd.objectives.divergences import (
 )
 from opd.objectives.reverse_kl import topk_reverse_kl
 from opd.objectives.sdft import teacher_prompt
-from opd.rollout.batch import Sample
+from opd.samples import Sample
 from opd.signals.at_ids import AtIdsScores
 from opd.signals.full import FullScores
 

@@ -8,7 +8,7 @@ import torch
 from opd.cluster.placement import free_port
 from opd.config.schema import LearnerConfig, ObjectiveConfig
 from opd.learner.worker import Learner
-from opd.rollout.batch import Sample
+from opd.samples import Sample
 from opd.signals.aligned import AlignedScores
 from opd.signals.sampled import TokenScores
 

@@ -8,7 +8,7 @@ from opd.config.schema import TeacherConfig
 from opd.modeling.batching import budget_batches
 from opd.modeling.logprobs import final_hidden, gather_positions, token_logprobs
 from opd.objectives import TeacherRequest
-from opd.rollout.batch import Sample
+from opd.samples import Sample
 from opd.teacher.scorer import TeacherScorer
 
 

@@ -14,7 +14,7 @@ from opd.config.schema import TeacherConfig
 from opd.learner.microbatch import collate
 from opd.modeling.logprobs import head_logits
 from opd.objectives import TeacherRequest
-from opd.rollout.batch import Sample
+from opd.samples import Sample
 from opd.signals import SIGNALS, signal_of
 from opd.signals.at_ids import AtIdsScores
 from opd.signals.base import Scores, Signal

@@ -13,7 +13,7 @@ from opd.modeling.logprobs import final_hidden, gather_positions
 from opd.objectives import build_objective
 from opd.objectives.base import LossInputs, TeacherRequest
 from opd.objectives.simct import build_simct_batch
-from opd.rollout.batch import Sample
+from opd.samples import Sample
 from opd.signals import SIGNALS
 from opd.signals.aligned import AlignedScores, SegmentIndex, pair
 from opd.signals.aligned_pair import PROBE_TEXT, TokenizerPair

@@ -1,4 +1,7 @@
-"""What flows between the roles: sampled completions, with the teacher's scores for them."""
+"""What flows between the roles: sampled completions, with the teacher's scores for them.
+
+A module of its own (not a role's): the rollout makes samples, the teacher scores them and the
+learner learns from them, and none of the three imports another."""
 
 from __future__ import annotations
 
