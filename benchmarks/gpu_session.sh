@@ -2,8 +2,10 @@
 # The GPU measurements behind benchmarks/RESULTS.md, one phase per call on a machine with two
 # H200s and no package index (the lent device): what each phase needs must already be there.
 #   bash benchmarks/gpu_session.sh PHASE
-#   PHASE: mfu | scaling | vllm | split | tune | stage | layouts | gkd | gkd2 | gkd3 | gputests |
+#   PHASE: mfu | scaling | vllm | split | tune | stage | layouts | gputests |
 #          ovt (issue #17: opd train vs TRL DistillationTrainer, WORKLOAD=S|L, ROWS=...)
+# (The phases gkd, gkd2 and gkd3 ran benchmarks/opd_vs_trl.py, which composed opd's pieces in
+# one process; it was retired on 2026-11-30 for `ovt`, which runs `opd train` itself.)
 # Needs: .gpu-bundle (ray, deepspeed, ...; /work/shared/gpu/make-bundle.sh), .whl (trl 1.16.0,
 # datasets 4.7.0, dill, multiprocess) for `mfu`; for `vllm` and `split`, vLLM 0.25.1 from
 # /work/shared/gpu/make-vllm-stage.sh .vllm-stage: its three ~47 MB pieces are carried one per
@@ -40,7 +42,7 @@ vllm_env() {
 }
 
 case $phase in
-mfu)  # GPU 0: packing check + learner configurations; GPU 1: teacher budgets, then TRL
+mfu)  # GPU 0: packing check + learner configurations; GPU 1: teacher budgets
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
     > /dev/null 2>&1
   nvidia-smi topo -m > "$OUT/topo.txt" 2>&1
@@ -52,8 +54,7 @@ mfu)  # GPU 0: packing check + learner configurations; GPU 1: teacher budgets, t
    python3 $B/teacher_scoring.py --size qwen2.5-7b --samples 64 --steps 3 \
      --budgets 32768 65536 131072
    python3 $B/teacher_scoring.py --size qwen2.5-7b --samples 64 --steps 3 \
-     --budgets 65536 --topk-format tensor
-   timeout 240 python3 $B/opd_vs_trl.py --systems trl) > "$OUT/teacher_trl.log" 2>&1 &
+     --budgets 65536 --topk-format tensor) > "$OUT/teacher.log" 2>&1 &
   wait ;;
 tune)  # one GPU: packing check, learner variants with a profile, teacher profile and compile
   (timeout -s ABRT 330 python3 $B/packing_check.py --size qwen2.5-1.5b
@@ -69,14 +70,10 @@ scaling)  # learner ranks: ZeRO-3 on 1 and 2 GPUs, ZeRO-2 on 2 (same per-rank ba
     > "$OUT/scaling.log" 2>&1
   python3 $B/learner_step.py --size qwen2.5-1.5b --steps 4 --world 2 \
     --configs 64x16:zero3 64x16:zero2 >> "$OUT/scaling.log" 2>&1 ;;
-vllm)  # GPU 0: TRL vs opd (colocated, in one process); GPU 1: decode + colocated sync
+vllm)  # decode + colocated sync
   vllm_env || exit 1
-  (export CUDA_VISIBLE_DEVICES=1
-   timeout -s ABRT 330 python3 $B/rollout_decode.py --size student-0.6b \
-     --batches 8 64 256) > "$OUT/rollout.log" 2>&1 &
-  (export CUDA_VISIBLE_DEVICES=0
-   timeout -s ABRT 380 python3 $B/opd_vs_trl.py) > "$OUT/opd_vs_trl.log" 2>&1 &
-  wait ;;
+  CUDA_VISIBLE_DEVICES=0 timeout -s ABRT 330 python3 $B/rollout_decode.py --size student-0.6b \
+    --batches 8 64 256 > "$OUT/rollout.log" 2>&1 ;;
 split)  # 1 learner GPU + 1 rollout/teacher GPU over NCCL, then the same all on one GPU
   vllm_env || exit 1
   NCCL_DEBUG=INFO timeout -s ABRT 200 python3 $B/split_step.py --layout split > "$OUT/split.log" 2>&1
@@ -96,27 +93,6 @@ layouts)  # opd train itself on 1 and 2 GPUs (issue #8): LAYOUTS picks them
   vllm_env || exit 1
   timeout -s ABRT ${LIMIT:-560} python3 $B/train_layouts.py --layouts ${LAYOUTS:-2-colocated} \
     --timeout ${LAYOUT_LIMIT:-260} > "$OUT/layouts.log" 2>&1 ;;
-gkd)  # TRL vs opd in one invocation, opd's step 3 profiled per phase
-  vllm_env || exit 1
-  CUDA_VISIBLE_DEVICES=0 timeout -s ABRT ${LIMIT:-500} python3 $B/opd_vs_trl.py --profile \
-    > "$OUT/opd_vs_trl.log" 2>&1 ;;
-gkd2)  # TRL vs opd (ZeRO-0 learner, profiled), then opd variants: engine core in its own
-       # process with CUDA IPC sync; ZeRO-2; then the rollout's host costs and load paths
-  vllm_env || exit 1
-  timeout -s ABRT 240 python3 $B/opd_vs_trl.py --zero 0 --profile > "$OUT/gkd_zero0.log" 2>&1
-  timeout -s ABRT 120 python3 $B/opd_vs_trl.py --systems opd --zero 0 --vllm-mp \
-    > "$OUT/gkd_mp.log" 2>&1
-  timeout -s ABRT 90 python3 $B/opd_vs_trl.py --systems opd --zero 2 > "$OUT/gkd_zero2.log" 2>&1
-  timeout -s ABRT 150 python3 $B/rollout_decode.py --size student-0.6b --batches 8 64 \
-    --repeats 2 --variants no-seed no-logprobs bare --cprofile > "$OUT/rollout.log" 2>&1 ;;
-gkd3)  # one invocation, each system in a process of its own: TRL; opd (ZeRO-2, vLLM in the
-       # process); opd ZeRO-0; opd with vLLM's engine core in its own process (CUDA IPC sync);
-       # then the load paths' check with the weights they change
-  vllm_env || exit 1
-  timeout -s ABRT 420 python3 $B/opd_vs_trl.py --systems trl opd opd:zero0 opd:mp \
-    > "$OUT/gkd.log" 2>&1
-  timeout -s ABRT 120 python3 $B/rollout_decode.py --size student-0.6b --batches 8 \
-    --repeats 1 > "$OUT/rollout.log" 2>&1 ;;
 gputests)  # the gpu test tier (tests/gpu): kernels, then opd train with each weight transport
   vllm_env || exit 1
   export VLLM_LOGGING_LEVEL=WARNING

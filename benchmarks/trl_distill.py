@@ -21,7 +21,7 @@ student already running on another GPU at `--vllm-server-url` (two GPUs: not the
 comparison; not run by `opd_vs_trl_train.py`).
 
 `--mode gkd` is `trl.experimental.gkd.GKDTrainer` (HF `generate`, full logits of both models,
-lmbda 1, beta 1): the slow baseline of `opd_vs_trl.py`, on the same prompts.
+lmbda 1, beta 1): the slow baseline, on the same prompts.
 
 Work, as `train_layouts.py` gives `opd train`: random-init Qwen2 shapes from `common.SHAPES`
 built by `common.build_folder` (or the folders under `--root`), the prompt file that

@@ -3,8 +3,8 @@
 The learner and teacher ones take well under 20 s on the 2-core CPU; the two that start Ray
 (`ray_learners.py`, `train_layouts.py`: learner ranks as actors, and `opd train` itself) take
 30-60 s and are checked for their numbers' consistency. The other vLLM ones
-(`rollout_decode.py`, `opd_vs_trl.py`, `split_step.py --layout colocated`) are run by hand
-(benchmarks/RESULTS.md says how).
+(`rollout_decode.py`, `split_step.py --layout colocated`) and `trl_distill.py` (which needs
+TRL, not installed here) are run by hand (benchmarks/RESULTS.md says how).
 """
 
 from __future__ import annotations
