@@ -67,7 +67,7 @@ def start_roles(
                     cfg.run.seed,
                     device,
                 ),
-                {},
+                {"teacher": cfg.teacher, "teacher_path": teacher_path},
             ),
             timeout,
             pg=shared,

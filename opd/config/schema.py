@@ -155,6 +155,11 @@ class TeacherConfig(ModelConfig):
     # format of {prompt} (the user turn) and {system} (empty without one), after its BOS.
     prompt_format: str = "{system}Question: {prompt}\nAnswer:\n"
     logprob_chunk_tokens: int = 1024  # log-softmax computed this many positions at a time
+    # How the `full` signal reaches the learner: `hidden`, the teacher's final hidden states,
+    # which the learner turns into logits with the teacher's LM head (loaded once; H numbers
+    # a token instead of V); `logits`, the logits themselves; `auto`: hidden for a frozen
+    # teacher in an HF folder, else logits (an EMA or live teacher's head moves)
+    full_transport: str = "auto"
     num_gpus: float = 0.0
     num_cpus: float = 0.5
 
@@ -165,6 +170,13 @@ class TeacherConfig(ModelConfig):
             raise ValueError(f"teacher.ema_alpha={self.ema_alpha} must lie in (0, 1]")
         _check_positive("teacher.token_budget", self.token_budget)
         _check_positive("teacher.logprob_chunk_tokens", self.logprob_chunk_tokens)
+        _check_choice("teacher.full_transport", self.full_transport, ("auto", "hidden", "logits"))
+        if self.full_transport == "hidden" and self.mode != "frozen":
+            raise ValueError(
+                f"teacher.full_transport=hidden with teacher.mode={self.mode!r}: the learner "
+                "holds a copy of the teacher's LM head, which an EMA or live teacher changes "
+                "every step; use logits (or auto)"
+            )
         _check_share("teacher", self.num_cpus, self.num_gpus)
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from opd.cluster.devices import show_peer_gpus
-from opd.config.schema import LearnerConfig, ObjectiveConfig
+from opd.config.schema import LearnerConfig, ObjectiveConfig, TeacherConfig
 from opd.learner.microbatch import MicroBatch, collate
 from opd.modeling.loading import TORCH_DTYPES
 from opd.modeling.logprobs import chunks_needed, final_hidden, gather_positions, token_logprobs
@@ -60,7 +60,11 @@ class Learner:
         grad_accum_steps: int,
         seed: int,
         device: str,
+        teacher: TeacherConfig | None = None,
+        teacher_path: str | None = None,
     ) -> None:
+        """`teacher`, `teacher_path`: for a signal that keeps part of the teacher here (the
+        `full` signal's LM head, when the teacher sends hidden states)."""
         if device == "cuda":
             show_peer_gpus()  # before CUDA starts: NCCL peers must be visible
         os.environ.update(
@@ -89,6 +93,7 @@ class Learner:
         model.config.use_cache = False
         self.objective = build_objective(objective.name, objective.params, objective.import_path)
         self.signal = signal_of(self.objective.teacher_request())
+        self.signal_state = self.signal.prepare_learner(teacher, teacher_path, self.device)
         ds_config = {
             "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
             "gradient_accumulation_steps": grad_accum_steps,
@@ -144,7 +149,7 @@ class Learner:
             clear()
         hidden = final_hidden(self.model, mb.input_ids_BL.to(d), mb.attention_mask_BL.to(d))
         hidden_BTH = gather_positions(hidden, mb.positions_BT.to(d))
-        scores = mb.teacher.to(d)
+        scores = self.signal.learner_view(mb.teacher.to(d), self.signal_state)
         ids = self.signal.student_ids(scores)  # where the loss also needs the learner's log-probs
         n_chunks = None
         if self.cfg.zero_stage == 3 and self.world_size > 1:

@@ -4,6 +4,8 @@ An objective asks for a signal by name (`TeacherRequest`). The signal's module h
 
 - `score`: the teacher-side computation, one typed `Scores` per sample;
 - `collate`: those per-sample scores as one micro-batch's, padded;
+- `prepare_learner` / `learner_view`: what a learner rank keeps for the signal (e.g. the
+  teacher's LM head) and how it turns a micro-batch's scores into what the loss reads;
 - `student_ids` / `student_inputs`: what the learner computes on its side for the loss;
 - `check`: what the recipe must satisfy (vocabularies, k, tokenizers);
 
@@ -96,6 +98,14 @@ class Signal:
         """One `Scores` per sample (batch dimension 1, on the host), by `teacher`: an
         `opd.teacher.scorer.TeacherScorer` (its model, tokenizer, prompts and budgets)."""
         raise NotImplementedError
+
+    def prepare_learner(self, teacher_cfg: Any, teacher_path: str | None, device) -> Any:
+        """What a learner rank keeps for this signal, built once at its start (None here)."""
+        return None
+
+    def learner_view(self, scores: Scores, state: Any) -> Scores:
+        """A micro-batch's scores, on the learner's device, as the loss reads them."""
+        return scores
 
     def student_ids(self, scores: Scores) -> Tensor | None:
         """Token ids at which the learner also needs its log-probs ([B, T, K]), or None."""

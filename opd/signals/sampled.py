@@ -29,22 +29,23 @@ class Sampled(Signal):
 
 @torch.no_grad()
 def teacher_forward(
-    teacher, samples: list, ids_of=None, full_logits: bool = False
+    teacher, samples: list, ids_of=None, full_logits: bool = False, hidden: bool = False
 ) -> list[dict[str, Tensor]]:
     """Per sample (batch dimension 1, on the host): `logprobs_BT`, and `logprobs_BTK` at the
-    ids `ids_of(sample)` gives ([T, K]), and the raw logits `logits_BTV` (model dtype) when
-    `full_logits`. Sequences are packed into forward passes by `teacher.cfg.token_budget`."""
+    ids `ids_of(sample)` gives ([T, K]), the raw logits `logits_BTV` (model dtype) when
+    `full_logits`, the final hidden states `hidden_BTH` when `hidden`. Sequences are packed
+    into forward passes by `teacher.cfg.token_budget`."""
     seqs = [teacher.prompt_ids(s) + s.completion_ids for s in samples]
     out: list[dict[str, Tensor]] = [{} for _ in samples]
     for idx in budget_batches([len(s) for s in seqs], teacher.cfg.token_budget):
         batch, batch_seqs = [samples[i] for i in idx], [seqs[i] for i in idx]
-        scored = _forward(teacher, batch, batch_seqs, ids_of, full_logits)
+        scored = _forward(teacher, batch, batch_seqs, ids_of, full_logits, hidden)
         for i, parts in zip(idx, scored, strict=True):
             out[i] = parts
     return out
 
 
-def _forward(teacher, samples, seqs, ids_of, full_logits) -> list[dict[str, Tensor]]:
+def _forward(teacher, samples, seqs, ids_of, full_logits, hidden) -> list[dict[str, Tensor]]:
     d, model = teacher.device, teacher.model
     rows = [torch.tensor(s, dtype=torch.long) for s in seqs]
     L = max(len(r) for r in rows)
@@ -59,11 +60,11 @@ def _forward(teacher, samples, seqs, ids_of, full_logits) -> list[dict[str, Tens
     ids = None
     if ids_of is not None:
         ids = pad_rows([ids_of(s) for s in samples], T).to(d)
-    hidden = gather_positions(final_hidden(model, input_ids, attention), positions)
+    hidden_BTH = gather_positions(final_hidden(model, input_ids, attention), positions)
     mask = pad_rows([torch.ones(s.n_tokens) for s in samples], T).to(d)  # padding skips the head
     lp_BT, lp_BTK = token_logprobs(
         model,
-        hidden,
+        hidden_BTH,
         targets.to(d),
         ids_BTK=ids,
         chunk=teacher.cfg.logprob_chunk_tokens,
@@ -71,7 +72,7 @@ def _forward(teacher, samples, seqs, ids_of, full_logits) -> list[dict[str, Tens
     )
     # `full`: the raw logits in the model's dtype (half the bytes of fp32 log-probs, and
     # exactly what the head computed); the learner normalizes them chunk by chunk.
-    logits_BTV = head_logits(model, hidden) if full_logits else None
+    logits_BTV = head_logits(model, hidden_BTH) if full_logits else None
     out = []
     for i, s in enumerate(samples):
         n = s.n_tokens
@@ -80,6 +81,8 @@ def _forward(teacher, samples, seqs, ids_of, full_logits) -> list[dict[str, Tens
             parts["logprobs_BTK"] = _host(lp_BTK[i : i + 1, :n])
         if logits_BTV is not None:
             parts["logits_BTV"] = _host(logits_BTV[i : i + 1, :n])
+        if hidden:
+            parts["hidden_BTH"] = _host(hidden_BTH[i : i + 1, :n])
         out.append(parts)
     return out
 

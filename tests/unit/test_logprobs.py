@@ -65,6 +65,7 @@ def test_teacher_scores_student_tokens_under_its_own_template(tiny_pair, model):
         token_budget=40,
         logprob_chunk_tokens=3,
         chat_template=template,
+        full_transport="logits",  # the logits themselves (hidden states: test_signals.py)
     )
     scorer = TeacherScorer(cfg, str(tiny_pair["teacher"]))
     scorer.model = model  # float64 for a tight comparison

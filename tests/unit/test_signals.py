@@ -142,3 +142,69 @@ def test_no_code_outside_the_signals_branches_on_a_signal_name():
                 f"{path.relative_to(OPD)}: {m.group(0)}" for m in re.finditer(pattern, text)
             ]
     assert offenders == []
+
+
+# -- `full` over hidden states: the learner rebuilds the teacher's very logits ----------------
+
+
+def test_full_scores_as_hidden_states_become_the_same_logits_on_the_learner(tiny_pair):
+    from transformers import AutoTokenizer
+
+    from opd.signals.full import Full, FullScores, transport
+
+    path = str(tiny_pair["teacher"])
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(path)
+    signal, request = Full(), TeacherRequest("full")
+    by = {}
+    for how in ("logits", "hidden"):
+        cfg = TeacherConfig(path=path, token_budget=16, full_transport=how)
+        scorer = TeacherScorer(cfg, model=model, tokenizer=tok)
+        by[how] = [s.teacher for s in scorer.score(_samples(), request)]
+    assert all(s.hidden_BTH is None and s.logits_BTV is not None for s in by["logits"])
+    assert all(s.logits_BTV is None and s.hidden_BTH is not None for s in by["hidden"])
+    sent = [
+        sum(t.numel() * t.element_size() for t in (s.logits_BTV, s.hidden_BTH) if t is not None)
+        for s in (by["logits"][0], by["hidden"][0])
+    ]
+    assert sent[0] == sent[1] * model.config.vocab_size // model.config.hidden_size  # V/H
+
+    head = signal.prepare_learner(TeacherConfig(path=path, full_transport="hidden"), path, "cpu")
+    assert (
+        signal.prepare_learner(TeacherConfig(path=path, full_transport="logits"), path, "cpu")
+        is None
+    )
+    want = FullScores.collate(by["logits"], T=4)
+    got = signal.learner_view(FullScores.collate(by["hidden"], T=4), head)
+    assert torch.equal(got.logprobs_BT, want.logprobs_BT)
+    assert torch.allclose(got.logits_BTV, want.logits_BTV, rtol=1e-6, atol=1e-6)
+    assert got.hidden_BTH is None
+
+    # auto: hidden states only where the head stays put (a frozen teacher in an HF folder)
+    assert transport(TeacherConfig(path=path)) == "hidden"
+    assert transport(TeacherConfig(path=path, mode="ema")) == "logits"
+    assert transport(TeacherConfig(path=path, gguf_file="m.gguf")) == "logits"
+    with pytest.raises(ValueError, match="full_transport=hidden with teacher.mode='live'"):
+        TeacherConfig(path=path, mode="live", full_transport="hidden")
+
+
+def test_a_teacher_folder_without_a_readable_head_is_refused_naming_the_key(tiny_pair, tmp_path):
+    import shutil
+
+    from opd.config import ConfigError, check_resources, load_config
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_pair["teacher"], teacher)
+    (teacher / "model.safetensors").unlink()  # weights kept elsewhere, say
+    (teacher / "pytorch_model.bin").write_bytes(b"")
+    cfg = load_config(
+        OPD.parent / "recipes/reverse_kl/tiny.yaml",
+        [
+            f"student.path={tiny_pair['student']}",
+            f"teacher.path={teacher}",
+            f"data.train_path={tiny_pair['train']}",
+            "objective.params.estimator=full",
+        ],
+    )
+    with pytest.raises(ConfigError, match="teacher.full_transport=auto: the learner reads"):
+        check_resources(cfg)
