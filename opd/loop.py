@@ -73,7 +73,8 @@ def score_for_learners(
     """The teacher scores `samples` as the objective asks (its signal, after the conversation
     it shows the teacher) and keeps the scores: one object reference per learner rank, for
     its shard `samples[r::n]`, which the rank fetches itself; the driver waits for the
-    teacher's version only. Restarts as in `score`."""
+    teacher's version only, then drops from the samples what only the teacher reads, so it
+    is not sent again to the learners. Restarts as in `score`."""
     for s in samples:
         s.teacher_messages = objective.teacher_messages(s)
     n = len(roles.learner)
@@ -81,6 +82,8 @@ def score_for_learners(
     version = roles.teacher.collect_one(pending, 0, lambda i: sync.restore(roles.teacher, i))
     for s in samples:
         s.teacher_version = version
+        # what only the teacher reads: the learners get the top-k ids inside the scores
+        s.topk_ids = s.teacher_messages = None
     return pending.refs[0][1:]
 
 
