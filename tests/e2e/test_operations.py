@@ -9,15 +9,10 @@ import os
 import re
 import signal
 import threading
-import time
 from pathlib import Path
 
 import pytest
-from e2e_runs import stable
-
-from opd.config import load_config
-from opd.loop import train
-from opd.metrics import read_metrics
+from e2e_runs import alive_pids, stable, train_rows, when_logged
 
 pytestmark = pytest.mark.e2e
 
@@ -27,7 +22,7 @@ BATCH = 8 * 2  # rollout.prompts_per_step x samples_per_prompt in the recipe
 
 
 def _run(tiny_pair, out, *extra):
-    cfg = load_config(
+    return train_rows(
         RECIPE,
         [
             f"run.output_dir={out}",
@@ -46,8 +41,6 @@ def _run(tiny_pair, out, *extra):
             *extra,
         ],
     )
-    train(cfg)
-    return read_metrics(Path(out) / "metrics.jsonl")
 
 
 @pytest.fixture(scope="module")
@@ -120,26 +113,15 @@ def test_async_rollouts_respect_the_staleness_bound(
     assert all(r["train/skipped_steps"] == 0 for r in steps)
 
 
-def _pids(actor_class: str) -> list[int]:
-    # The GCS actor table (the state API needs the dashboard, which the test session omits).
-    from ray._private.state import actors
-
-    return sorted(
-        a["Pid"]
-        for a in actors().values()
-        if a["ActorClassName"] == actor_class and a["State"] == "ALIVE" and a["Pid"]
-    )
-
-
 def _kill_after(metrics: Path, step: int, killed: list, actor_class="RolloutWorker") -> None:
     """SIGKILL one actor of `actor_class` once the run has logged `step`."""
-    while not killed:
-        if metrics.is_file() and any(r["step"] >= step for r in read_metrics(metrics)):
-            pid = _pids(actor_class)[-1]
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
-            return
-        time.sleep(0.2)
+
+    def kill() -> int:
+        pid = alive_pids(actor_class)[-1]
+        os.kill(pid, signal.SIGKILL)
+        return pid
+
+    when_logged(metrics, step, kill, killed)
 
 
 def test_killed_rollout_actor_is_restarted_and_nothing_is_lost(

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
-from e2e_runs import SHORT, stable
+from e2e_runs import SHORT, alive_pids, stable, train_rows, when_logged
 
 from opd.config import load_config
 from opd.loop import Preempted, train
@@ -136,7 +136,7 @@ def test_user_objective_bf16_learner_heldout_file_and_humaneval(tiny_pair, tmp_p
 def _async(tiny_pair, out, *extra):
     """Self-distillation with a live teacher (the student's current weights), so that a
     restarted or resumed teacher must get those weights back to score as before."""
-    cfg = load_config(
+    return train_rows(
         RECIPES / "sdft/tiny.yaml",
         [
             *_paths(tiny_pair, out, teacher="student"),
@@ -149,8 +149,6 @@ def _async(tiny_pair, out, *extra):
             *extra,
         ],
     )
-    train(cfg)
-    return read_metrics(Path(out) / "metrics.jsonl")
 
 
 @pytest.fixture(scope="module")
@@ -161,25 +159,6 @@ def async_rows(tiny_pair, ray_session, tmp_path_factory):
     return rows
 
 
-def _when_logged(metrics: Path, step: int, act, done: list) -> None:
-    """`act()` once the run has logged `step`."""
-    while not done:
-        if metrics.is_file() and any(r["step"] >= step for r in read_metrics(metrics)):
-            done.append(act())
-            return
-        time.sleep(0.2)
-
-
-def _pids(actor_class: str) -> list[int]:
-    from ray._private.state import actors  # the GCS actor table (no dashboard in the tests)
-
-    return sorted(
-        a["Pid"]
-        for a in actors().values()
-        if a["ActorClassName"] == actor_class and a["State"] == "ALIVE" and a["Pid"]
-    )
-
-
 def test_async_rollouts_stopped_and_resumed_match_the_uninterrupted_run(
     tiny_pair, async_rows, tmp_path
 ):
@@ -187,7 +166,7 @@ def test_async_rollouts_stopped_and_resumed_match_the_uninterrupted_run(
     # is already sampled: the step finishes, is checkpointed with that batch, and stops.
     done: list = []
     stopper = threading.Thread(
-        target=_when_logged,
+        target=when_logged,
         args=(tmp_path / "metrics.jsonl", 1, lambda: os.kill(os.getpid(), signal.SIGTERM), done),
         daemon=True,
     )
@@ -211,7 +190,7 @@ def test_teacher_killed_mid_run_is_restarted_and_nothing_is_lost(tiny_pair, asyn
     def kill():
         # Stopped first, then killed while the run waits on it: a call (scoring, or the weight
         # push) is in flight, and is re-sent to the restarted actor.
-        pid = _pids("TeacherScorer")[-1]
+        pid = alive_pids("TeacherScorer")[-1]
         os.kill(pid, signal.SIGSTOP)
         time.sleep(10)
         os.kill(pid, signal.SIGKILL)
@@ -219,7 +198,7 @@ def test_teacher_killed_mid_run_is_restarted_and_nothing_is_lost(tiny_pair, asyn
 
     done: list = []
     killer = threading.Thread(
-        target=_when_logged, args=(tmp_path / "metrics.jsonl", 1, kill, done), daemon=True
+        target=when_logged, args=(tmp_path / "metrics.jsonl", 1, kill, done), daemon=True
     )
     killer.start()
     rows = _async(tiny_pair, tmp_path)
@@ -233,7 +212,7 @@ def test_dead_ema_teacher_stops_the_run_and_a_rerun_resumes(tiny_pair, ray_sessi
     from opd.cluster.group import RoleError
 
     def run():
-        cfg = load_config(
+        return train_rows(
             RECIPES / "sdft/tiny.yaml",
             [
                 *_paths(tiny_pair, tmp_path, teacher="student"),
@@ -243,13 +222,11 @@ def test_dead_ema_teacher_stops_the_run_and_a_rerun_resumes(tiny_pair, ray_sessi
                 "checkpoint.every=1",
             ],
         )
-        train(cfg)
-        return read_metrics(tmp_path / "metrics.jsonl")
 
     done: list = []
-    act = lambda: os.kill(_pids("TeacherScorer")[-1], signal.SIGKILL)  # noqa: E731
+    act = lambda: os.kill(alive_pids("TeacherScorer")[-1], signal.SIGKILL)  # noqa: E731
     killer = threading.Thread(
-        target=_when_logged, args=(tmp_path / "metrics.jsonl", 2, act, done), daemon=True
+        target=when_logged, args=(tmp_path / "metrics.jsonl", 2, act, done), daemon=True
     )
     killer.start()
     # An EMA teacher's state lives in its actor: it is not restarted, and the run stops.
