@@ -12,7 +12,9 @@ Rows (`--rows`, in this order by default):
 - `opd-full`: `opd train` through `train_layouts.py` (layout `--layout`, default
   `1-colocated-ipc`: learner, vLLM and teacher on one GPU, weights over CUDA IPC; DeepSpeed
   ZeRO `--zero`), objective `reverse_kl` with estimator `full`: the reverse KL over the whole
-  vocabulary, the teacher's full logits against the learner's;
+  vocabulary, the teacher's full logits against the learner's (the teacher sends its final
+  hidden states, `teacher.full_transport: auto`); vLLM stays awake between steps
+  (`rollout.sleep: false`, as TRL's colocated vLLM) unless `--opd-sleep`;
 - `opd-sampled`: the same with estimator `sampled` (the teacher scores the sampled token
   only; a different, cheaper estimator of the same divergence: an extra row, not the match);
 - `trl-distill`: `trl_distill.py`, TRL's `DistillationTrainer` with `use_vllm=True,
@@ -172,6 +174,8 @@ def run_opd(args, row: str) -> dict:
            "--prompts-per-gpu", str(args.prompts), "--micro", str(args.micro),
            "--kv-cache-gib", str(args.kv_cache_gib),
            "--timeout", str(max(60, args.row_timeout - 30))]  # fmt: skip
+    if not args.opd_sleep:  # awake between steps, as TRL's colocated vLLM (rollout.sleep=false)
+        cmd.append("--vllm-awake")
     code, out = run_child(cmd, os.path.join(args.root, f"{row}.log"), args.row_timeout, ray=True)
     # the final checkpoint `opd train` always writes (tens of GB at workload L: weights, fp32
     # masters and moments) would fill the disk before the next row
@@ -309,6 +313,9 @@ def main() -> None:
     )
     ap.add_argument("--steps", type=int)
     ap.add_argument("--kv-cache-gib", type=float, help="opd's vLLM KV cache")
+    ap.add_argument("--opd-sleep", action="store_true",
+                    help="opd's vLLM sleeps while the teacher and learner run (opd's "
+                    "default, rollout.sleep=true); else it stays awake, as TRL's")  # fmt: skip
     ap.add_argument("--lr", type=float, default=1e-6)
     ap.add_argument("--layout", default="1-colocated-ipc")
     ap.add_argument("--zero", type=int, default=2, help="opd learner's ZeRO stage")

@@ -109,6 +109,7 @@ def overrides(args, layout: str, root: str, cuda: bool) -> list[str]:
             f"teacher.num_gpus={lay['teacher_gpu']}",
             "rollout.gpu_memory_utilization=0.3",
             f"rollout.kv_cache_memory_bytes={int(args.kv_cache_gib * 2**30)}",
+            f"rollout.sleep={str(not args.vllm_awake).lower()}",
         ]
         if args.vllm_compile == "decode-graphs":  # no torch.compile pass; graphs for decode
             out += [
@@ -162,6 +163,7 @@ def run_layout(args, layout: str, root: str, cuda: bool) -> dict:
         "weight_sync": lay["sync"] if cuda else "dir",
         "zero_stage": args.zero,
         "estimator": args.estimator,
+        "vllm_sleeps": cuda and lay["placement"] == "colocated" and not args.vllm_awake,
         # DeepSpeed bf16 keeps fp32 master weights and moments at every ZeRO stage
         "optimizer": f"DeepSpeed ZeRO-{args.zero} torch AdamW"
         + (" (fused), bf16 weights, fp32 master weights and moments" if cuda else ", fp32"),
@@ -220,6 +222,9 @@ def main() -> None:
         help="default: opd's GPU default (vLLM's compile and CUDA graphs); decode-graphs: no "
         "torch.compile, CUDA graphs for decode only (what earlier runs used)",
     )
+    ap.add_argument("--vllm-awake", action="store_true",
+                    help="rollout.sleep=false: vLLM keeps its memory between steps (as TRL's "
+                    "colocated vLLM does by default)")  # fmt: skip
     ap.add_argument("--samples-per-prompt", type=int, default=1)
     ap.add_argument("--estimator", choices=("sampled", "topk", "full"), default="sampled",
                     help="objective.params.estimator of reverse_kl")  # fmt: skip

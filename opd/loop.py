@@ -229,6 +229,7 @@ def _train(cfg: Config, run_dir: Path) -> Path:
     check_fits(cfg, resources)
     check_gpu_packing(cfg, int(resources.get("GPU", 0)))
     colocated = cfg.cluster.placement == "colocated"
+    sleeps = colocated and cfg.rollout.sleep  # vLLM gives the devices up while others run
     roles = start_roles(cfg, student, teacher, device, request.rollout_topk)
     sync = None
     try:
@@ -267,14 +268,14 @@ def _train(cfg: Config, run_dir: Path) -> Path:
             rollouts.fill(step, tokenizer)
             samples = rollouts.take(step)
             t1 = time.perf_counter()
-            if colocated:
-                roles.rollout.sleep()  # the learner gets the devices
+            if sleeps:
+                roles.rollout.sleep()  # the teacher and the learner get the devices
             t_sleep = time.perf_counter() - t1
             scores = score_for_learners(roles, sync, samples, objective)
             t2 = time.perf_counter()
             metrics = learn(roles, samples, scores, objective)
             t3 = time.perf_counter()
-            if colocated:
+            if sleeps:
                 roles.rollout.wake_up()
                 metrics.update({"time/sleep": t_sleep, "time/wake_up": time.perf_counter() - t3})
             metrics.update(sync.push(version=step))

@@ -15,8 +15,18 @@ def sample_seed(
     run_seed: int, step: int, prompt_index: int, sample_index: int, stream: str = "train"
 ) -> int:
     """The sampling seed of one completion: a pure function of where it sits in the run."""
-    key = f"{stream}/{run_seed}/{step}/{prompt_index}/{sample_index}".encode()
-    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") % (2**31 - 1)
+    return _seed(f"{stream}/{run_seed}/{step}/{prompt_index}/{sample_index}")
+
+
+def batch_seed(run_seed: int, step: int, worker: int, stream: str = "train") -> int:
+    """The sampling seed of one rollout worker's call (`rollout.seed_by: batch`)."""
+    return _seed(f"batch/{stream}/{run_seed}/{step}/{worker}")
+
+
+def _seed(key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") % (
+        2**31 - 1
+    )
 
 
 @dataclass

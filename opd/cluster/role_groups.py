@@ -80,9 +80,10 @@ class TeacherGroup(ActorGroup):
 class RolloutGroup(ActorGroup):
     """vLLM engines, one per worker."""
 
-    def submit_generate(self, per_worker: list[list], **sampling: Any) -> Pending:
-        """Worker w generates `per_worker[w]` (GenerationRequests) with `sampling` settings."""
-        return self.submit_each("generate", [(requests,) for requests in per_worker], **sampling)
+    def submit_generate(self, per_worker: list[tuple], **sampling: Any) -> Pending:
+        """Worker w generates `per_worker[w]` = (GenerationRequests, the call's batch seed) with
+        `sampling` settings."""
+        return self.submit_each("generate", per_worker, **sampling)
 
     def sleep(self) -> None:
         self.call("sleep")

@@ -103,6 +103,18 @@ class RolloutConfig:
     # Async rollouts: batches are generated up to this many steps ahead of the learner, so a
     # batch may come from a policy this many updates old (0: the synchronous loop).
     max_staleness: int = 0
+    # How sampling is seeded, so that a resumed or restarted run samples the same tokens:
+    # request: a seed per completion (`sample_seed`): it depends on the weights and its prompt
+    # only, whatever the batch or the worker, but vLLM draws each seeded request's noise in a
+    # loop of its own (1.35 s against 1.06 s at batch 64 on an H100, benchmarks/RESULTS.md);
+    # batch: one seed per worker's call, from (run.seed, step, worker): a completion depends on
+    # the whole batch that worker samples, which a resume or a restart sends again unchanged;
+    # auto: batch on GPUs, request on CPUs
+    seed_by: str = "auto"
+    # Colocated: vLLM sleeps while the teacher and the learner run (its weights go to the host
+    # and its KV cache is dropped, freeing its share of the GPU); false keeps it awake, saving
+    # the sleep and wake-up (about 0.12 s a step on an H200) where everything fits beside it
+    sleep: bool = True
     num_gpus: float = 0.0  # per worker
     num_cpus: float = 0.5  # per worker (Ray scheduling only)
 
@@ -126,6 +138,7 @@ class RolloutConfig:
             )
         _check_choice("rollout.dtype", self.dtype, DTYPES)
         _check_choice("rollout.weight_sync", self.weight_sync, ("auto", "dir", "nccl", "ipc"))
+        _check_choice("rollout.seed_by", self.seed_by, ("auto", "request", "batch"))
         if self.max_staleness < 0:
             raise ValueError(f"rollout.max_staleness={self.max_staleness} must be >= 0")
         _check_positive("rollout.temperature", self.temperature)

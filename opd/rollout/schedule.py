@@ -15,7 +15,7 @@ from opd.cluster.roles import Roles
 from opd.config import Config
 from opd.data.prompts import Prompt, PromptStream
 from opd.objectives import Objective
-from opd.samples import GenerationRequest, Sample, sample_seed
+from opd.samples import GenerationRequest, Sample, batch_seed, sample_seed
 from opd.signals import TeacherRequest
 from opd.sync.weights import WeightSync
 
@@ -43,8 +43,9 @@ def submit_generation(
     version: int,
     topk: int = 0,
 ) -> Generation:
-    """n samples per prompt, seeded by (run.seed, step, prompt, sample), spread over workers;
-    returns at once. `version` is the policy version the workers hold now."""
+    """n samples per prompt, seeded by (run.seed, step, prompt, sample), or per worker by
+    (run.seed, step, worker) (`rollout.seed_by`), spread over workers; returns at once.
+    `version` is the policy version the workers hold now."""
     requests = [
         GenerationRequest(p.token_ids, sample_seed(cfg.run.seed, step, i, j, stream), (i, j))
         for i, p in enumerate(prompts)
@@ -52,7 +53,7 @@ def submit_generation(
     ]
     n = len(roles.rollout)
     pending = roles.rollout.submit_generate(
-        [requests[w::n] for w in range(n)],
+        [(requests[w::n], batch_seed(cfg.run.seed, step, w, stream)) for w in range(n)],
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_p=cfg.rollout.top_p if stream == "train" else 1.0,

@@ -1,7 +1,9 @@
 """The rollout worker: a vLLM engine that samples completions with their log-probs.
 
-Each request carries its own seed (see `sample_seed`), so what a worker generates depends only
-on the weights and the request, not on batching or on which worker serves it. New weights
+Sampling is seeded (`rollout.seed_by`): by each request's own seed (`sample_seed`), so that a
+completion depends only on the weights and its request, or once per call (`batch_seed`), so
+that it depends on the weights and the worker's whole batch; either way a resumed or restarted
+run samples the same tokens. New weights
 arrive through the methods of `opd.sync.vllm_extension`, mixed into vLLM's workers; the prefix
 cache is reset after every update, since cached keys and values belong to the old weights.
 """
@@ -61,62 +63,58 @@ class RolloutWorker:
             max_model_len=cfg.max_model_len,
             enforce_eager=cfg.enforce_eager if cfg.enforce_eager is not None else not gpu,
             worker_extension_cls=EXTENSION,
-            enable_sleep_mode=gpu,
+            enable_sleep_mode=gpu and cfg.sleep,
             # log-probs of the distribution actually sampled from (after temperature, top-p)
             logprobs_mode="processed_logprobs",
             max_logprobs=max(max_logprobs, _VLLM_DEFAULT_MAX_LOGPROBS),
             **({"compilation_config": compilation_config} if compilation_config else {}),
         )
         self.version = 0
-        self.sleep_mode, self.asleep = gpu, False
+        self.sleep_mode, self.asleep = gpu and cfg.sleep, False
+        self.seed_by = cfg.seed_by if cfg.seed_by != "auto" else ("batch" if gpu else "request")
 
     def generate(
         self,
         requests: list[GenerationRequest],
+        batch_seed: int | None = None,
         *,
         max_new_tokens: int,
         temperature: float,
         top_p: float,
         topk: int = 0,
     ) -> list[dict]:
-        """One completion per request: tokens, their log-probs, and the top-`topk` ids."""
+        """One completion per request: tokens, their log-probs, and the top-`topk` ids. Seeded
+        per request, or once for the call with `batch_seed` (`rollout.seed_by`)."""
         from vllm import SamplingParams
 
         if self.asleep:
             raise RuntimeError("generate on a sleeping rollout worker: wake_up comes first")
-
+        per_request = batch_seed is None or self.seed_by == "request"
         params = [
             SamplingParams(
                 temperature=temperature,
                 top_p=top_p,
                 max_tokens=max_new_tokens,
-                seed=r.seed,
+                seed=r.seed if per_request else None,
                 logprobs=max(topk, 0),
+                flat_logprobs=True,  # a few flat lists per completion, not a dict per token
                 detokenize=False,  # the loop works on token ids; no text is read back
             )
             for r in requests
         ]
+        if not per_request:
+            # unseeded requests draw from the engine's default generators, seeded here
+            self.llm.collective_rpc("opd_seed_sampling", args=(batch_seed,))
         prompts = [{"prompt_token_ids": r.prompt_ids} for r in requests]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         results = []
         for r, out in zip(requests, outputs):
             c = out.outputs[0]
-            ids = list(c.token_ids)
-            logprobs = [pos[t].logprob for t, pos in zip(ids, c.logprobs)]
-            topk_ids = None
-            if topk:
-                topk_ids = [
-                    [
-                        t
-                        for t, lp in sorted(pos.items(), key=lambda kv: kv[1].rank)
-                        if lp.rank is not None and lp.rank <= topk
-                    ][:topk]
-                    for pos in c.logprobs
-                ]
+            logprobs, topk_ids = _read_logprobs(c.logprobs, topk)
             results.append(
                 {
                     "key": r.key,
-                    "completion_ids": ids,
+                    "completion_ids": list(c.token_ids),
                     "logprobs": logprobs,
                     "topk_ids": topk_ids,
                     "finish_reason": c.finish_reason,
@@ -199,3 +197,14 @@ class RolloutWorker:
 
     def ping(self) -> int:
         return self.version
+
+
+def _read_logprobs(flat, topk: int) -> tuple[list[float], list[list[int]] | None]:
+    """The sampled tokens' log-probs and, with `topk`, the top-k ids of each position, from
+    vLLM's flat log-probs: at each position the sampled token comes first, then the top-k
+    tokens in rank order (the sampled one again if it is among them)."""
+    starts, ends = flat.start_indices, flat.end_indices
+    logprobs = [flat.logprobs[i] for i in starts]
+    if not topk:
+        return logprobs, None
+    return logprobs, [flat.token_ids[a + 1 : min(b, a + 1 + topk)] for a, b in zip(starts, ends)]

