@@ -17,6 +17,9 @@ Rows (`--rows`, in this order by default):
   (`rollout.sleep: false`, as TRL's colocated vLLM) unless `--opd-sleep`;
 - `opd-sampled`: the same with estimator `sampled` (the teacher scores the sampled token
   only; a different, cheaper estimator of the same divergence: an extra row, not the match);
+- `opd-full-async`, `opd-sampled-async`: the same with `rollout.max_staleness: 1`: vLLM
+  (awake) generates the next step's batch beside the teacher and learner, from weights one
+  update older (an extra row: not the same work as TRL's synchronous step);
 - `trl-distill`: `trl_distill.py`, TRL's `DistillationTrainer` with `use_vllm=True,
   vllm_mode="colocate"` on the same GPU (on CPU: HF `generate`), beta 1 (full-vocabulary
   reverse KL);
@@ -60,7 +63,7 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROWS = ("opd-full", "opd-sampled", "trl-distill", "trl-gkd")
+ROWS = ("opd-full", "opd-sampled", "opd-full-async", "opd-sampled-async", "trl-distill", "trl-gkd")
 WORKLOADS = {
     "S": dict(student="student-0.6b", teacher="teacher-1.8b", prompts=8, samples=1,
               prompt_words=128, new_tokens=256, micro=8, trl_micro=[8, 4], steps=6,
@@ -168,18 +171,20 @@ def shared_flags(args) -> list[str]:
 
 
 def run_opd(args, row: str) -> dict:
-    estimator = row.removeprefix("opd-")
+    estimator = row.removeprefix("opd-").removesuffix("-async")
+    staleness = 1 if row.endswith("-async") else 0
     cmd = [sys.executable, os.path.join(HERE, "train_layouts.py"), *shared_flags(args),
            "--layouts", args.layout, "--estimator", estimator, "--zero", str(args.zero),
            "--prompts-per-gpu", str(args.prompts), "--micro", str(args.micro),
-           "--kv-cache-gib", str(args.kv_cache_gib),
+           "--kv-cache-gib", str(args.kv_cache_gib), "--max-staleness", str(staleness),
            "--timeout", str(max(60, args.row_timeout - 30))]  # fmt: skip
     if not args.opd_sleep:  # awake between steps, as TRL's colocated vLLM (rollout.sleep=false)
         cmd.append("--vllm-awake")
     code, out = run_child(cmd, os.path.join(args.root, f"{row}.log"), args.row_timeout, ray=True)
     # the final checkpoint `opd train` always writes (tens of GB at workload L: weights, fp32
     # masters and moments) would fill the disk before the next row
-    ckpt = os.path.join(args.root, f"run-{args.layout}-{estimator}", "checkpoints")
+    async_part = f"-async{staleness}" if staleness else ""
+    ckpt = os.path.join(args.root, f"run-{args.layout}-{estimator}{async_part}", "checkpoints")
     shutil.rmtree(ckpt, ignore_errors=True)
     found = [r for r in json_lines(out) if r.get("benchmark") == "train_layouts" and "layout" in r]
     if code != 0 or not found:
@@ -189,7 +194,8 @@ def run_opd(args, row: str) -> dict:
         **r,
         "system": f"opd train ({r['layout']})",
         "loss": f"reverse KL, estimator {estimator}"
-        + (" (full vocabulary)" if estimator == "full" else " (sampled token)"),
+        + (" (full vocabulary)" if estimator == "full" else " (sampled token)")
+        + (", batches one step ahead (rollout.max_staleness 1)" if staleness else ""),
         "generate_s": r.get("rollout_s"),
     }
 

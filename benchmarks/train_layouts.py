@@ -69,7 +69,7 @@ def overrides(args, layout: str, root: str, cuda: bool) -> list[str]:
     lay = LAYOUTS[layout]
     dtype = "bfloat16" if cuda else "float32"
     out = [
-        f"run.output_dir={root}/run-{layout}-{args.estimator}",
+        f"run.output_dir={run_dir(args, layout, root)}",
         "run.progress=false",
         f"student.path={root}/student",
         f"teacher.path={root}/teacher",
@@ -84,6 +84,8 @@ def overrides(args, layout: str, root: str, cuda: bool) -> list[str]:
         f"rollout.prompts_per_step={args.prompts_per_gpu * lay['gpus']}",
         f"rollout.samples_per_prompt={args.samples_per_prompt}",
         f"rollout.max_new_tokens={args.new_tokens}",
+        f"rollout.max_staleness={args.max_staleness}",
+        f"rollout.sleep={str(not args.vllm_awake).lower()}",
         f"rollout.max_model_len={args.new_tokens + 512}",
         f"rollout.num_workers={lay['rollouts']}",
         f"rollout.dtype={dtype}",
@@ -109,7 +111,6 @@ def overrides(args, layout: str, root: str, cuda: bool) -> list[str]:
             f"teacher.num_gpus={lay['teacher_gpu']}",
             "rollout.gpu_memory_utilization=0.3",
             f"rollout.kv_cache_memory_bytes={int(args.kv_cache_gib * 2**30)}",
-            f"rollout.sleep={str(not args.vllm_awake).lower()}",
         ]
         if args.vllm_compile == "decode-graphs":  # no torch.compile pass; graphs for decode
             out += [
@@ -119,11 +120,18 @@ def overrides(args, layout: str, root: str, cuda: bool) -> list[str]:
     return out
 
 
+def run_dir(args, layout: str, root: str) -> str:
+    """The run's folder: one per layout, estimator and staleness."""
+    return f"{root}/run-{layout}-{args.estimator}" + (
+        f"-async{args.max_staleness}" if args.max_staleness else ""
+    )
+
+
 def run_layout(args, layout: str, root: str, cuda: bool) -> dict:
     cmd = [sys.executable, "-m", "opd.cli", "train", args.recipe]
     cmd += overrides(args, layout, root, cuda)
     t0 = time.perf_counter()
-    run = f"{root}/run-{layout}-{args.estimator}"
+    run = run_dir(args, layout, root)
     log_path = f"{run}.log"
     with open(log_path, "w") as log:
         # its own session: a run past the timeout is killed with its Ray processes
@@ -163,6 +171,7 @@ def run_layout(args, layout: str, root: str, cuda: bool) -> dict:
         "weight_sync": lay["sync"] if cuda else "dir",
         "zero_stage": args.zero,
         "estimator": args.estimator,
+        "max_staleness": args.max_staleness,
         "vllm_sleeps": cuda and lay["placement"] == "colocated" and not args.vllm_awake,
         # DeepSpeed bf16 keeps fp32 master weights and moments at every ZeRO stage
         "optimizer": f"DeepSpeed ZeRO-{args.zero} torch AdamW"
@@ -225,6 +234,9 @@ def main() -> None:
     ap.add_argument("--vllm-awake", action="store_true",
                     help="rollout.sleep=false: vLLM keeps its memory between steps (as TRL's "
                     "colocated vLLM does by default)")  # fmt: skip
+    ap.add_argument("--max-staleness", type=int, default=0,
+                    help="rollout.max_staleness: batches generated this many steps ahead "
+                    "(colocated: with --vllm-awake, beside the learner)")  # fmt: skip
     ap.add_argument("--samples-per-prompt", type=int, default=1)
     ap.add_argument("--estimator", choices=("sampled", "topk", "full"), default="sampled",
                     help="objective.params.estimator of reverse_kl")  # fmt: skip

@@ -101,7 +101,9 @@ class RolloutConfig:
     # rollout worker i)
     weight_sync: str = "auto"
     # Async rollouts: batches are generated up to this many steps ahead of the learner, so a
-    # batch may come from a policy this many updates old (0: the synchronous loop).
+    # batch may come from a policy this many updates old (0: the synchronous loop). Colocated,
+    # this needs `sleep: false`: vLLM then generates the next batch on the learner's devices
+    # while the teacher and the learner work on this one.
     max_staleness: int = 0
     # How sampling is seeded, so that a resumed or restarted run samples the same tokens:
     # request: a seed per completion (`sample_seed`): it depends on the weights and its prompt
@@ -365,11 +367,16 @@ class Config:
                 f"devices: rollout.num_workers={self.rollout.num_workers} exceeds "
                 f"learner.num_workers={self.learner.num_workers}"
             )
-        if self.cluster.placement == "colocated" and self.rollout.max_staleness:
+        if (
+            self.cluster.placement == "colocated"
+            and self.rollout.max_staleness
+            and self.rollout.sleep
+        ):
             raise ValueError(
                 f"rollout.max_staleness={self.rollout.max_staleness} generates while the "
                 "learner updates, but cluster.placement=colocated puts vLLM to sleep then: "
-                "use split placement for async rollouts"
+                "set rollout.sleep=false (vLLM generates beside the learner on its devices) "
+                "or use split placement"
             )
         if self.cluster.placement == "colocated" and self.rollout.weight_sync == "nccl":
             raise ValueError(

