@@ -198,7 +198,9 @@ class TeacherConfig(ModelConfig):
 @dataclass
 class LearnerConfig:
     num_workers: int = 1  # DeepSpeed data-parallel ranks, one Ray actor each
-    zero_stage: int = 2
+    # DeepSpeed ZeRO stage 0-3; null: the lowest stage whose model states fit in half the
+    # rank's GPU memory (0 for one rank; opd/learner/zero.py), stage 2 on CPUs
+    zero_stage: int | None = None
     dtype: str = "float32"  # parameters and compute; bfloat16 enables DeepSpeed bf16
     lr: float = 1e-5
     weight_decay: float = 0.0
@@ -217,8 +219,10 @@ class LearnerConfig:
     num_cpus: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"learner.zero_stage={self.zero_stage}; valid: 0, 1, 2, 3")
+        if self.zero_stage not in (None, 0, 1, 2, 3):
+            raise ValueError(
+                f"learner.zero_stage={self.zero_stage}; valid: 0, 1, 2, 3, null (chosen)"
+            )
         _check_choice("learner.dtype", self.dtype, DTYPES)
         _check_choice("learner.lr_schedule", self.lr_schedule, ("constant", "linear", "cosine"))
         for key in ("num_workers", "lr", "micro_batch_size", "grad_clip", "logprob_chunk_tokens"):
