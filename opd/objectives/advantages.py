@@ -18,7 +18,8 @@ std, a group's advantages have mean 0 and, away from eps, variance exactly 1; a 
 group with rewards {0, 1} gets -1 and +1.
 
 Plain Python floats in sample order: the result does not depend on how groups interleave
-and is the same on every run.
+and is the same on every run. The learner hands them to the loss as `LossInputs.advantages_B`;
+`token_advantages` is how a loss reads them.
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from opd.objectives.base import LossInputs
 
 SCALES = ("std", "none")
 
@@ -98,3 +104,16 @@ def group_advantages(
         mean_std=math.fsum(stds) / len(stds) if stds else 0.0,
     )
     return advantages, stats
+
+
+def token_advantages(x: LossInputs, objective: str) -> Tensor:
+    """`x.advantages_B` broadcast over each sequence's completion tokens, [B, T], 0 where the
+    mask is 0, in the log-probs' precision (fp32 at least); an error naming the recipe keys if
+    the learner was given no advantages."""
+    if x.advantages_B is None:
+        raise ValueError(
+            f"objective {objective} needs rewards: set rewards.name or rewards.import_path "
+            "(this micro-batch has no advantages_B)"
+        )
+    dtype = torch.promote_types(x.logprobs_BT.dtype, torch.float32)
+    return x.advantages_B.to(dtype)[:, None] * x.mask_BT.to(dtype)
