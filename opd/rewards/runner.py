@@ -12,9 +12,14 @@ rewards:
   failure_value: 0.0          # the reward of a call that timed out or raised
   pass_threshold: 1.0         # a reward >= this counts as a pass (reward/pass_rate)
   isolation: process          # process (killable child processes) or thread
+  advantage_scale: std        # how rewards become advantages: std (GRPO) or none (Dr. GRPO)
+  advantage_eps: 1.0e-6       # added to the group std
 ```
 
 Set `name` or `import_path`, not both; with neither, the block is off (`enabled` is False).
+The runner does not read the last two: they are the arguments of
+`opd.objectives.advantages.group_advantages`, kept here so that a recipe's rewards live in one
+block.
 
 `RewardRunner(cfg).score(records, completions)` returns a `RewardBatch`: one reward per
 completion in input order, a status per completion (`ok`, `timeout`, `error`) and
@@ -49,6 +54,7 @@ from opd.rewards.registry import REWARDS, RewardFn, get_reward, record_field
 from opd.rewards.worker import ProcessCaller, ThreadCaller
 
 ISOLATIONS = ("process", "thread")
+ADVANTAGE_SCALES = ("std", "none")  # opd.objectives.advantages.SCALES, without importing torch
 STATUSES = ("ok", "timeout", "error")
 
 _log = logging.getLogger(__name__)
@@ -65,6 +71,8 @@ class RewardConfig:
     failure_value: float = 0.0
     pass_threshold: float = 1.0
     isolation: str = "process"
+    advantage_scale: str = "std"  # group_advantages(scale=...): std or none
+    advantage_eps: float = 1e-6  # group_advantages(eps=...)
 
     def __post_init__(self) -> None:
         if self.name and self.import_path:
@@ -90,6 +98,11 @@ class RewardConfig:
             raise ValueError(
                 f"rewards.isolation={self.isolation!r}; valid: {', '.join(ISOLATIONS)}"
             )
+        if self.advantage_scale not in ADVANTAGE_SCALES:
+            valid = ", ".join(ADVANTAGE_SCALES)
+            raise ValueError(f"rewards.advantage_scale={self.advantage_scale!r}; valid: {valid}")
+        if not self.advantage_eps >= 0:
+            raise ValueError(f"rewards.advantage_eps={self.advantage_eps} must be >= 0")
 
     @property
     def enabled(self) -> bool:

@@ -11,8 +11,15 @@ import uuid
 import pytest
 from omegaconf import OmegaConf
 
+from opd.objectives.advantages import SCALES
 from opd.rewards.registry import REWARDS, register_reward
-from opd.rewards.runner import RewardConfig, RewardRunner, resolve_reward, reward_stats
+from opd.rewards.runner import (
+    ADVANTAGE_SCALES,
+    RewardConfig,
+    RewardRunner,
+    resolve_reward,
+    reward_stats,
+)
 
 USER_REWARDS = """
 import random
@@ -168,11 +175,14 @@ def test_config_errors_name_the_key(user_module):
         ({"name": "math_correct", "workers": 0}, "rewards.workers"),
         ({"name": "math_correct", "failure_value": float("nan")}, "rewards.failure_value"),
         ({"name": "math_correct", "isolation": "fork"}, "rewards.isolation"),
+        ({"name": "math_correct", "advantage_scale": "mad"}, "rewards.advantage_scale"),
+        ({"name": "math_correct", "advantage_eps": -1.0}, "rewards.advantage_eps"),
     ]
     for kwargs, match in bad:
         with pytest.raises(ValueError, match=match):
             RewardConfig(**kwargs)
     assert not RewardConfig().enabled and RewardConfig(name="math_correct").enabled
+    assert ADVANTAGE_SCALES == SCALES
     with pytest.raises(ValueError, match="rewards.name .*rewards.import_path"):
         resolve_reward(RewardConfig())
     with pytest.raises(ValueError, match="rewards.name='nope' is unknown; valid: .*math_correct"):
