@@ -10,12 +10,16 @@ from omegaconf import OmegaConf
 
 from opd.objectives.base import LossInputs, LossOutput, Objective, TeacherRequest
 from opd.objectives.gkd import GKD
+from opd.objectives.grpo import GRPO
 from opd.objectives.reverse_kl import ReverseKL
 from opd.objectives.sdft import SDFT
 from opd.objectives.sft import SFT
 from opd.objectives.simct import SimCT
+from opd.objectives.trrd import TRRD
 
-REGISTRY: dict[str, type[Objective]] = {cls.name: cls for cls in (ReverseKL, GKD, SDFT, SFT, SimCT)}
+REGISTRY: dict[str, type[Objective]] = {
+    cls.name: cls for cls in (ReverseKL, GKD, SDFT, SFT, SimCT, GRPO, TRRD)
+}
 
 __all__ = [
     "REGISTRY",

@@ -74,7 +74,8 @@ class LossInputs:
     over the vocabulary (`student_logprobs_BTK`, `student_logits_BTV`, the teacher's scores)
     is at temperature 1, the models' own distributions (docs: the teacher's temperature).
     `teacher` is the requested signal's `Scores` (e.g. `opd.signals.at_ids.AtIdsScores`); the
-    `student_*` fields are what that signal has the learner compute on its side."""
+    `student_*` fields are what that signal has the learner compute on its side.
+    `advantages_B` is filled for objectives whose `uses_rewards()` is true, None otherwise."""
 
     logprobs_BT: Tensor  # learner, with grad, at the sampled tokens, at `temperature`
     old_logprobs_BT: Tensor  # rollout engine, at the sampled tokens, at `temperature`
@@ -85,6 +86,8 @@ class LossInputs:
     targets_BT: Tensor | None = None  # the sampled completion tokens
     student_logits: LogitsAt | None = None  # aligned: learner, with grad, logits on demand
     temperature: float = 1.0  # the rollout's sampling temperature
+    # objectives that use rewards: one group-normalized advantage per sequence, float32
+    advantages_B: Tensor | None = None
 
 
 @dataclass
@@ -128,6 +131,12 @@ class Objective:
         reproduces the sampling temperature but not a top-p truncation, so such objectives
         need `rollout.top_p: 1` (checked at validation)."""
         return True
+
+    def uses_rewards(self) -> bool:
+        """Whether the loss reads `advantages_B`, the group-normalized outcome rewards
+        (`opd.objectives.advantages`): every completion must then be scored with the recipe's
+        reward, and the samples of one prompt kept together as a group."""
+        return False
 
     def use_student_samples(self, step: int, seed: int) -> bool:
         """Whether step `step` trains on student samples (else on dataset completions)."""

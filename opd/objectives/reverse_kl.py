@@ -5,7 +5,9 @@ Three estimators of KL(pi_theta || pi_T) on the student's own tokens:
 
 - `sampled`: per-token advantage A_t = -c (log pi_old - log pi_T), optionally discounted by
   gamma along the completion; loss = -sum_t ratio_t A_t with ratio_t = pi_theta / pi_old.
-  The teacher only scores the sampled token.
+  The teacher only scores the sampled token. With `reward_coef` w != 0, every token of a
+  sequence also gets w x its group-normalized outcome reward (`opd.objectives.advantages`):
+  A_t += w A_group, "OPD mixed with a verifiable reward" (docs/objectives.md#reward-mixing).
 - `topk`: analytic KL on the student's top-k support (the rollout engine's top-k) plus one
   tail bucket per side holding the remaining mass.
 - `full`: analytic KL over the whole vocabulary, in token chunks so that the fp32
@@ -14,14 +16,20 @@ Three estimators of KL(pi_theta || pi_T) on the student's own tokens:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor
 
+from opd.objectives.advantages import token_advantages
 from opd.objectives.base import LossInputs, LossOutput, Normalizer, Objective, TeacherRequest
 from opd.objectives.divergences import full_divergence
+from opd.objectives.grpo import require_groups
+
+if TYPE_CHECKING:
+    from opd.config.schema import Config
 
 ESTIMATORS = ("sampled", "topk", "full")
 _TAIL_FLOOR = 1e-6
@@ -37,6 +45,9 @@ class ReverseKLParams:
     # `sampled` with stale samples (rollout.max_staleness > 0): PPO-style pessimistic clip of
     # the ratio pi_theta / pi_old to [1 - eps, 1 + eps]; 0 leaves the ratio unclipped.
     ratio_clip: float = 0.0
+    # `sampled` only: weight of the group-normalized outcome reward added to every token's
+    # advantage (needs rewards and rollout.samples_per_prompt >= 2); 0 leaves it out.
+    reward_coef: float = 0.0
 
     def __post_init__(self) -> None:
         if self.estimator not in ESTIMATORS:
@@ -49,6 +60,14 @@ class ReverseKLParams:
             raise ValueError(f"objective.params.k={self.k} must be >= 1")
         if not 0.0 <= self.ratio_clip < 1.0:
             raise ValueError(f"objective.params.ratio_clip={self.ratio_clip} must lie in [0, 1)")
+        if not math.isfinite(self.reward_coef):
+            raise ValueError(f"objective.params.reward_coef={self.reward_coef} must be finite")
+        if self.reward_coef and self.estimator != "sampled":
+            raise ValueError(
+                f"objective.params.reward_coef={self.reward_coef} mixes rewards into the "
+                f"sampled estimator's advantage only; estimator={self.estimator!r} has none "
+                "(use estimator: sampled, or reward_coef: 0)"
+            )
 
 
 def discounted_returns(values_BT: Tensor, mask_BT: Tensor, gamma: float) -> Tensor:
@@ -93,6 +112,13 @@ class ReverseKL(Objective):
     def uses_sampler_logprobs(self) -> bool:
         return self.params.estimator == "sampled"  # the ratio pi_theta / pi_old
 
+    def uses_rewards(self) -> bool:
+        return self.params.reward_coef != 0
+
+    def check(self, cfg: Config) -> None:
+        if self.uses_rewards():
+            require_groups(self.name, cfg)
+
     def __call__(self, x: LossInputs) -> LossOutput:
         p, mask = self.params, x.mask_BT
         n_tokens = mask.sum()
@@ -102,6 +128,10 @@ class ReverseKL(Objective):
 
         if p.estimator == "sampled":
             advantage = discounted_returns(-p.coef * sampled_kl, mask, p.gamma).detach()
+            if p.reward_coef:
+                reward_adv = p.reward_coef * token_advantages(x, self.name).detach()
+                advantage = advantage + reward_adv
+                metrics["reverse_kl/reward_advantage"] = reward_adv.sum()
             ratio = torch.exp(x.logprobs_BT - x.old_logprobs_BT.detach())
             surrogate = ratio * advantage
             if p.ratio_clip:
