@@ -18,6 +18,7 @@ import torch.distributed as dist
 from opd.cluster.devices import show_peer_gpus
 from opd.config.schema import LearnerConfig, ObjectiveConfig, TeacherConfig
 from opd.learner.microbatch import MicroBatch, collate
+from opd.learner.zero import resolve_stage
 from opd.modeling.loading import TORCH_DTYPES
 from opd.modeling.logprobs import chunks_needed, final_hidden, gather_positions, token_logprobs
 from opd.objectives import LossInputs, build_objective
@@ -91,6 +92,13 @@ class Learner:
 
             compile_layers(model)
         model.config.use_cache = False
+        n_params = sum(p.numel() for p in model.parameters())
+        weight_bytes = TORCH_DTYPES[cfg.dtype].itemsize
+        self.zero_stage = resolve_stage(
+            cfg.zero_stage, n_params, world_size, device, weight_bytes, cfg.num_gpus
+        )
+        if rank == 0 and cfg.zero_stage is None:
+            print(f"learner: ZeRO stage {self.zero_stage} ({n_params / 1e9:.2f} B parameters)")
         self.objective = build_objective(objective.name, objective.params, objective.import_path)
         self.signal = signal_of(self.objective.teacher_request())
         self.signal_state = self.signal.prepare_learner(teacher, teacher_path, self.device)
@@ -98,7 +106,7 @@ class Learner:
             "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
             "gradient_accumulation_steps": grad_accum_steps,
             "gradient_clipping": cfg.grad_clip,
-            "zero_optimization": {"stage": cfg.zero_stage},
+            "zero_optimization": {"stage": self.zero_stage},
             "bf16": {"enabled": cfg.dtype == "bfloat16"},
             "fp16": {"enabled": cfg.dtype == "float16"},
             "optimizer": {
@@ -152,7 +160,7 @@ class Learner:
         scores = self.signal.learner_view(mb.teacher.to(d), self.signal_state)
         ids = self.signal.student_ids(scores)  # where the loss also needs the learner's log-probs
         n_chunks = None
-        if self.cfg.zero_stage == 3 and self.world_size > 1:
+        if self.zero_stage == 3 and self.world_size > 1:
             # each LM-head call gathers its weight on every rank: make the same number of calls
             need = chunks_needed(int(mb.mask_BT.sum()), self.cfg.logprob_chunk_tokens)
             need_t = torch.tensor(need, device=d)
@@ -238,7 +246,7 @@ class Learner:
 
     def _step_or_skip(self) -> None:
         self._grad_norm = None
-        if self.cfg.zero_stage == 0:  # the gradients are whole (and averaged) on every rank
+        if self.zero_stage == 0:  # the gradients are whole (and averaged) on every rank
             norms = [p.grad.float().norm() for p in self.model.parameters() if p.grad is not None]
             if norms:
                 self._grad_norm = float(torch.stack(norms).norm())
@@ -265,7 +273,7 @@ class Learner:
         import deepspeed
 
         for name, p in self.model.named_parameters():
-            with deepspeed.zero.GatheredParameters([p], enabled=self.cfg.zero_stage == 3):
+            with deepspeed.zero.GatheredParameters([p], enabled=self.zero_stage == 3):
                 yield name, p.detach()
 
     def state_dict_for_export(self, dtype: str) -> dict[str, torch.Tensor] | None:
