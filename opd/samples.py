@@ -1,7 +1,8 @@
 """What flows between the roles: sampled completions, with the teacher's scores for them.
 
 A module of its own (not a role's): the rollout makes samples, the teacher scores them and the
-learner learns from them, and none of the three imports another."""
+learner learns from them, and none of the three imports another. The samples go from one role to
+the next as Ray object references; the driver holds a batch's metadata only (`SampleBatch`)."""
 
 from __future__ import annotations
 
@@ -17,13 +18,6 @@ def sample_seed(
     """The sampling seed of one completion: a pure function of where it sits in the run."""
     key = f"{stream}/{run_seed}/{step}/{prompt_index}/{sample_index}".encode()
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") % (2**31 - 1)
-
-
-@dataclass
-class GenerationRequest:
-    prompt_ids: list[int]
-    seed: int
-    key: tuple[int, int]  # (prompt_index, sample_index) within the step
 
 
 @dataclass
@@ -83,6 +77,19 @@ class SampleMeta:
     @property
     def key(self) -> tuple[int, int]:
         return (self.prompt_index, self.sample_index)
+
+
+@dataclass
+class GenerationRequest:
+    """One completion to sample: `sample` is its prompt side (the completion side empty),
+    which the rollout worker fills in."""
+
+    sample: Sample
+    seed: int
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return self.sample.key
 
 
 @dataclass

@@ -9,10 +9,11 @@ cache is reset after every update, since cached keys and values belong to the ol
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 from opd.cluster.devices import show_peer_gpus
 from opd.config.schema import RolloutConfig
-from opd.samples import GenerationRequest
+from opd.samples import GenerationRequest, Sample, SampleMeta
 
 EXTENSION = "opd.sync.vllm_extension.WeightSyncExtension"
 _VLLM_DEFAULT_MAX_LOGPROBS = 20
@@ -78,8 +79,10 @@ class RolloutWorker:
         temperature: float,
         top_p: float,
         topk: int = 0,
-    ) -> list[dict]:
-        """One completion per request: tokens, their log-probs, and the top-`topk` ids."""
+    ) -> tuple[list[SampleMeta], list[Sample]]:
+        """One completion per request: its tokens, their log-probs and the top-`topk` ids,
+        filled into the request's sample. Returns (their metadata, the samples): called with
+        `num_returns=2`, so that the driver reads the metadata and passes the samples on."""
         from vllm import SamplingParams
 
         if self.asleep:
@@ -96,34 +99,34 @@ class RolloutWorker:
             )
             for r in requests
         ]
-        prompts = [{"prompt_token_ids": r.prompt_ids} for r in requests]
+        prompts = [{"prompt_token_ids": r.sample.prompt_ids} for r in requests]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        results = []
-        for r, out in zip(requests, outputs):
-            c = out.outputs[0]
-            ids = list(c.token_ids)
-            logprobs = [pos[t].logprob for t, pos in zip(ids, c.logprobs)]
-            topk_ids = None
-            if topk:
-                topk_ids = [
-                    [
-                        t
-                        for t, lp in sorted(pos.items(), key=lambda kv: kv[1].rank)
-                        if lp.rank is not None and lp.rank <= topk
-                    ][:topk]
-                    for pos in c.logprobs
-                ]
-            results.append(
-                {
-                    "key": r.key,
-                    "completion_ids": ids,
-                    "logprobs": logprobs,
-                    "topk_ids": topk_ids,
-                    "finish_reason": c.finish_reason,
-                    "policy_version": self.version,
-                }
-            )
-        return results
+        samples = [
+            self._completed(r.sample, out.outputs[0], topk) for r, out in zip(requests, outputs)
+        ]
+        return [s.meta() for s in samples], samples
+
+    def _completed(self, sample: Sample, c, topk: int) -> Sample:
+        """`sample` with vLLM's completion `c` filled in."""
+        ids = list(c.token_ids)
+        topk_ids = None
+        if topk:
+            topk_ids = [
+                [
+                    t
+                    for t, lp in sorted(pos.items(), key=lambda kv: kv[1].rank)
+                    if lp.rank is not None and lp.rank <= topk
+                ][:topk]
+                for pos in c.logprobs
+            ]
+        return replace(
+            sample,
+            completion_ids=ids,
+            logprobs=[pos[t].logprob for t, pos in zip(ids, c.logprobs)],
+            topk_ids=topk_ids,
+            finish_reason=c.finish_reason,
+            policy_version=self.version,
+        )
 
     def load_weights_from_dir(self, path: str, version: int) -> int:
         self.llm.collective_rpc("opd_load_from_dir", args=(path, version))
