@@ -73,6 +73,8 @@ def test_a_checkpoint_keeps_the_batches_sampled_ahead(tokenizer):
     sync.version = 1
     state = json.loads(json.dumps(straight.data_state()))  # as trainer_state.json holds it
     assert [b["step"] for b in state["pending"]] == [2, 3]
+    # what the teacher is shown is not kept: the resume derives it again from the objective
+    assert all(s["teacher_messages"] is None for b in state["pending"] for s in b["samples"])
 
     resumed = _rollouts(tokenizer, 2, sync)
     resumed.stream.load_state_dict(state)
