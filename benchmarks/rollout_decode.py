@@ -88,14 +88,19 @@ def time_variant(llm, prompts: list[list[int]], name: str, new_tokens: int, repe
     return statistics.median(times[1:]), generated
 
 
+def requests(prompts: list[list[int]], seed: int) -> list:
+    """One GenerationRequest per prompt, seeded `seed + i`."""
+    from opd.samples import GenerationRequest, Sample
+
+    return [GenerationRequest(Sample(i, 0, str(i), [], p), seed + i) for i, p in enumerate(prompts)]
+
+
 def print_host_profile(worker, prompts: list[list[int]], new_tokens: int) -> None:
     """cProfile of one `generate`: where the host spends a decode step (stdout)."""
     import cProfile
     import pstats
 
-    from opd.samples import GenerationRequest
-
-    reqs = [GenerationRequest(p, 7 + i, (i, 0)) for i, p in enumerate(prompts)]
+    reqs = requests(prompts, 7)
     prof = cProfile.Profile()
     prof.enable()
     worker.generate(reqs, max_new_tokens=new_tokens, temperature=1.0, top_p=1.0)
@@ -126,11 +131,9 @@ def compare(a: list[tuple], b: list[tuple]) -> dict:
 
 def seeded_generate(worker, prompts: list[list[int]], new_tokens: int) -> list[tuple]:
     """(tokens, log-probs) per prompt, with the same seeds on every call."""
-    from opd.samples import GenerationRequest
-
-    reqs = [GenerationRequest(p, 99 + i, (i, 0)) for i, p in enumerate(prompts)]
-    out = worker.generate(reqs, max_new_tokens=new_tokens, temperature=1.0, top_p=1.0)
-    return [(tuple(o["completion_ids"]), tuple(o["logprobs"])) for o in out]
+    reqs = requests(prompts, 99)
+    _, out = worker.generate(reqs, max_new_tokens=new_tokens, temperature=1.0, top_p=1.0)
+    return [(tuple(s.completion_ids), tuple(s.logprobs)) for s in out]
 
 
 def main() -> None:
@@ -158,7 +161,6 @@ def main() -> None:
 
     from opd.config.schema import RolloutConfig
     from opd.rollout.worker import RolloutWorker
-    from opd.samples import GenerationRequest
 
     cuda = torch.cuda.is_available()
     dtype = "bfloat16" if cuda else "float32"
@@ -200,12 +202,14 @@ def main() -> None:
         prompts = random_prompts(b, args.prompt_len, shape["vocab_size"], seed=b)
         times, generated = [], 0
         for r in range(args.repeats + 1):
-            reqs = [GenerationRequest(p, 1000 * r + i, (i, 0)) for i, p in enumerate(prompts)]
+            reqs = requests(prompts, 1000 * r)
             t0 = time.perf_counter()
-            out = worker.generate(reqs, max_new_tokens=args.new_tokens, temperature=1.0, top_p=1.0)
+            _, out = worker.generate(
+                reqs, max_new_tokens=args.new_tokens, temperature=1.0, top_p=1.0
+            )
             if r:
                 times.append(time.perf_counter() - t0)
-                generated = sum(len(o["completion_ids"]) for o in out)
+                generated = sum(s.n_tokens for s in out)
         sec = statistics.median(times)
         result = {
             "benchmark": "rollout_decode",

@@ -103,22 +103,11 @@ def sample_step(rollout, scorer, prompts, args, step: int):
     from opd.samples import GenerationRequest, Sample, sample_seed
 
     t0 = time.perf_counter()
-    reqs = [GenerationRequest(p, sample_seed(0, step, i, 0), (i, 0)) for i, p in enumerate(prompts)]
-    out = rollout.generate(reqs, max_new_tokens=args.new_tokens, temperature=1.0, top_p=1.0)
-    samples = [
-        Sample(
-            i,
-            0,
-            str(i),
-            [],
-            prompts[i],
-            r["completion_ids"],
-            r["logprobs"],
-            r["finish_reason"],
-            r["policy_version"],
-        )  # fmt: skip
-        for i, r in enumerate(out)
+    reqs = [
+        GenerationRequest(Sample(i, 0, str(i), [], p), sample_seed(0, step, i, 0))
+        for i, p in enumerate(prompts)
     ]
+    _, samples = rollout.generate(reqs, max_new_tokens=args.new_tokens, temperature=1.0, top_p=1.0)
     t1 = time.perf_counter()
     scorer.score(samples, TeacherRequest("sampled"))
     t2 = time.perf_counter()

@@ -24,9 +24,9 @@ from opd.models.sources import resolve_model
 from opd.objectives import Objective, build_objective
 from opd.objectives.base import step_normalizer
 from opd.progress import Progress
-from opd.rollout.schedule import Rollouts, generate
+from opd.rollout.schedule import Rollouts, generate, generate_batch
 from opd.rundir import RunLock
-from opd.samples import Sample
+from opd.samples import Sample, SampleBatch, SampleMeta
 from opd.signals import TeacherRequest, signal_of
 from opd.sync.weights import WeightSync, make_weight_sync
 
@@ -68,31 +68,29 @@ def score(
 
 
 def score_for_learners(
-    roles: Roles, sync: WeightSync, samples: list[Sample], objective: Objective
-) -> list:
-    """The teacher scores `samples` as the objective asks (its signal, after the conversation
-    it shows the teacher) and keeps the scores: one object reference per learner rank, for
-    its shard `samples[r::n]`, which the rank fetches itself; the driver waits for the
-    teacher's version only, then drops from the samples what only the teacher reads, so it
-    is not sent again to the learners. Restarts as in `score`."""
-    for s in samples:
-        s.teacher_messages = objective.teacher_messages(s)
+    roles: Roles, sync: WeightSync, batch: SampleBatch, request: TeacherRequest
+) -> tuple[list, int]:
+    """The teacher scores the batch's samples as `request` asks and keeps them: one object
+    reference per learner rank, to its shard `samples[r::n]` with the scores, which the rank
+    fetches itself; returns those and the teacher's version, the only thing the driver
+    reads. Restarts as in `score`."""
     n = len(roles.learner)
-    pending = roles.teacher.submit_score_shards(samples, objective.teacher_request(), n)
+    pending = roles.teacher.submit_score_shards(batch.parts, request, n)
     version = roles.teacher.collect_one(pending, 0, lambda i: sync.restore(roles.teacher, i))
-    for s in samples:
-        s.teacher_version = version
-        # what only the teacher reads: the learners get the top-k ids inside the scores
-        s.topk_ids = s.teacher_messages = None
-    return pending.refs[0][1:]
+    return pending.refs[0][1:], version
 
 
 def heldout_samples(
-    cfg: Config, roles: Roles, sync: WeightSync, heldout: list[Prompt]
-) -> list[Sample]:
+    cfg: Config,
+    roles: Roles,
+    sync: WeightSync,
+    heldout: list[Prompt],
+    objective: Objective | None = None,
+) -> SampleBatch:
     """Held-out completions at temperature 1, with the same seeds at every evaluation, so
-    successive evaluations differ only through the weights."""
-    return generate(
+    successive evaluations differ only through the weights; `objective`: the one whose
+    teacher will score them (None: the student's conversation)."""
+    return generate_batch(
         cfg,
         roles,
         heldout,
@@ -102,6 +100,7 @@ def heldout_samples(
         stream="heldout",
         max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
         temperature=1.0,
+        objective=objective,
     )
 
 
@@ -109,7 +108,8 @@ def heldout_reverse_kl(
     cfg: Config, roles: Roles, sync: WeightSync, heldout: list[Prompt]
 ) -> dict[str, float]:
     """Mean per-token sampled estimate of KL(student || teacher) on the held-out prompts."""
-    samples = score(roles, sync, heldout_samples(cfg, roles, sync, heldout), TeacherRequest())
+    samples = heldout_samples(cfg, roles, sync, heldout).fetch()
+    samples = score(roles, sync, samples, TeacherRequest())
     diff = torch.cat([torch.tensor(s.logprobs) - s.teacher.logprobs_BT[0] for s in samples])
     return {
         "heldout/reverse_kl": diff.mean().item(),
@@ -122,22 +122,21 @@ def heldout_objective(
 ) -> dict[str, float]:
     """A teacher that cannot score the student's token ids (another tokenizer): the learner
     evaluates the objective itself on the held-out completions (simct: the aligned KL)."""
-    samples = heldout_samples(cfg, roles, sync, heldout)
+    batch = heldout_samples(cfg, roles, sync, heldout, objective)
     n = len(roles.learner)
-    if len(samples) < n:
+    if len(batch) < n:
         raise ValueError(
-            f"eval.heldout_prompts x eval.heldout_samples = {len(samples)} is fewer than "
+            f"eval.heldout_prompts x eval.heldout_samples = {len(batch)} is fewer than "
             f"learner.num_workers={n}: every learner rank needs a held-out sample"
         )
-    scores = score_for_learners(roles, sync, samples, objective)
+    shards, _ = score_for_learners(roles, sync, batch, objective.teacher_request())
     sums: dict[str, float] = {}
-    shards = [(samples[r::n], scores[r]) for r in range(n)]
-    for part in roles.learner.evaluate(shards):
+    for part in roles.learner.evaluate([(shard,) for shard in shards]):
         for k, v in part.items():
             sums[k] = sums.get(k, 0.0) + v
     tokens = max(1.0, sums.pop("tokens"))
     out = {f"heldout/{k}": v / tokens for k, v in sums.items()}
-    out["heldout/completion_tokens"] = tokens / len(samples)
+    out["heldout/completion_tokens"] = tokens / len(batch)
     return out
 
 
@@ -157,13 +156,11 @@ def evaluation(
     return metrics
 
 
-def learn(roles: Roles, samples: list[Sample], scores: list, objective: Objective) -> dict:
-    """One optimizer step: rank r learns from `samples[r::n]` with the teacher's scores for
-    them (`scores[r]`, a reference the rank resolves)."""
-    n = len(roles.learner)
-    normalizer = step_normalizer(objective, [s.n_tokens for s in samples])
-    shards = [(samples[r::n], normalizer, scores[r]) for r in range(n)]
-    return roles.learner.train_step(shards)
+def learn(roles: Roles, metas: list[SampleMeta], shards: list, objective: Objective) -> dict:
+    """One optimizer step: rank r learns from its scored shard (`shards[r]`, a reference the
+    rank resolves); the step's normalizer comes from the samples' metadata."""
+    normalizer = step_normalizer(objective, [m.n_tokens for m in metas])
+    return roles.learner.train_step([(shard, normalizer) for shard in shards])
 
 
 def save_checkpoint(
@@ -266,14 +263,14 @@ def _train(cfg: Config, run_dir: Path) -> Path:
         for step in range(start + 1, cfg.trainer.steps + 1):
             t0 = time.perf_counter()
             rollouts.fill(step, tokenizer)
-            samples = rollouts.take(step)
+            batch = rollouts.take(step)
             t1 = time.perf_counter()
             if sleeps:
                 roles.rollout.sleep()  # the teacher and the learner get the devices
             t_sleep = time.perf_counter() - t1
-            scores = score_for_learners(roles, sync, samples, objective)
+            shards, teacher_version = score_for_learners(roles, sync, batch, request)
             t2 = time.perf_counter()
-            metrics = learn(roles, samples, scores, objective)
+            metrics = learn(roles, batch.metas, shards, objective)
             t3 = time.perf_counter()
             if sleeps:
                 roles.rollout.wake_up()
@@ -281,8 +278,9 @@ def _train(cfg: Config, run_dir: Path) -> Path:
             metrics.update(sync.push(version=step))
             t4 = time.perf_counter()
 
-            tokens = sum(s.n_tokens for s in samples)
-            versions = [s.policy_version for s in samples]
+            metas = batch.metas
+            tokens = sum(m.n_tokens for m in metas)
+            versions = [m.policy_version for m in metas]
             metrics.update(
                 {
                     "time/rollout": t1 - t0,
@@ -291,14 +289,14 @@ def _train(cfg: Config, run_dir: Path) -> Path:
                     "time/sync": t4 - t3,
                     "time/step": t4 - t0,
                     "perf/tokens_per_s": tokens / (t4 - t0),
-                    "rollout/samples": float(len(samples)),
-                    "rollout/completion_tokens": tokens / len(samples),
-                    "rollout/truncated": sum(s.finish_reason == "length" for s in samples)
-                    / len(samples),
+                    "rollout/samples": float(len(metas)),
+                    "rollout/completion_tokens": tokens / len(metas),
+                    "rollout/truncated": sum(m.finish_reason == "length" for m in metas)
+                    / len(metas),
                     "rollout/policy_version": float(min(versions)),
                     "rollout/staleness": float(step - 1 - min(versions)),
-                    "rollout/teacher_version": float(samples[0].teacher_version),
-                    "rollout/on_policy": float(samples[0].on_policy),
+                    "rollout/teacher_version": float(teacher_version),
+                    "rollout/on_policy": float(batch.on_policy),
                     "rollout/restarts": float(roles.rollout.restarts),
                     "teacher/restarts": float(roles.teacher.restarts),
                 }

@@ -1,12 +1,13 @@
 """What flows between the roles: sampled completions, with the teacher's scores for them.
 
 A module of its own (not a role's): the rollout makes samples, the teacher scores them and the
-learner learns from them, and none of the three imports another."""
+learner learns from them, and none of the three imports another. The samples go from one role to
+the next as Ray object references; the driver holds a batch's metadata only (`SampleBatch`)."""
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from opd.signals.base import Scores
 
@@ -30,23 +31,17 @@ def _seed(key: str) -> int:
 
 
 @dataclass
-class GenerationRequest:
-    prompt_ids: list[int]
-    seed: int
-    key: tuple[int, int]  # (prompt_index, sample_index) within the step
-
-
-@dataclass
 class Sample:
     prompt_index: int
     sample_index: int
     prompt_id: str
     messages: list[dict[str, str]]
     prompt_ids: list[int]
-    completion_ids: list[int]
-    logprobs: list[float]  # rollout engine's log pi_old of each completion token
-    finish_reason: str
-    policy_version: int
+    # the completion side, filled by the rollout worker (empty in a request's prompt side)
+    completion_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)  # the engine's log pi_old of each token
+    finish_reason: str = ""
+    policy_version: int = 0
     topk_ids: list[list[int]] | None = None  # the engine's top-k ids per position, if asked
     teacher: Scores | None = None  # the requested signal's scores, filled by the teacher
     teacher_version: int = 0
@@ -62,3 +57,76 @@ class Sample:
     @property
     def n_tokens(self) -> int:
         return len(self.completion_ids)
+
+    @property
+    def key(self) -> tuple[int, int]:
+        """(prompt_index, sample_index): its place in the step's batch."""
+        return (self.prompt_index, self.sample_index)
+
+    def meta(self) -> SampleMeta:
+        return SampleMeta(
+            self.prompt_index,
+            self.sample_index,
+            self.n_tokens,
+            self.finish_reason,
+            self.policy_version,
+        )
+
+
+@dataclass(frozen=True)
+class SampleMeta:
+    """What the driver keeps of a sample: where it sits, how long it is and how it ended, and
+    the policy that sampled it. The rest travels between the roles by reference."""
+
+    prompt_index: int
+    sample_index: int
+    n_tokens: int
+    finish_reason: str
+    policy_version: int
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.prompt_index, self.sample_index)
+
+
+@dataclass
+class GenerationRequest:
+    """One completion to sample: `sample` is its prompt side (the completion side empty),
+    which the rollout worker fills in."""
+
+    sample: Sample
+    seed: int
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return self.sample.key
+
+
+@dataclass
+class SampleBatch:
+    """One step's samples as the driver holds them: each sample's metadata, in (prompt, sample)
+    order, and references to the samples themselves, which go on to the teacher unread."""
+
+    metas: list[SampleMeta]
+    parts: list  # object references, each to a list of Samples (one rollout worker's)
+    on_policy: bool = True  # False: dataset completions (gkd's off-policy batches)
+
+    def __len__(self) -> int:
+        return len(self.metas)
+
+    def fetch(self) -> list[Sample]:
+        """The samples themselves, in (prompt, sample) order: read into the driver, so only
+        for evaluation and checkpoints."""
+        import ray
+
+        return sorted((s for part in ray.get(self.parts) for s in part), key=lambda s: s.key)
+
+    @classmethod
+    def put(cls, samples: list[Sample]) -> SampleBatch:
+        """Samples the driver holds (dataset completions, a checkpoint's batches), stored once
+        in Ray's object store."""
+        import ray
+
+        samples = sorted(samples, key=lambda s: s.key)
+        on_policy = all(s.on_policy for s in samples)
+        return cls([s.meta() for s in samples], [ray.put(samples)], on_policy)

@@ -13,11 +13,12 @@ class LearnerGroup(ActorGroup):
     """DeepSpeed data-parallel ranks; rank 0 holds what is not sharded."""
 
     def train_step(self, shards: list[tuple]) -> dict[str, float]:
-        """One optimizer step; rank r gets `shards[r]` = (samples, normalizer, scores)."""
+        """One optimizer step; rank r gets `shards[r]` = (scored samples, normalizer), the
+        samples as a reference it resolves itself."""
         return self.call_each("train_step", shards)[0]
 
     def evaluate(self, shards: list[tuple]) -> list[dict[str, float]]:
-        """Each rank's loss and metric sums over its (samples, scores) shard."""
+        """Each rank's loss and metric sums over its shard: `shards[r]` = (scored samples,)."""
         return self.call_each("evaluate", shards)
 
     def save_checkpoint(self, directory: str) -> None:
@@ -57,9 +58,10 @@ class TeacherGroup(ActorGroup):
     def submit_score(self, samples: list, request) -> Pending:
         return self.submit_each("score", [(samples, request)])
 
-    def submit_score_shards(self, samples: list, request, shards: int) -> Pending:
-        """Scores kept as `shards` references (`pending.refs[0][1:]`); collects the version."""
-        return self.submit_each("score_shards", [(samples, request, shards)], 1 + shards)
+    def submit_score_shards(self, parts: list, request, shards: int) -> Pending:
+        """The samples of `parts` (references to lists of samples) scored and kept as `shards`
+        references (`pending.refs[0][1:]`); collects the version."""
+        return self.submit_each("score_shards", [(request, shards, *parts)], 1 + shards)
 
     def submit_update(self, folder: str, version: int) -> Pending:
         return self.submit_each("update_from_dir", [(folder, version)])
@@ -81,9 +83,10 @@ class RolloutGroup(ActorGroup):
     """vLLM engines, one per worker."""
 
     def submit_generate(self, per_worker: list[tuple], **sampling: Any) -> Pending:
-        """Worker w generates `per_worker[w]` = (GenerationRequests, the call's batch seed) with
-        `sampling` settings."""
-        return self.submit_each("generate", per_worker, **sampling)
+        """Worker w generates `per_worker[w]` = (GenerationRequests, the call's batch seed)
+        with `sampling` settings. `collect` gathers the samples' metadata; `pending.refs[w][1]`
+        stays a reference to worker w's samples."""
+        return self.submit_each("generate", per_worker, num_returns=2, **sampling)
 
     def sleep(self) -> None:
         self.call("sleep")

@@ -1,9 +1,10 @@
 """The learner: one DeepSpeed data-parallel rank per Ray actor.
 
-Each step the driver hands every rank its shard of the batch. The rank runs micro-batches
-with gradient accumulation, asks the objective for a loss sum, normalizes it by the token
-count of the whole step (all ranks, all micro-batches), and takes one optimizer step, or
-skips it when any gradient on any rank is not finite.
+Each step every rank gets its shard of the batch, scored by the teacher (a reference that the
+driver passes on unread). The rank runs micro-batches with gradient accumulation, asks the
+objective for a loss sum, normalizes it by the token count of the whole step (all ranks, all
+micro-batches), and takes one optimizer step, or skips it when any gradient on any rank is not
+finite.
 """
 
 from __future__ import annotations
@@ -188,13 +189,9 @@ class Learner:
             **self.signal.student_inputs(self.model, hidden_BTH, scores),
         )
 
-    def train_step(
-        self, samples: list[Sample], normalizer: int, scores: list | None = None
-    ) -> dict[str, float]:
-        """One optimizer step over this rank's shard. `normalizer` is the whole step's
-        `step_normalizer` (all ranks): loss and metric sums are divided by it. `scores`: the
-        teacher's, one per sample, where the samples do not carry them."""
-        _attach(samples, scores)
+    def train_step(self, samples: list[Sample], normalizer: int) -> dict[str, float]:
+        """One optimizer step over this rank's shard, scored by the teacher. `normalizer` is
+        the whole step's `step_normalizer` (all ranks): loss and metric sums are divided by it."""
         self.model.train()
         mbs = self.cfg.micro_batch_size
         sums: dict[str, torch.Tensor] = {}
@@ -230,11 +227,10 @@ class Learner:
         return self.objective.finalize_metrics(metrics)
 
     @torch.no_grad()
-    def evaluate(self, samples: list[Sample], scores: list | None = None) -> dict[str, float]:
-        """The objective's loss and metric *sums* over `samples` (one forward, no update), and
-        the completion tokens they cover. Under ZeRO-3 every rank must call this with >= 1
-        sample (the forward gathers parameters collectively)."""
-        _attach(samples, scores)
+    def evaluate(self, samples: list[Sample]) -> dict[str, float]:
+        """The objective's loss and metric *sums* over scored `samples` (one forward, no
+        update), and the completion tokens they cover. Under ZeRO-3 every rank must call this
+        with >= 1 sample (the forward gathers parameters collectively)."""
         if not samples:
             raise ValueError(f"learner rank {self.rank}: evaluate needs at least one sample")
         self.model.eval()
@@ -385,9 +381,3 @@ class Learner:
 
     def ping(self) -> int:
         return self.rank
-
-
-def _attach(samples: list[Sample], scores: list | None) -> None:
-    if scores is not None:
-        for s, sc in zip(samples, scores, strict=True):
-            s.teacher = sc

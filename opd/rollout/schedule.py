@@ -1,21 +1,23 @@
 """What the rollout workers generate each step, and how far ahead of the learner.
 
 `submit_generation` / `collect_generation` spread a batch's seeded requests over the workers
-and gather the samples, redoing the part of a worker that died (after it got the current
-weights back). `Rollouts` keeps batches in flight up to `rollout.max_staleness` steps ahead.
+and gather the samples' metadata, redoing the part of a worker that died (after it got the
+current weights back); the samples stay in Ray's object store, as a `SampleBatch`'s references
+that go on to the teacher. `Rollouts` keeps batches in flight up to `rollout.max_staleness`
+steps ahead.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from opd.cluster.group import Pending, RoleError
 from opd.cluster.roles import Roles
 from opd.config import Config
 from opd.data.prompts import Prompt, PromptStream
 from opd.objectives import Objective
-from opd.samples import GenerationRequest, Sample, batch_seed, sample_seed
+from opd.samples import GenerationRequest, Sample, SampleBatch, batch_seed, sample_seed
 from opd.signals import TeacherRequest
 from opd.sync.weights import WeightSync
 
@@ -24,10 +26,30 @@ from opd.sync.weights import WeightSync
 class Generation:
     """A batch being generated: requests spread over the rollout workers, in flight."""
 
-    prompts: list[Prompt]
     pending: Pending
     versions: list[int]  # the policy version each worker must sample with
-    temperature: float
+
+
+def prompt_samples(
+    cfg: Config,
+    prompts: list[Prompt],
+    samples_per_prompt: int,
+    temperature: float,
+    objective: Objective | None = None,
+) -> list[Sample]:
+    """The prompt side of n samples per prompt, in (prompt, sample) order: with the prompt's
+    demonstration (`data.demonstration_field`), and the conversation `objective` shows the
+    teacher (None: the student's)."""
+    out = []
+    for i, p in enumerate(prompts):
+        demonstration = _field(p, cfg.data.demonstration_field)
+        for j in range(samples_per_prompt):
+            s = Sample(i, j, p.id, p.messages, p.token_ids, demonstration=demonstration)
+            s.temperature = temperature
+            if objective is not None:
+                s.teacher_messages = objective.teacher_messages(s)
+            out.append(s)
+    return out
 
 
 def submit_generation(
@@ -42,14 +64,15 @@ def submit_generation(
     temperature: float,
     version: int,
     topk: int = 0,
+    objective: Objective | None = None,
 ) -> Generation:
     """n samples per prompt, seeded by (run.seed, step, prompt, sample), or per worker by
     (run.seed, step, worker) (`rollout.seed_by`), spread over workers; returns at once.
-    `version` is the policy version the workers hold now."""
+    `version` is the policy version the workers hold now; `objective`: the one whose teacher
+    scores the samples, if any (`prompt_samples`)."""
     requests = [
-        GenerationRequest(p.token_ids, sample_seed(cfg.run.seed, step, i, j, stream), (i, j))
-        for i, p in enumerate(prompts)
-        for j in range(samples_per_prompt)
+        GenerationRequest(s, sample_seed(cfg.run.seed, step, *s.key, stream))
+        for s in prompt_samples(cfg, prompts, samples_per_prompt, temperature, objective)
     ]
     n = len(roles.rollout)
     pending = roles.rollout.submit_generate(
@@ -59,62 +82,52 @@ def submit_generation(
         top_p=cfg.rollout.top_p if stream == "train" else 1.0,
         topk=topk,
     )
-    return Generation(prompts, pending, [version] * n, temperature)
+    return Generation(pending, [version] * n)
 
 
 def collect_generation(
     cfg: Config, roles: Roles, gen: Generation, sync: WeightSync | None
-) -> list[Sample]:
-    """The batch's samples, in (prompt, sample) order. A worker that died is restarted by Ray,
-    given the current weights and its requests again (same seeds: same samples); a worker
-    that came back while idle is caught by the version it reports."""
+) -> SampleBatch:
+    """The batch: its samples' metadata, in (prompt, sample) order, and a reference to each
+    worker's samples. A worker that died is restarted by Ray, given the current weights and
+    its requests again (same seeds: same samples); a worker that came back while idle is
+    caught by the version it reports."""
 
     def restore(i: int) -> None:
         sync.restore(roles.rollout, i)
         gen.versions[i] = sync.version
 
-    results = roles.rollout.collect(gen.pending, on_restart=restore)
-    for i, part in enumerate(results):
-        if any(r["policy_version"] != gen.versions[i] for r in part):
+    metas = roles.rollout.collect(gen.pending, on_restart=restore)
+    for i, part in enumerate(metas):
+        if any(m.policy_version != gen.versions[i] for m in part):
             restore(i)  # restarted between calls: it sampled with its initial weights
             roles.rollout.restarts += 1
             roles.rollout.resubmit(gen.pending, i)
-            results[i] = roles.rollout.collect_one(gen.pending, i, on_restart=restore)
-            if any(r["policy_version"] != gen.versions[i] for r in results[i]):
+            metas[i] = roles.rollout.collect_one(gen.pending, i, on_restart=restore)
+            if any(m.policy_version != gen.versions[i] for m in metas[i]):
                 raise RoleError(
                     f"rollout[{i}] samples with policy version "
-                    f"{results[i][0]['policy_version']}, expected {gen.versions[i]}"
+                    f"{metas[i][0].policy_version}, expected {gen.versions[i]}"
                 )
-    out = []
-    for r in sorted((r for rs in results for r in rs), key=lambda r: r["key"]):
-        p = gen.prompts[r["key"][0]]
-        out.append(
-            Sample(
-                prompt_index=r["key"][0],
-                sample_index=r["key"][1],
-                prompt_id=p.id,
-                messages=p.messages,
-                prompt_ids=p.token_ids,
-                completion_ids=r["completion_ids"],
-                logprobs=r["logprobs"],
-                finish_reason=r["finish_reason"],
-                policy_version=r["policy_version"],
-                topk_ids=r["topk_ids"],
-                demonstration=_field(p, cfg.data.demonstration_field),
-                temperature=gen.temperature,
-            )
-        )
-    return out
+    ordered = sorted((m for part in metas for m in part), key=lambda m: m.key)
+    return SampleBatch(ordered, [refs[1] for refs in gen.pending.refs])
+
+
+def generate_batch(
+    cfg: Config, roles: Roles, prompts: list[Prompt], *, sync: WeightSync | None = None, **how
+) -> SampleBatch:
+    """`submit_generation` (with its keyword arguments `how`, at the policy version `sync`
+    holds) + `collect_generation`, blocking."""
+    version = sync.version if sync is not None else 0
+    gen = submit_generation(cfg, roles, prompts, **how, version=version)
+    return collect_generation(cfg, roles, gen, sync)
 
 
 def generate(
     cfg: Config, roles: Roles, prompts: list[Prompt], *, sync: WeightSync | None = None, **how
 ) -> list[Sample]:
-    """`submit_generation` (with its keyword arguments `how`, at the policy version `sync`
-    holds) + `collect_generation`, blocking (evaluation)."""
-    version = sync.version if sync is not None else 0
-    gen = submit_generation(cfg, roles, prompts, **how, version=version)
-    return collect_generation(cfg, roles, gen, sync)
+    """`generate_batch`'s samples, read into the driver (evaluation)."""
+    return generate_batch(cfg, roles, prompts, sync=sync, **how).fetch()
 
 
 def _field(prompt: Prompt, name: str | None) -> str | None:
@@ -125,29 +138,18 @@ def _field(prompt: Prompt, name: str | None) -> str | None:
     return str(prompt.row[name])
 
 
-def reference_samples(cfg: Config, prompts: list[Prompt], tokenizer, version: int) -> list[Sample]:
+def reference_samples(
+    cfg: Config, prompts: list[Prompt], tokenizer, version: int, objective: Objective
+) -> SampleBatch:
     """Dataset completions in place of student samples (gkd's off-policy batches)."""
-    out = []
-    for i, p in enumerate(prompts):
+    samples = prompt_samples(cfg, prompts, 1, 1.0, objective)
+    for s, p in zip(samples, prompts):
         text = _field(p, cfg.data.completion_field)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"][: cfg.rollout.max_new_tokens]
-        ids = [*ids, tokenizer.eos_token_id]
-        out.append(
-            Sample(
-                prompt_index=i,
-                sample_index=0,
-                prompt_id=p.id,
-                messages=p.messages,
-                prompt_ids=p.token_ids,
-                completion_ids=ids,
-                logprobs=[0.0] * len(ids),
-                finish_reason="reference",
-                policy_version=version,
-                demonstration=_field(p, cfg.data.demonstration_field),
-                on_policy=False,
-            )
-        )
-    return out
+        s.completion_ids = [*ids, tokenizer.eos_token_id]
+        s.logprobs = [0.0] * len(s.completion_ids)
+        s.finish_reason, s.policy_version, s.on_policy = "reference", version, False
+    return SampleBatch.put(samples)
 
 
 @dataclass
@@ -156,7 +158,7 @@ class Batch:
 
     step: int
     generation: Generation | None = None  # None: dataset completions (gkd's off-policy steps)
-    samples: list[Sample] | None = None
+    samples: SampleBatch | None = None
 
 
 class Rollouts:
@@ -187,7 +189,10 @@ class Rollouts:
         as they were sampled."""
         self.next_step = step
         for b in pending or []:
-            self.queue.append(Batch(b["step"], samples=[Sample(**s) for s in b["samples"]]))
+            samples = [Sample(**s) for s in b["samples"]]
+            for s in samples:  # not kept: what the teacher is shown follows from the sample
+                s.teacher_messages = self.objective.teacher_messages(s)
+            self.queue.append(Batch(b["step"], samples=SampleBatch.put(samples)))
             self.next_step = b["step"] + 1
 
     def fill(self, learner_step: int, tokenizer) -> None:
@@ -209,18 +214,19 @@ class Rollouts:
                     temperature=self.cfg.rollout.temperature,
                     version=self.sync.version,
                     topk=self.request.rollout_topk,
+                    objective=self.objective,
                 )
             else:
-                batch.samples = reference_samples(self.cfg, prompts, tokenizer, self.sync.version)
+                batch.samples = reference_samples(
+                    self.cfg, prompts, tokenizer, self.sync.version, self.objective
+                )
             self.queue.append(batch)
             self.next_step += 1
 
-    def take(self, step: int) -> list[Sample]:
+    def take(self, step: int) -> SampleBatch:
         batch = self.queue.popleft()
         assert batch.step == step, (batch.step, step)
-        if batch.samples is None:
-            batch.samples = collect_generation(self.cfg, self.roles, batch.generation, self.sync)
-        stale = (step - 1) - min(s.policy_version for s in batch.samples)
+        stale = (step - 1) - min(m.policy_version for m in self._collected(batch).metas)
         if stale > self.cfg.rollout.max_staleness:
             raise RuntimeError(
                 f"step {step}: batch sampled {stale} updates ago, over rollout.max_staleness="
@@ -230,12 +236,18 @@ class Rollouts:
 
     def data_state(self) -> dict:
         """The prompt stream's position and the batches sampled ahead but not yet learned
-        (waited for): a resume learns from those as an uninterrupted run would, rather than
-        sampling their prompts again from newer weights."""
+        (waited for, and read into the driver): a resume learns from those as an
+        uninterrupted run would, rather than sampling their prompts again from newer
+        weights. What the teacher is shown is left out (`start` derives it again)."""
         pending = []
         for batch in self.queue:
-            if batch.samples is None:
-                gen = batch.generation
-                batch.samples = collect_generation(self.cfg, self.roles, gen, self.sync)
-            pending.append({"step": batch.step, "samples": [asdict(s) for s in batch.samples]})
+            samples = self._collected(batch).fetch()
+            rows = [asdict(replace(s, teacher_messages=None)) for s in samples]
+            pending.append({"step": batch.step, "samples": rows})
         return {**self.stream.state_dict(), "pending": pending}
+
+    def _collected(self, batch: Batch) -> SampleBatch:
+        if batch.samples is None:
+            gen = batch.generation
+            batch.samples = collect_generation(self.cfg, self.roles, gen, self.sync)
+        return batch.samples

@@ -11,10 +11,11 @@ cache is reset after every update, since cached keys and values belong to the ol
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 from opd.cluster.devices import show_peer_gpus
 from opd.config.schema import RolloutConfig
-from opd.samples import GenerationRequest
+from opd.samples import GenerationRequest, Sample, SampleMeta
 
 EXTENSION = "opd.sync.vllm_extension.WeightSyncExtension"
 _VLLM_DEFAULT_MAX_LOGPROBS = 20
@@ -82,9 +83,11 @@ class RolloutWorker:
         temperature: float,
         top_p: float,
         topk: int = 0,
-    ) -> list[dict]:
-        """One completion per request: tokens, their log-probs, and the top-`topk` ids. Seeded
-        per request, or once for the call with `batch_seed` (`rollout.seed_by`)."""
+    ) -> tuple[list[SampleMeta], list[Sample]]:
+        """One completion per request: its tokens, their log-probs and the top-`topk` ids,
+        filled into the request's sample. Seeded per request, or once for the call with
+        `batch_seed` (`rollout.seed_by`). Returns (their metadata, the samples): called with
+        `num_returns=2`, so that the driver reads the metadata and passes the samples on."""
         from vllm import SamplingParams
 
         if self.asleep:
@@ -105,23 +108,24 @@ class RolloutWorker:
         if not per_request:
             # unseeded requests draw from the engine's default generators, seeded here
             self.llm.collective_rpc("opd_seed_sampling", args=(batch_seed,))
-        prompts = [{"prompt_token_ids": r.prompt_ids} for r in requests]
+        prompts = [{"prompt_token_ids": r.sample.prompt_ids} for r in requests]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        results = []
-        for r, out in zip(requests, outputs):
-            c = out.outputs[0]
-            logprobs, topk_ids = _read_logprobs(c.logprobs, topk)
-            results.append(
-                {
-                    "key": r.key,
-                    "completion_ids": list(c.token_ids),
-                    "logprobs": logprobs,
-                    "topk_ids": topk_ids,
-                    "finish_reason": c.finish_reason,
-                    "policy_version": self.version,
-                }
-            )
-        return results
+        samples = [
+            self._completed(r.sample, out.outputs[0], topk) for r, out in zip(requests, outputs)
+        ]
+        return [s.meta() for s in samples], samples
+
+    def _completed(self, sample: Sample, c, topk: int) -> Sample:
+        """`sample` with vLLM's completion `c` filled in."""
+        logprobs, topk_ids = _read_logprobs(c.logprobs, topk)
+        return replace(
+            sample,
+            completion_ids=list(c.token_ids),
+            logprobs=logprobs,
+            topk_ids=topk_ids,
+            finish_reason=c.finish_reason,
+            policy_version=self.version,
+        )
 
     def load_weights_from_dir(self, path: str, version: int) -> int:
         self.llm.collective_rpc("opd_load_from_dir", args=(path, version))

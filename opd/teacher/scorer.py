@@ -130,12 +130,16 @@ class TeacherScorer:
             s.teacher, s.teacher_version = sc, self.version
         return samples
 
-    def score_shards(self, samples: list[Sample], request: TeacherRequest, shards: int) -> tuple:
-        """(teacher version, scores of samples[0::shards], ..., of samples[shards-1::shards]):
-        called with `num_returns=1 + shards`, so that each learner rank fetches its shard's
-        scores itself and the driver only sees the version."""
-        scored = self.score(samples, request)
-        return (self.version, *([s.teacher for s in scored[r::shards]] for r in range(shards)))
+    def score_shards(self, request: TeacherRequest, shards: int, *parts: list[Sample]) -> tuple:
+        """(teacher version, samples[0::shards], ..., samples[shards-1::shards]): the samples
+        of `parts` (one rollout worker's each, which Ray resolves from references) in (prompt,
+        sample) order, scored, without what only the teacher reads (the rollout's top-k ids
+        travel inside the scores). Called with `num_returns=1 + shards`, so that each learner
+        rank fetches its shard itself and the driver only sees the version."""
+        samples = sorted((s for part in parts for s in part), key=lambda s: s.key)
+        for s in self.score(samples, request):
+            s.topk_ids = s.teacher_messages = None
+        return (self.version, *(samples[r::shards] for r in range(shards)))
 
     def signal_report(self, request: TeacherRequest) -> list[str]:
         """Start-up lines about the pair of models, where the signal has any."""

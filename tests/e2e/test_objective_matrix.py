@@ -22,9 +22,11 @@ from pathlib import Path
 import pytest
 from e2e_runs import SHORT, stable
 
+from opd import loop
 from opd.config import check_resources, load_config
 from opd.loop import train
 from opd.metrics import read_metrics
+from opd.objectives import build_objective
 
 pytestmark = pytest.mark.e2e
 
@@ -120,7 +122,9 @@ def test_every_estimator_trains_end_to_end(case, tiny_pair, ray_session, tmp_pat
     if case == "reverse_kl-full":
         # the teacher's full logits go from the teacher to the learner by reference: what the
         # driver reads in the whole run is less than one step's logits (4 x 16 x 384 fp32)
-        assert sum(received) < 4 * 16 * 384 * 4, sum(received)
+        total = sum(received["run"]) + sum(received["evaluation"])
+        assert total < 4 * 16 * 384 * 4, total
+    _check_driver_reads_per_step(cfg, received["run"])
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in rows] == [0, 1, 2]
     heldout = "heldout/simct/aligned_kl" if case.startswith("simct") else "heldout/reverse_kl"
@@ -143,22 +147,43 @@ def test_every_estimator_trains_end_to_end(case, tiny_pair, ray_session, tmp_pat
     _check_golden(case, rows)
 
 
-def _count_driver_reads(monkeypatch) -> list[int]:
-    """Sizes of what the driver's actor groups read back (every `ray.get` they make)."""
+def _count_driver_reads(monkeypatch) -> dict[str, list[int]]:
+    """Sizes of what the driver reads back (every `ray.get`): during `evaluation`, which reads
+    held-out samples by design, and during the rest of the run."""
     import ray
 
-    from opd.cluster import group
-
-    sizes: list[int] = []
-    real_get = ray.get
+    sizes: dict[str, list[int]] = {"run": [], "evaluation": []}
+    phase = ["run"]
+    real_get, real_evaluation = ray.get, loop.evaluation
 
     def get(refs, *args, **kwargs):
         out = real_get(refs, *args, **kwargs)
-        sizes.append(len(ray.cloudpickle.dumps(out)))
+        sizes[phase[0]].append(len(ray.cloudpickle.dumps(out)))
         return out
 
-    monkeypatch.setattr(group.ray, "get", get)
+    def evaluation(*args, **kwargs):
+        phase[0] = "evaluation"
+        try:
+            return real_evaluation(*args, **kwargs)
+        finally:
+            phase[0] = "run"
+
+    monkeypatch.setattr(ray, "get", get)
+    monkeypatch.setattr(loop, "evaluation", evaluation)
     return sizes
+
+
+def _check_driver_reads_per_step(cfg, sizes: list[int]) -> None:
+    """The samples go from the rollout to the teacher and the learners by reference: outside
+    evaluation, the driver reads less per step (start-up included) than one step's top-k ids
+    from the rollout, at 2 bytes or more each pickled."""
+    o = cfg.objective
+    k = build_objective(o.name, o.params, o.import_path).teacher_request().rollout_topk
+    if not k:
+        return
+    r = cfg.rollout
+    topk_ids = r.prompts_per_step * r.samples_per_prompt * r.max_new_tokens * k * 2
+    assert sum(sizes) / cfg.trainer.steps < topk_ids, (sum(sizes), topk_ids)
 
 
 def _fingerprint() -> dict:

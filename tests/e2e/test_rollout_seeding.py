@@ -19,21 +19,32 @@ import json, sys
 
 from opd.config.schema import RolloutConfig
 from opd.rollout.worker import RolloutWorker
-from opd.samples import GenerationRequest
+from opd.samples import GenerationRequest, Sample
 
 if __name__ == "__main__":
     from vllm import SamplingParams
 
     worker = RolloutWorker(sys.argv[1], RolloutConfig(seed_by="batch", max_model_len=256), seed=0)
     prompts = [[1, 5 + i, 9, 13 + 2 * i] for i in range(4)]
-    requests = [GenerationRequest(p, 100 + i, (i, 0)) for i, p in enumerate(prompts)]
+    requests = [
+        GenerationRequest(Sample(i, 0, str(i), [], p), 100 + i) for i, p in enumerate(prompts)
+    ]
     how = dict(max_new_tokens=12, temperature=1.0, top_p=1.0, topk=3)
+
+    def generate(*args):
+        metas, samples = worker.generate(*args, **how)
+        assert [m.n_tokens for m in metas] == [s.n_tokens for s in samples]
+        return [
+            {"completion_ids": s.completion_ids, "logprobs": s.logprobs, "topk_ids": s.topk_ids}
+            for s in samples
+        ]
+
     out = {
-        "request_all": worker.generate(requests, **how),
-        "request_two": worker.generate(requests[:2], **how),
-        "batch_a": worker.generate(requests, 7, **how),
-        "batch_a_again": worker.generate(requests, 7, **how),
-        "batch_b": worker.generate(requests, 8, **how),
+        "request_all": generate(requests),
+        "request_two": generate(requests[:2]),
+        "batch_a": generate(requests, 7),
+        "batch_a_again": generate(requests, 7),
+        "batch_b": generate(requests, 8),
     }
     # vLLM's own per-token dicts for the per-request seeds: what the flat reading must equal
     params = [

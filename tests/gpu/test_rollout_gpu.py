@@ -12,18 +12,19 @@ import json, sys
 import torch
 from transformers import AutoModelForCausalLM
 from opd.config.schema import RolloutConfig
-from opd.samples import GenerationRequest
+from opd.samples import GenerationRequest, Sample
 from opd.rollout.worker import RolloutWorker
 
 path = sys.argv[1]
 cfg = RolloutConfig(dtype="bfloat16", gpu_memory_utilization=0.15, max_model_len=256,
                     enforce_eager=True)
 worker = RolloutWorker(path, cfg, seed=0, device="cuda")
-requests = [GenerationRequest([1, 5, 9, 13], seed=100 + i, key=(i, 0)) for i in range(4)]
+requests = [GenerationRequest(Sample(i, 0, str(i), [], [1, 5, 9, 13]), seed=100 + i)
+            for i in range(4)]
 
 def sample():
-    out = worker.generate(requests, max_new_tokens=12, temperature=1.0, top_p=1.0)
-    return [(r["completion_ids"], r["logprobs"]) for r in out]
+    _, out = worker.generate(requests, max_new_tokens=12, temperature=1.0, top_p=1.0)
+    return [(s.completion_ids, s.logprobs) for s in out]
 
 before = sample()
 model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda()

@@ -1,6 +1,6 @@
-"""`Rollouts`, the batches kept ahead of the learner, without Ray: an objective that trains on
-dataset completions (sft) fills batches at once, so checkpointing them and the staleness guard
-run on the real methods.
+"""`Rollouts`, the batches kept ahead of the learner, without actors (a local Ray holds the
+samples): an objective that trains on dataset completions (sft) fills batches at once, so
+checkpointing them and the staleness guard run on the real methods.
 
 A checkpoint keeps the batches sampled ahead but not yet learned, and a resume learns from them
 as they were sampled; a batch older than `rollout.max_staleness` updates stops the run (here:
@@ -13,6 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import ray
 
 from opd.config import load_config
 from opd.data.prompts import PromptStream, build_prompts
@@ -21,6 +22,16 @@ from opd.objectives import build_objective
 from opd.rollout.schedule import Rollouts
 
 RECIPE = Path(__file__).parents[2] / "recipes/sft/smollm2-135m-facts.yaml"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    started = not ray.is_initialized()  # the e2e tests' session may hold one already
+    if started:
+        ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+    yield
+    if started:
+        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +73,8 @@ def test_a_checkpoint_keeps_the_batches_sampled_ahead(tokenizer):
     sync.version = 1
     state = json.loads(json.dumps(straight.data_state()))  # as trainer_state.json holds it
     assert [b["step"] for b in state["pending"]] == [2, 3]
+    # what the teacher is shown is not kept: the resume derives it again from the objective
+    assert all(s["teacher_messages"] is None for b in state["pending"] for s in b["samples"])
 
     resumed = _rollouts(tokenizer, 2, sync)
     resumed.stream.load_state_dict(state)
@@ -70,9 +83,10 @@ def test_a_checkpoint_keeps_the_batches_sampled_ahead(tokenizer):
         for r in (straight, resumed):
             r.fill(step, tokenizer)
         a, b = straight.take(step), resumed.take(step)
-        assert [asdict(s) for s in a] == [asdict(s) for s in b], step
+        assert a.metas == b.metas and a.on_policy == b.on_policy, step
+        assert [asdict(s) for s in a.fetch()] == [asdict(s) for s in b.fetch()], step
         sync.version = step
-    assert [s.policy_version for s in a] == [1] * len(a)  # batch 4, sampled at step 2
+    assert [m.policy_version for m in a.metas] == [1] * len(a)  # batch 4, sampled at step 2
 
 
 def test_a_batch_older_than_max_staleness_stops_the_run(tokenizer):
@@ -83,7 +97,7 @@ def test_a_batch_older_than_max_staleness_stops_the_run(tokenizer):
     ahead.take(1)
     sync.version = 1
     state = ahead.data_state()
-    assert ahead.take(2)[0].policy_version == 0  # 1 update old: within the bound
+    assert ahead.take(2).metas[0].policy_version == 0  # 1 update old: within the bound
 
     # Resumed with max_staleness 0, the kept batch of step 2 is 1 update old: refused.
     strict = _rollouts(tokenizer, 0, sync)
