@@ -69,15 +69,17 @@ def score(
 
 def score_for_learners(
     roles: Roles, sync: WeightSync, batch: SampleBatch, request: TeacherRequest
-) -> tuple[list, int]:
-    """The teacher scores the batch's samples as `request` asks and keeps them: one object
-    reference per learner rank, to its shard `samples[r::n]` with the scores, which the rank
-    fetches itself; returns those and the teacher's version, the only thing the driver
-    reads. Restarts as in `score`."""
+) -> tuple[list, int, dict[str, float]]:
+    """The teacher scores (and, where they carry a record, rewards) the batch's samples as
+    `request` asks and keeps them: one object reference per learner rank, to its shard
+    `samples[r::n]` with the scores, which the rank fetches itself; returns those, the
+    teacher's version and the reward metrics, all the driver reads. Restarts as in `score`."""
     n = len(roles.learner)
     pending = roles.teacher.submit_score_shards(batch.parts, request, n)
-    version = roles.teacher.collect_one(pending, 0, lambda i: sync.restore(roles.teacher, i))
-    return pending.refs[0][1:], version
+    version, rewards = roles.teacher.collect_one(
+        pending, 0, lambda i: sync.restore(roles.teacher, i)
+    )
+    return pending.refs[0][1:], version, rewards
 
 
 def heldout_samples(
@@ -129,7 +131,7 @@ def heldout_objective(
             f"eval.heldout_prompts x eval.heldout_samples = {len(batch)} is fewer than "
             f"learner.num_workers={n}: every learner rank needs a held-out sample"
         )
-    shards, _ = score_for_learners(roles, sync, batch, objective.teacher_request())
+    shards, _, _ = score_for_learners(roles, sync, batch, objective.teacher_request())
     sums: dict[str, float] = {}
     for part in roles.learner.evaluate([(shard,) for shard in shards]):
         for k, v in part.items():
@@ -268,7 +270,7 @@ def _train(cfg: Config, run_dir: Path) -> Path:
             if sleeps:
                 roles.rollout.sleep()  # the teacher and the learner get the devices
             t_sleep = time.perf_counter() - t1
-            shards, teacher_version = score_for_learners(roles, sync, batch, request)
+            shards, teacher_version, rewards = score_for_learners(roles, sync, batch, request)
             t2 = time.perf_counter()
             metrics = learn(roles, batch.metas, shards, objective)
             t3 = time.perf_counter()
@@ -299,6 +301,7 @@ def _train(cfg: Config, run_dir: Path) -> Path:
                     "rollout/on_policy": float(batch.on_policy),
                     "rollout/restarts": float(roles.rollout.restarts),
                     "teacher/restarts": float(roles.teacher.restarts),
+                    **rewards,
                 }
             )
             if cfg.eval.every and step % cfg.eval.every == 0:

@@ -53,6 +53,11 @@ class Sample:
     # the sampling temperature: `logprobs` are of pi_old with its logits divided by it, and the
     # learner computes its log-probs of these tokens the same way
     temperature: float = 1.0
+    # what the reward reads (`rewards:`): the prompt's data row with its id and answer; the
+    # teacher scores the reward beside its own scores, and the learners get the advantage only
+    record: dict | None = None
+    reward: float | None = None
+    advantage: float | None = None  # the reward normalized within its prompt's group
 
     @property
     def n_tokens(self) -> int:

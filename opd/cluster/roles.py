@@ -81,7 +81,10 @@ def start_roles(
             "teacher",
             TeacherScorer,
             bundles["teacher"],
-            lambda i, _: ((cfg.teacher, teacher_path, device, student_path), {}),
+            lambda i, _: (
+                (cfg.teacher, teacher_path, device, student_path),
+                {"rewards": cfg.rewards if cfg.rewards.enabled else None},
+            ),
             timeout,
             # an EMA teacher's state lives in the actor: a restart would silently reset it
             max_restarts=restarts if cfg.teacher.mode != "ema" else 0,

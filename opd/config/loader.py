@@ -111,9 +111,18 @@ def check_resources(cfg: Config) -> list[str]:
             "vocabulary (at the sampling temperature) while a top-p sampler renormalizes over "
             "the nucleus, so the ratio would be off from the first step; use rollout.top_p=1"
         )
+    if objective.uses_rewards() and not cfg.rewards.enabled:
+        raise ConfigError(
+            f"objective {cfg.objective.name!r} learns from rewards: set rewards.name (e.g. "
+            "math_correct) or rewards.import_path"
+        )
     try:
         signal_of(request).check(cfg, request, vocab)
         objective.check(cfg)
+        if cfg.rewards.enabled:
+            from opd.rewards.runner import resolve_reward
+
+            resolve_reward(cfg.rewards)
     except ValueError as e:
         raise ConfigError(str(e)) from e
     return notes

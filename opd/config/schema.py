@@ -11,6 +11,8 @@ from typing import Any
 
 from omegaconf import MISSING
 
+from opd.rewards.runner import RewardConfig
+
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -59,6 +61,9 @@ class DataConfig:
     system_prompt: str | None = None
     demonstration_field: str | None = None  # shown to the teacher (sdft's context)
     completion_field: str | None = None  # reference completions (gkd's off-policy batches)
+    # the reference answer a reward reads (`rewards:`; math_correct reads the record's
+    # `answer`): copied there from this field of each row; None: the row as it is
+    answer_field: str | None = None
     max_prompt_tokens: int = 512  # longer prompts are dropped and counted
     shuffle: bool = True
 
@@ -327,6 +332,8 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    # a reward on every training sample (opd/rewards/runner.py); off unless name or import_path
+    rewards: RewardConfig = field(default_factory=RewardConfig)
 
     def __post_init__(self) -> None:
         per_micro_step = self.learner.num_workers * self.learner.micro_batch_size

@@ -24,6 +24,7 @@ class MicroBatch:
     old_logprobs_BT: Tensor
     teacher: Scores  # the requested signal's scores, collated by their own type
     temperature: float = 1.0  # the samples' sampling temperature (one per micro-batch)
+    advantages_B: Tensor | None = None  # each sample's group-normalized reward, if rewarded
 
 
 def collate(samples: list[Sample], pad_id: int = 0) -> MicroBatch:
@@ -51,4 +52,15 @@ def collate(samples: list[Sample], pad_id: int = 0) -> MicroBatch:
         old_logprobs_BT=col(lambda s: s.logprobs),
         teacher=type(samples[0].teacher).collate([s.teacher for s in samples], T),
         temperature=temperatures.pop(),
+        advantages_B=_advantages(samples),
     )
+
+
+def _advantages(samples: list[Sample]) -> Tensor | None:
+    """The samples' advantages, or None where the step was not rewarded (all or none are)."""
+    given = [s.advantage is not None for s in samples]
+    if not any(given):
+        return None
+    if not all(given):
+        raise ValueError("collate: a micro-batch mixes rewarded and unrewarded samples")
+    return torch.tensor([s.advantage for s in samples], dtype=torch.float32)

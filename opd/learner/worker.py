@@ -186,6 +186,7 @@ class Learner:
             student_logprobs_BTK=lp_BTK,
             targets_BT=mb.targets_BT.to(d),
             temperature=mb.temperature,
+            advantages_B=mb.advantages_B.to(d) if mb.advantages_B is not None else None,
             **self.signal.student_inputs(self.model, hidden_BTH, scores),
         )
 

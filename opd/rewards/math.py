@@ -108,6 +108,15 @@ def extract_answer(text: str) -> str | None:
     return strip_thousands(numbers[-1]) if numbers else None
 
 
+def final_answer(reference: str) -> str:
+    """A reference's answer: the final answer of a worked solution (a `\\boxed{}`, a `####`
+    line, "answer is"), else the reference as it is."""
+    marked = _boxed_contents(reference) or _HASHES.search(reference) or _ANSWER_IS.search(reference)
+    if marked:
+        return extract_answer(reference) or reference
+    return reference
+
+
 # ---------------------------------------------------------------- normalisation
 
 

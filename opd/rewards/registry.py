@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from opd.rewards.math import extract_answer, math_equal, run_with_deadline
+from opd.rewards.math import extract_answer, final_answer, math_equal, run_with_deadline
 
 RewardFn = Callable[[Any, str], float]
 
@@ -26,11 +26,14 @@ def record_field(record: Any, name: str) -> Any:
 
 
 def math_correct(record: Any, completion: str) -> float:
-    """1.0 if the completion's final answer matches the record's reference answer."""
+    """1.0 if the completion's final answer matches the record's reference answer. A worked
+    solution as the reference (GSM8K's `#### 42`, "the answer is 42", a `\\boxed{}`) counts
+    by its final answer; any other reference is the answer itself (`\\frac{1}{2}` is not
+    reduced to its last number)."""
     ref = record_field(record, "answer")
     if ref is None or str(ref).strip() == "":
         raise ValueError(f"math_correct needs a reference 'answer'; record: {_describe(record)}")
-    return float(math_equal(extract_answer(completion), str(ref)))
+    return float(math_equal(extract_answer(completion), final_answer(str(ref))))
 
 
 def code_tests_passed(record: Any, completion: str) -> float:

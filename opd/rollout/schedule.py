@@ -36,20 +36,31 @@ def prompt_samples(
     samples_per_prompt: int,
     temperature: float,
     objective: Objective | None = None,
+    rewarded: bool = False,
 ) -> list[Sample]:
     """The prompt side of n samples per prompt, in (prompt, sample) order: with the prompt's
-    demonstration (`data.demonstration_field`), and the conversation `objective` shows the
-    teacher (None: the student's)."""
+    demonstration (`data.demonstration_field`), the conversation `objective` shows the
+    teacher (None: the student's) and, `rewarded`, the record the reward reads."""
     out = []
     for i, p in enumerate(prompts):
         demonstration = _field(p, cfg.data.demonstration_field)
+        record = reward_record(cfg, p) if rewarded else None
         for j in range(samples_per_prompt):
             s = Sample(i, j, p.id, p.messages, p.token_ids, demonstration=demonstration)
-            s.temperature = temperature
+            s.temperature, s.record = temperature, record
             if objective is not None:
                 s.teacher_messages = objective.teacher_messages(s)
             out.append(s)
     return out
+
+
+def reward_record(cfg: Config, prompt: Prompt) -> dict:
+    """What a reward reads of a prompt: its data row, its id, and its reference answer under
+    `answer` (from `data.answer_field`, where set)."""
+    record = {**prompt.row, "id": prompt.id}
+    if cfg.data.answer_field:
+        record["answer"] = _field(prompt, cfg.data.answer_field)
+    return record
 
 
 def submit_generation(
@@ -72,7 +83,14 @@ def submit_generation(
     scores the samples, if any (`prompt_samples`)."""
     requests = [
         GenerationRequest(s, sample_seed(cfg.run.seed, step, *s.key, stream))
-        for s in prompt_samples(cfg, prompts, samples_per_prompt, temperature, objective)
+        for s in prompt_samples(
+            cfg,
+            prompts,
+            samples_per_prompt,
+            temperature,
+            objective,
+            rewarded=stream == "train" and cfg.rewards.enabled,
+        )
     ]
     n = len(roles.rollout)
     pending = roles.rollout.submit_generate(

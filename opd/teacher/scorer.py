@@ -17,8 +17,10 @@ import torch
 from opd.config.schema import TeacherConfig
 from opd.data.prompts import render_ids
 from opd.modeling.loading import TORCH_DTYPES, load_causal_lm
+from opd.rewards.runner import RewardConfig
 from opd.samples import Sample
 from opd.signals import TeacherRequest, signal_of
+from opd.teacher.rewards import StepRewards
 
 
 class TeacherScorer:
@@ -31,10 +33,13 @@ class TeacherScorer:
         *,
         model=None,
         tokenizer=None,
+        rewards: RewardConfig | None = None,
     ) -> None:
         """Loads `model_path` onto `device` (a Ray actor's constructor), or wraps an
-        already-built `model` and `tokenizer` (kept where they are: in-process use)."""
+        already-built `model` and `tokenizer` (kept where they are: in-process use).
+        `rewards`: the reward the training samples get beside their scores (`StepRewards`)."""
         self.cfg = cfg
+        self.rewards = StepRewards(rewards, student_path) if rewards is not None else None
         if model is None:
             self.device = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
             model, tokenizer = load_causal_lm(
@@ -131,15 +136,21 @@ class TeacherScorer:
         return samples
 
     def score_shards(self, request: TeacherRequest, shards: int, *parts: list[Sample]) -> tuple:
-        """(teacher version, samples[0::shards], ..., samples[shards-1::shards]): the samples
-        of `parts` (one rollout worker's each, which Ray resolves from references) in (prompt,
-        sample) order, scored, without what only the teacher reads (the rollout's top-k ids
-        travel inside the scores). Called with `num_returns=1 + shards`, so that each learner
-        rank fetches its shard itself and the driver only sees the version."""
+        """((teacher version, reward metrics), samples[0::shards], ...,
+        samples[shards-1::shards]): the samples of `parts` (one rollout worker's each, which
+        Ray resolves from references) in (prompt, sample) order, scored, rewarded where they
+        carry a record (on the host, while the model scores them), without what only the
+        teacher reads (the rollout's top-k ids travel inside the scores). Called with
+        `num_returns=1 + shards`, so that each learner rank fetches its shard itself and the
+        driver only sees the version and the metrics."""
         samples = sorted((s for part in parts for s in part), key=lambda s: s.key)
-        for s in self.score(samples, request):
-            s.topk_ids = s.teacher_messages = None
-        return (self.version, *(samples[r::shards] for r in range(shards)))
+        rewarded = [s for s in samples if s.record is not None]
+        pending = self.rewards.submit(rewarded) if self.rewards and rewarded else None
+        self.score(samples, request)
+        metrics = self.rewards.apply(rewarded, pending) if pending else {}
+        for s in samples:
+            s.topk_ids = s.teacher_messages = s.record = None
+        return ((self.version, metrics), *(samples[r::shards] for r in range(shards)))
 
     def signal_report(self, request: TeacherRequest) -> list[str]:
         """Start-up lines about the pair of models, where the signal has any."""

@@ -179,3 +179,19 @@ def test_call_with_timeout():
     assert call_with_timeout(math_correct, {"answer": "2"}, "\\boxed{2}", timeout_s=30) == 1.0
     with pytest.raises(ValueError):
         call_with_timeout(math_correct, {}, "\\boxed{2}", timeout_s=30)
+
+
+@pytest.mark.parametrize(
+    "reference, completion, want",
+    [
+        ("first 7 plus 7 equals 14. so the answer is 14.", "so the answer is 14.", 1.0),
+        ("first 7 plus 7 equals 14. so the answer is 14.", "the answer is 7", 0.0),
+        ("Natalia sold 48 + 24 = 72 clips.\n#### 72", "She sold \\boxed{72}", 1.0),
+        ("\\frac{1}{2}", "\\boxed{0.5}", 1.0),  # a bare answer is not cut to its last number
+        ("\\frac{1}{2}", "\\boxed{2}", 0.0),
+    ],
+)
+def test_math_correct_reads_a_worked_reference_by_its_final_answer(reference, completion, want):
+    from opd.rewards.registry import math_correct
+
+    assert math_correct({"id": "r", "answer": reference}, completion) == want
