@@ -34,8 +34,25 @@ def _tiny_prompts() -> Path:
     return path
 
 
+def _gsm_symbolic_train() -> Path:
+    """1,000 fresh GSM-style training problems from the GSM-Symbolic templates (seed 0), never
+    a GSM8K test question verbatim: `question`, `answer` (the final number), `id`."""
+    import json
+
+    from opd.cache import atomic_write_bytes, cache_root
+    from opd.eval.benchmarks import GSM_SYMBOLIC_TRAIN_DEFAULT, generate_gsm_symbolic
+
+    path = cache_root() / "data" / f"gsm-symbolic-train-0-{GSM_SYMBOLIC_TRAIN_DEFAULT}.jsonl"
+    if not path.is_file():
+        problems = generate_gsm_symbolic(GSM_SYMBOLIC_TRAIN_DEFAULT, 0)
+        rows = [{"id": p.id, "question": p.prompt, "answer": p.answer} for p in problems]
+        atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+    return path
+
+
 REGISTRY_DATA: dict[str, Callable[[], Path]] = {
     "tiny-arithmetic": _tiny_prompts,
+    "gsm-symbolic-train": _gsm_symbolic_train,
     "mmath-math500": _mmath("MATH500"),
     "mmath-aime2024": _mmath("AIME2024"),
 }
