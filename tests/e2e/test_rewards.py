@@ -84,3 +84,35 @@ def test_trrd_and_reward_mixed_reverse_kl_recipes_run(ray_session, tmp_path):
     assert all("trrd/clip_frac" in r for r in trrd)
     mixed = _check_rewards(_run("reverse_kl/tiny-reward.yaml", tmp_path / "mixed"))
     assert all("reverse_kl/sampled_kl" in r for r in mixed)
+
+
+@pytest.mark.slow
+def test_smollm2_reward_recipes_run_one_step(ray_session, tmp_path):
+    """The real-weights recipes (SmolLM2-135M on registry:gsm-symbolic-train), one small step
+    each: the GSM-style problems, math_correct on real completions, the groups."""
+    import math
+    import shutil
+
+    small = [
+        "trainer.steps=1",
+        "eval.every=0",
+        "checkpoint.export_student=false",
+        "rollout.prompts_per_step=2",
+        "rollout.samples_per_prompt=2",
+        "rollout.max_new_tokens=16",
+        "learner.micro_batch_size=2",
+        "run.progress=false",
+        "cluster.timeout_s=900",
+    ]
+    for recipe in (
+        "grpo/smollm2-135m-gsm.yaml",
+        "trrd/smollm2-135m-gsm.yaml",
+        "reverse_kl/smollm2-135m-gsm-reward.yaml",
+    ):
+        out = tmp_path / recipe.replace("/", "_")
+        (row,) = train_rows(RECIPES / recipe, [f"run.output_dir={out}", *small])
+        assert row["step"] == 1 and row["train/skipped_steps"] == 0, recipe
+        assert math.isfinite(row["train/loss"]), recipe
+        assert row["reward/count"] == 4 and row["reward/groups"] == 2, recipe
+        assert row["reward/errors"] == 0 and row["reward/timeouts"] == 0, recipe
+        shutil.rmtree(out / "checkpoints")  # 135M parameters with their optimizer state
