@@ -54,9 +54,8 @@ class Sample:
     # learner computes its log-probs of these tokens the same way
     temperature: float = 1.0
     # what the reward reads (`rewards:`): the prompt's data row with its id and answer; the
-    # teacher scores the reward beside its own scores, and the learners get the advantage only
+    # teacher rewards the sample beside its own scores, and the learners get the advantage
     record: dict | None = None
-    reward: float | None = None
     advantage: float | None = None  # the reward normalized within its prompt's group
 
     @property
@@ -102,9 +101,11 @@ class GenerationRequest:
     sample: Sample
     seed: int
 
-    @property
-    def key(self) -> tuple[int, int]:
-        return self.sample.key
+
+def in_batch_order(parts):
+    """The samples (or their metadata) of `parts`, one list per rollout worker, merged in
+    (prompt, sample) order: the order of a step's batch wherever it is assembled."""
+    return sorted((x for part in parts for x in part), key=lambda x: x.key)
 
 
 @dataclass
@@ -124,7 +125,7 @@ class SampleBatch:
         for evaluation and checkpoints."""
         import ray
 
-        return sorted((s for part in ray.get(self.parts) for s in part), key=lambda s: s.key)
+        return in_batch_order(ray.get(self.parts))
 
     @classmethod
     def put(cls, samples: list[Sample]) -> SampleBatch:
@@ -132,6 +133,6 @@ class SampleBatch:
         in Ray's object store."""
         import ray
 
-        samples = sorted(samples, key=lambda s: s.key)
+        samples = in_batch_order([samples])
         on_policy = all(s.on_policy for s in samples)
         return cls([s.meta() for s in samples], [ray.put(samples)], on_policy)

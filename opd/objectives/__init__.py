@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from typing import Any
 
 from omegaconf import OmegaConf
 
+from opd.imports import import_attr
 from opd.objectives.base import LossInputs, LossOutput, Objective, TeacherRequest
 from opd.objectives.gkd import GKD
 from opd.objectives.grpo import GRPO
@@ -35,15 +35,7 @@ __all__ = [
 def objective_class(name: str, import_path: str | None = None) -> type:
     """The class for `objective.name`, or the one at `objective.import_path` ("pkg.mod:Class")."""
     if import_path:
-        module_name, _, attr = import_path.partition(":")
-        if not attr:
-            raise ValueError(
-                f"objective.import_path={import_path!r} must look like 'pkg.mod:Class'"
-            )
-        try:
-            return getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as e:
-            raise ValueError(f"objective.import_path={import_path!r}: {e}") from e
+        return import_attr(import_path, "objective.import_path", "pkg.mod:Class")
     if name not in REGISTRY:
         raise ValueError(f"objective.name={name!r} is unknown; valid: {', '.join(REGISTRY)}")
     return REGISTRY[name]

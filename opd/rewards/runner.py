@@ -41,7 +41,6 @@ actor, not on the driver), and `close()` it or use it as a context manager.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 import queue
@@ -50,6 +49,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from opd.imports import import_attr, split_import_path
 from opd.rewards.registry import REWARDS, RewardFn, get_reward, record_field
 from opd.rewards.worker import ProcessCaller, ThreadCaller
 
@@ -81,11 +81,7 @@ class RewardConfig:
                 "set one of them, not both"
             )
         if self.import_path is not None:
-            module_name, _, attr = self.import_path.partition(":")
-            if not module_name or not attr:
-                raise ValueError(
-                    f"rewards.import_path={self.import_path!r} must look like 'pkg.mod:fn'"
-                )
+            split_import_path(self.import_path, "rewards.import_path", "pkg.mod:fn")
         if not self.timeout_s > 0:
             raise ValueError(f"rewards.timeout_s={self.timeout_s} must be > 0")
         if self.workers < 1:
@@ -113,11 +109,7 @@ class RewardConfig:
 def resolve_reward(cfg: RewardConfig) -> RewardFn:
     """The function `cfg` names; a ValueError naming the key if there is none."""
     if cfg.import_path:
-        module_name, _, attr = cfg.import_path.partition(":")
-        try:
-            fn = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as err:
-            raise ValueError(f"rewards.import_path={cfg.import_path!r}: {err}") from err
+        fn = import_attr(cfg.import_path, "rewards.import_path", "pkg.mod:fn")
         if not callable(fn):
             raise ValueError(f"rewards.import_path={cfg.import_path!r} is not callable")
         return fn

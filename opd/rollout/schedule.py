@@ -17,7 +17,14 @@ from opd.cluster.roles import Roles
 from opd.config import Config
 from opd.data.prompts import Prompt, PromptStream
 from opd.objectives import Objective
-from opd.samples import GenerationRequest, Sample, SampleBatch, batch_seed, sample_seed
+from opd.samples import (
+    GenerationRequest,
+    Sample,
+    SampleBatch,
+    batch_seed,
+    in_batch_order,
+    sample_seed,
+)
 from opd.signals import TeacherRequest
 from opd.sync.weights import WeightSync
 
@@ -127,8 +134,7 @@ def collect_generation(
                     f"rollout[{i}] samples with policy version "
                     f"{metas[i][0].policy_version}, expected {gen.versions[i]}"
                 )
-    ordered = sorted((m for part in metas for m in part), key=lambda m: m.key)
-    return SampleBatch(ordered, [refs[1] for refs in gen.pending.refs])
+    return SampleBatch(in_batch_order(metas), [refs[1] for refs in gen.pending.refs])
 
 
 def generate_batch(

@@ -38,8 +38,9 @@ class StepRewards:
         return self.thread.submit(self.runner.score, [s.record for s in samples], texts)
 
     def apply(self, samples: list[Sample], pending: Future) -> dict[str, float]:
-        """Wait for `pending` (from `submit(samples)`), set each sample's reward and advantage
-        (within the samples of its prompt), and return the step's reward metrics."""
+        """Wait for `pending` (from `submit(samples)`), set each sample's advantage (its reward
+        within the samples of its prompt), and return the step's reward metrics. The runner's
+        child processes end with the actor (their pipe closes)."""
         batch = pending.result()
         advantages, groups = group_advantages(
             batch.rewards,
@@ -47,11 +48,6 @@ class StepRewards:
             scale=self.cfg.advantage_scale,
             eps=self.cfg.advantage_eps,
         )
-        for s, r, a in zip(samples, batch.rewards, advantages, strict=True):
-            s.reward, s.advantage = float(r), float(a)
+        for s, a in zip(samples, advantages, strict=True):
+            s.advantage = float(a)
         return {**batch.stats.metrics(), **groups.metrics()}
-
-    def close(self) -> None:
-        self.thread.shutdown(wait=False)
-        if self.runner is not None:
-            self.runner.close()

@@ -18,7 +18,7 @@ from opd.config.schema import TeacherConfig
 from opd.data.prompts import render_ids
 from opd.modeling.loading import TORCH_DTYPES, load_causal_lm
 from opd.rewards.runner import RewardConfig
-from opd.samples import Sample
+from opd.samples import Sample, in_batch_order
 from opd.signals import TeacherRequest, signal_of
 from opd.teacher.rewards import StepRewards
 
@@ -143,7 +143,7 @@ class TeacherScorer:
         teacher reads (the rollout's top-k ids travel inside the scores). Called with
         `num_returns=1 + shards`, so that each learner rank fetches its shard itself and the
         driver only sees the version and the metrics."""
-        samples = sorted((s for part in parts for s in part), key=lambda s: s.key)
+        samples = in_batch_order(parts)
         rewarded = [s for s in samples if s.record is not None]
         pending = self.rewards.submit(rewarded) if self.rewards and rewarded else None
         self.score(samples, request)

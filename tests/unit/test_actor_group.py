@@ -10,20 +10,14 @@ import ray
 from opd.cluster.group import ActorGroup, RoleError
 
 
-@pytest.fixture(scope="module")
-def local_ray():
+@pytest.fixture(scope="module", autouse=True)
+def _actor_class_by_value():
+    """Ray's workers cannot import this test module: ship the actor class by value."""
     import sys
 
     from ray import cloudpickle
 
-    # Ray's workers cannot import this test module: ship the actor class by value.
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    started = not ray.is_initialized()  # the e2e tests' session may hold one already
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
 
 
 class Worker:

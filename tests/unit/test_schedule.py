@@ -13,7 +13,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import ray
 
 from opd.config import load_config
 from opd.data.prompts import PromptStream, build_prompts
@@ -24,14 +23,7 @@ from opd.rollout.schedule import Rollouts
 RECIPE = Path(__file__).parents[2] / "recipes/sft/smollm2-135m-facts.yaml"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    started = not ray.is_initialized()  # the e2e tests' session may hold one already
-    if started:
-        ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
+pytestmark = pytest.mark.usefixtures("local_ray")  # the batches live in Ray's object store
 
 
 @pytest.fixture(scope="module")
