@@ -50,9 +50,27 @@ def _gsm_symbolic_train() -> Path:
     return path
 
 
+def _arith_train() -> Path:
+    """2,000 one-step arithmetic word problems (`opd.eval.arith`), none of them in the
+    `arith-heldout` benchmark: `question` (with the math benchmarks' instruction, so training
+    prompts read like the held-out ones), `answer`, `solution` (one worked line), `id`."""
+    import json
+
+    from opd.cache import atomic_write_bytes, cache_root
+    from opd.eval.arith import arith_problems
+    from opd.eval.runner import MATH_SUFFIX
+
+    path = cache_root() / "data" / "arith-train-0-2000.jsonl"
+    if not path.is_file():
+        rows = [{**r, "question": r["question"] + MATH_SUFFIX} for r in arith_problems(2000, "train")]
+        atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+    return path
+
+
 REGISTRY_DATA: dict[str, Callable[[], Path]] = {
     "tiny-arithmetic": _tiny_prompts,
     "gsm-symbolic-train": _gsm_symbolic_train,
+    "arith-train": _arith_train,
     "mmath-math500": _mmath("MATH500"),
     "mmath-aime2024": _mmath("AIME2024"),
 }

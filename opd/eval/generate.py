@@ -25,6 +25,8 @@ class VllmGenerator:
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
 
+        from opd.rollout.worker import whole_prompt_prefill
+
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         # vLLM refuses a length past the model's positions (a model shorter than the default)
         context = getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", None)
@@ -36,6 +38,7 @@ class VllmGenerator:
             kv_cache_memory_bytes=kv_cache_memory_bytes or (None if gpu else 1 << 30),
             enforce_eager=not gpu,
             gpu_memory_utilization=0.85 if gpu else 0.1,
+            **({} if gpu else whole_prompt_prefill(max_model_len)),
         )
 
     def __call__(self, problems: list, settings: EvalSettings) -> list[tuple[str, int, str, int]]:

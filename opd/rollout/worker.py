@@ -21,6 +21,15 @@ EXTENSION = "opd.sync.vllm_extension.WeightSyncExtension"
 _VLLM_DEFAULT_MAX_LOGPROBS = 20
 
 
+def whole_prompt_prefill(max_model_len: int) -> dict:
+    """vLLM-CPU settings that never split a prompt's prefill across engine steps. A split
+    prefill samples a token that vLLM throws away and then rewinds that request's seeded
+    generator, which a CPU generator cannot do: the engine dies ("CPU Generator does not use
+    offset") once a batch's prompts pass the 4,096-token step budget. Without chunking, a
+    step takes whole prompts up to the budget and the rest wait for the next step."""
+    return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(4096, max_model_len)}
+
+
 class RolloutWorker:
     def __init__(
         self,
@@ -69,6 +78,7 @@ class RolloutWorker:
             logprobs_mode="processed_logprobs",
             max_logprobs=max(max_logprobs, _VLLM_DEFAULT_MAX_LOGPROBS),
             **({"compilation_config": compilation_config} if compilation_config else {}),
+            **({} if gpu else whole_prompt_prefill(cfg.max_model_len)),
         )
         self.version = 0
         self.sleep_mode, self.asleep = gpu and cfg.sleep, False

