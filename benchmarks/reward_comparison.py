@@ -65,7 +65,8 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
 
 def table(results: dict) -> str:
     lines = [
-        "| objective | held-out pass@1 at step 0 | after training | change | train reward, first 6 steps | last 6 steps |",
+        "| objective | held-out pass@1 at step 0 | after training | change "
+        "| train reward, first 6 steps | last 6 steps |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for arm, runs in results["arms"].items():
@@ -105,7 +106,8 @@ def plot(results: dict, out: Path) -> None:
         right.bar(i, statistics.fmean(ends), color="tab:blue", alpha=0.6)
         right.scatter([i] * len(ends), ends, color="black", zorder=3, s=12)
         right.hlines(statistics.fmean(starts), i - 0.4, i + 0.4, colors="gray", linestyles="--")
-    right.axhline(results["teacher"]["pass1_end"], color="tab:green", linestyle=":", label="teacher")
+    teacher = results["teacher"]["pass1_end"]
+    right.axhline(teacher, color="tab:green", linestyle=":", label="teacher")
     right.set_xticks(range(len(arms)), arms)
     right.set_ylabel("held-out pass@1 (dots: seeds; dashed: step 0)")
     right.set_title("arith-heldout, 128 problems x 4 samples, T = 1")

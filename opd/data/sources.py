@@ -62,7 +62,8 @@ def _arith_train() -> Path:
 
     path = cache_root() / "data" / "arith-train-0-2000.jsonl"
     if not path.is_file():
-        rows = [{**r, "question": r["question"] + MATH_SUFFIX} for r in arith_problems(2000, "train")]
+        rows = arith_problems(2000, "train")
+        rows = [{**r, "question": r["question"] + MATH_SUFFIX} for r in rows]
         atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
     return path
 

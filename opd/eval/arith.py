@@ -26,15 +26,24 @@ def _problem(rng: random.Random) -> tuple[str, int, str]:
     kind = rng.choice(("gets", "gives", "boxes"))
     if kind == "gets":
         a, b = rng.randint(3, 60), rng.randint(3, 60)
-        q = f"{name} has {a} {thing}. {name} gets {b} more {thing}. How many {thing} does {name} have now?"
+        q = (
+            f"{name} has {a} {thing}. {name} gets {b} more {thing}. "
+            f"How many {thing} does {name} have now?"
+        )
         return q, a + b, f"{a} + {b} = {a + b}"
     if kind == "gives":
         a = rng.randint(10, 90)
         b = rng.randint(2, a - 1)
-        q = f"{name} has {a} {thing}. {name} gives {b} {thing} to a friend. How many {thing} does {name} have left?"
+        q = (
+            f"{name} has {a} {thing}. {name} gives {b} {thing} to a friend. "
+            f"How many {thing} does {name} have left?"
+        )
         return q, a - b, f"{a} - {b} = {a - b}"
     a, b = rng.randint(2, 9), rng.randint(2, 12)
-    q = f"{name} buys {a} boxes of {thing}. Each box holds {b} {thing}. How many {thing} does {name} buy?"
+    q = (
+        f"{name} buys {a} boxes of {thing}. Each box holds {b} {thing}. "
+        f"How many {thing} does {name} buy?"
+    )
     return q, a * b, f"{a} * {b} = {a * b}"
 
 

@@ -27,13 +27,14 @@ def test_splits_never_share_a_question_and_lists_extend():
     assert len({r["id"] for r in train + heldout}) == 2256
 
 
-def test_registry_train_rows_are_the_train_split_with_the_benchmark_instruction(tmp_path, monkeypatch):
+def test_registry_train_rows_carry_the_benchmark_instruction(tmp_path, monkeypatch):
     from opd.data.sources import resolve_data
     from opd.eval.benchmarks import load_benchmark
     from opd.eval.runner import MATH_SUFFIX, problem_messages
 
     monkeypatch.setenv("OPD_CACHE", str(tmp_path))
-    rows = [json.loads(line) for line in resolve_data("registry:arith-train").read_text().splitlines()]
+    lines = resolve_data("registry:arith-train").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
     assert len(rows) == 2000
     assert rows[0]["question"] == arith_problems(1, "train")[0]["question"] + MATH_SUFFIX
     held = load_benchmark("arith-heldout", limit=1)[0]
