@@ -161,7 +161,7 @@ def evaluation(
 def learn(roles: Roles, metas: list[SampleMeta], shards: list, objective: Objective) -> dict:
     """One optimizer step: rank r learns from its scored shard (`shards[r]`, a reference the
     rank resolves); the step's normalizer comes from the samples' metadata."""
-    normalizer = step_normalizer(objective, [m.n_tokens for m in metas])
+    normalizer = step_normalizer(objective, [m.loss_tokens for m in metas])
     return roles.learner.train_step([(shard, normalizer) for shard in shards])
 
 

@@ -57,10 +57,21 @@ class Sample:
     # teacher rewards the sample beside its own scores, and the learners get the advantage
     record: dict | None = None
     advantage: float | None = None  # the reward normalized within its prompt's group
+    # a multi-turn trajectory (`agent:`): per completion token, 1 where the model wrote it and
+    # 0 where the loop inserted it (a tool's output, the chat template around it), and the
+    # step (assistant turn, from 0) it belongs to; None: one turn, every token the model's
+    loss_mask: list[int] | None = None
+    step_ids: list[int] | None = None
+    tool_calls: list[dict] | None = None  # each call's turn, code, status and output (shown)
 
     @property
     def n_tokens(self) -> int:
         return len(self.completion_ids)
+
+    @property
+    def n_counted(self) -> int:
+        """Completion tokens that enter the loss: the model-written ones."""
+        return self.n_tokens if self.loss_mask is None else sum(self.loss_mask)
 
     @property
     def key(self) -> tuple[int, int]:
@@ -74,6 +85,8 @@ class Sample:
             self.n_tokens,
             self.finish_reason,
             self.policy_version,
+            self.n_counted,
+            len(self.tool_calls or ()),
         )
 
 
@@ -87,6 +100,12 @@ class SampleMeta:
     n_tokens: int
     finish_reason: str
     policy_version: int
+    n_counted: int = -1  # tokens that enter the loss (model-written); -1: all n_tokens
+    n_tool_calls: int = 0
+
+    @property
+    def loss_tokens(self) -> int:
+        return self.n_tokens if self.n_counted < 0 else self.n_counted
 
     @property
     def key(self) -> tuple[int, int]:

@@ -25,6 +25,7 @@ class MicroBatch:
     teacher: Scores  # the requested signal's scores, collated by their own type
     temperature: float = 1.0  # the samples' sampling temperature (one per micro-batch)
     advantages_B: Tensor | None = None  # each sample's group-normalized reward, if rewarded
+    steps_BT: Tensor | None = None  # each token's step (assistant turn) in a trajectory
 
 
 def collate(samples: list[Sample], pad_id: int = 0) -> MicroBatch:
@@ -48,11 +49,16 @@ def collate(samples: list[Sample], pad_id: int = 0) -> MicroBatch:
         attention_mask_BL=pad_rows([torch.ones(len(s), dtype=torch.long) for s in seqs], L),
         positions_BT=pad_rows(positions, T),
         targets_BT=col(lambda s: s.completion_ids, torch.long),
-        mask_BT=col(lambda s: [1.0] * s.n_tokens),
+        mask_BT=col(lambda s: [1.0] * s.n_tokens if s.loss_mask is None else s.loss_mask),
         old_logprobs_BT=col(lambda s: s.logprobs),
         teacher=type(samples[0].teacher).collate([s.teacher for s in samples], T),
         temperature=temperatures.pop(),
         advantages_B=_advantages(samples),
+        steps_BT=(
+            col(lambda s: s.step_ids or [0] * s.n_tokens, torch.long)
+            if any(s.step_ids is not None for s in samples)
+            else None
+        ),
     )
 
 

@@ -187,6 +187,7 @@ class Learner:
             targets_BT=mb.targets_BT.to(d),
             temperature=mb.temperature,
             advantages_B=mb.advantages_B.to(d) if mb.advantages_B is not None else None,
+            steps_BT=mb.steps_BT.to(d) if mb.steps_BT is not None else None,
             **self.signal.student_inputs(self.model, hidden_BTH, scores),
         )
 
@@ -238,7 +239,7 @@ class Learner:
         out = self.objective(self._loss_inputs(collate(samples)))
         sums = {k: float(v) for k, v in out.metrics.items()}
         sums["loss"] = float(out.loss_sum)
-        sums["tokens"] = float(sum(s.n_tokens for s in samples))
+        sums["tokens"] = float(sum(s.n_counted for s in samples))
         return sums
 
     def _step_or_skip(self) -> None:

@@ -15,10 +15,11 @@ from opd.objectives.reverse_kl import ReverseKL
 from opd.objectives.sdft import SDFT
 from opd.objectives.sft import SFT
 from opd.objectives.simct import SimCT
+from opd.objectives.sod import SOD
 from opd.objectives.trrd import TRRD
 
 REGISTRY: dict[str, type[Objective]] = {
-    cls.name: cls for cls in (ReverseKL, GKD, SDFT, SFT, SimCT, GRPO, TRRD)
+    cls.name: cls for cls in (ReverseKL, GKD, SDFT, SFT, SimCT, GRPO, TRRD, SOD)
 }
 
 __all__ = [

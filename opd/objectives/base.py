@@ -88,6 +88,9 @@ class LossInputs:
     temperature: float = 1.0  # the rollout's sampling temperature
     # objectives that use rewards: one group-normalized advantage per sequence, float32
     advantages_B: Tensor | None = None
+    # multi-turn trajectories: each completion token's step (assistant turn, from 0); tool
+    # output is already out of `mask_BT`. None: single-turn samples, one step each
+    steps_BT: Tensor | None = None
 
 
 @dataclass

@@ -14,7 +14,8 @@ KL term uses the teacher slot's log-probs at the sampled tokens as pi_ref (k3: D
 TRL, verl). The base class has no way to ask the teacher for nothing, so the sampled-token
 signal is requested even when kl_coef is 0; it is then scored and not read.
 
-`trrd` (`opd.objectives.trrd`) is this loss with a different log-ratio (`log_ratio`).
+`trrd` (`opd.objectives.trrd`) is this loss with a different log-ratio (`log_ratio`), `sod`
+(`opd.objectives.sod`) with a different advantage (`advantages`).
 """
 
 from __future__ import annotations
@@ -97,10 +98,15 @@ class GRPO(Objective):
         """Metrics about the ratio's parts (token sums); none for GRPO."""
         return {}
 
+    def advantages(self, x: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
+        """Each token's advantage, [B, T] (0 off the mask), and metrics about it (token
+        sums): GRPO's is its sequence's group advantage."""
+        return token_advantages(x, self.name), {}
+
     def __call__(self, x: LossInputs) -> LossOutput:
         p, mask, name = self.params, x.mask_BT, self.name
         counted = mask > 0
-        adv = token_advantages(x, name)
+        adv, adv_metrics = self.advantages(x)
         # padding never reaches exp(): its ratio is 1 and its gradient 0
         log_ratio = torch.where(counted, self.log_ratio(x), 0.0)
         surrogate, ratio, clip_on = clipped_surrogate(log_ratio, adv, p.eps_lo, p.eps_hi)
@@ -116,6 +122,7 @@ class GRPO(Objective):
             f"{name}/advantage": adv.sum(),
             f"{name}/abs_advantage": adv.abs().sum(),
             **self.ratio_metrics(x),
+            **adv_metrics,
         }
         if p.kl_coef:
             ref = torch.where(counted, x.teacher.logprobs_BT, 0.0)
