@@ -38,6 +38,19 @@ class RunData:
     dropped: int
 
 
+def agent_metrics(metas) -> dict[str, float]:
+    """Tool use of a step's trajectories (`agent:`): calls per sample, the share of samples
+    that called a tool, and model-written tokens per sample; nothing for single-turn steps."""
+    if all(m.n_counted < 0 for m in metas):
+        return {}
+    n = len(metas)
+    return {
+        "agent/tool_calls": sum(m.n_tool_calls for m in metas) / n,
+        "agent/tool_call_rate": sum(m.n_tool_calls > 0 for m in metas) / n,
+        "agent/model_tokens": sum(m.loss_tokens for m in metas) / n,
+    }
+
+
 def load_data(cfg: Config, tokenizer) -> RunData:
     """Training and held-out prompts; without `data.heldout_path`, the first
     `eval.heldout_prompts` training rows are held out (and not trained on)."""
@@ -292,6 +305,7 @@ def _train(cfg: Config, run_dir: Path) -> Path:
                     "time/step": t4 - t0,
                     "perf/tokens_per_s": tokens / (t4 - t0),
                     "rollout/samples": float(len(metas)),
+                    **agent_metrics(metas),
                     "rollout/completion_tokens": tokens / len(metas),
                     "rollout/truncated": sum(m.finish_reason == "length" for m in metas)
                     / len(metas),

@@ -85,7 +85,7 @@ class Sample:
             self.n_tokens,
             self.finish_reason,
             self.policy_version,
-            self.n_counted,
+            -1 if self.loss_mask is None else self.n_counted,
             len(self.tool_calls or ()),
         )
 

@@ -103,6 +103,7 @@ def start_roles(
                 {
                     "compilation_config": cfg.rollout.compilation_config,
                     "max_logprobs": rollout_topk,
+                    "agent": cfg.agent if cfg.agent.enabled else None,
                 },
             ),
             timeout,

@@ -11,6 +11,7 @@ from typing import Any
 
 from omegaconf import MISSING
 
+from opd.agent.config import AgentConfig
 from opd.rewards.runner import RewardConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -334,6 +335,8 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     # a reward on every training sample (opd/rewards/runner.py); off unless name or import_path
     rewards: RewardConfig = field(default_factory=RewardConfig)
+    # multi-turn rollouts that call tools (opd/agent/); off unless agent.tools names one
+    agent: AgentConfig = field(default_factory=AgentConfig)
 
     def __post_init__(self) -> None:
         per_micro_step = self.learner.num_workers * self.learner.micro_batch_size

@@ -40,12 +40,14 @@ class RolloutWorker:
         gguf_file: str | None = None,
         compilation_config: dict | None = None,
         max_logprobs: int = 0,
+        agent=None,
     ) -> None:
         """`compilation_config` goes to vLLM as is (GPU, `enforce_eager: false`): e.g.
         `{"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}` captures CUDA graphs for decode
         without a torch.compile pass at start-up; None keeps vLLM's default.
         `max_logprobs`: the most top log-probs a request may ask for (the objective's top-k);
-        vLLM refuses more than its own default of 20 unless told."""
+        vLLM refuses more than its own default of 20 unless told.
+        `agent`: an enabled `AgentConfig`, for trajectories that call tools (`opd.agent`)."""
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         if device == "cuda":  # the settings CUDA vLLM 0.25 was run with (benchmarks/RESULTS.md)
             show_peer_gpus()  # before CUDA starts: the NCCL weight group's peers must be visible
@@ -83,6 +85,11 @@ class RolloutWorker:
         self.version = 0
         self.sleep_mode, self.asleep = gpu and cfg.sleep, False
         self.seed_by = cfg.seed_by if cfg.seed_by != "auto" else ("batch" if gpu else "request")
+        self.agent = None
+        if agent is not None:
+            from opd.agent.loop import AgentLoop
+
+            self.agent = AgentLoop(agent, self.llm.get_tokenizer(), cfg.max_model_len)
 
     def generate(
         self,
@@ -102,6 +109,17 @@ class RolloutWorker:
 
         if self.asleep:
             raise RuntimeError("generate on a sleeping rollout worker: wake_up comes first")
+        if self.agent is not None:  # trajectories seed each turn from the request's seed
+            samples = self.agent.run(
+                self.llm,
+                requests,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                topk=topk,
+                version=self.version,
+            )
+            return [s.meta() for s in samples], samples
         per_request = batch_seed is None or self.seed_by == "request"
         params = [
             SamplingParams(

@@ -137,6 +137,13 @@ class Aligned(Signal):
                 "from a teacher with another tokenizer, which cannot follow the student's "
                 "weights; use teacher.mode=frozen"
             )
+        if cfg.agent.enabled:
+            raise ValueError(
+                f"agent.tools={list(cfg.agent.tools)} with objective {cfg.objective.name!r}: "
+                "a trajectory's tool turns are in the student's tokens and chat template, "
+                "which a teacher with another tokenizer cannot score; use a same-tokenizer "
+                "objective (reverse_kl, gkd, sod, ...)"
+            )
 
     def report(self, teacher) -> list[str]:
         """Start-up lines: the shared vocabulary's size, and warnings where templates or
