@@ -262,7 +262,7 @@ def _train(cfg: Config, run_dir: Path) -> Path:
             set_rng_state(resume[1]["rng"])
             # an EMA teacher's state came from the checkpoint; a live one copies the student
             sync.push(version=start, update_teacher=cfg.teacher.mode == "live")
-        elif cfg.eval.every:
+        elif cfg.eval.every and cfg.eval.at_start:
             log.write(
                 0,
                 {

@@ -275,6 +275,7 @@ class CheckpointConfig:
 @dataclass
 class EvalConfig:
     every: int = 5  # heldout/reverse_kl at step 0 and every N steps; 0 disables
+    at_start: bool = True  # also before the first step (step 0); false: every N steps only
     heldout_prompts: int = 16
     heldout_samples: int = 1
     max_new_tokens: int | None = None  # default: rollout.max_new_tokens

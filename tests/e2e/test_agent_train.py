@@ -64,8 +64,13 @@ def test_sod_stopped_and_resumed_matches_the_uninterrupted_run(sod_rows, tmp_pat
 
 
 def test_opd_trains_on_tool_trajectories(ray_session, tmp_path):
-    steps = _check_trajectories(_run("reverse_kl/tiny-tools.yaml", tmp_path))
+    """Also: eval.at_start=false evaluates every N steps but not before the first."""
+    evals = ["eval.every=2", "eval.at_start=false"]
+    rows = _run("reverse_kl/tiny-tools.yaml", tmp_path, *evals)
+    steps = _check_trajectories(rows)
     assert all(r["reverse_kl/analytic_kl"] >= 0 for r in steps)
+    assert rows[0]["step"] == 1
+    assert [r["step"] for r in rows if "heldout/reverse_kl" in r] == [2, 4]
 
 
 def test_gkd_trains_on_tool_trajectories(ray_session, tmp_path):
