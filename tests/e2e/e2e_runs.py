@@ -35,6 +35,12 @@ def train_rows(recipe, overrides: list[str]) -> list[dict]:
     return read_metrics(Path(cfg.run.output_dir) / "metrics.jsonl")
 
 
+def short_run(recipe, out, steps: int, *extra: str) -> list[dict]:
+    """`recipe` for `steps` tiny steps (SHORT) into `out`, checkpointing every 2, no eval."""
+    overrides = [f"run.output_dir={out}", *SHORT, f"trainer.steps={steps}", "eval.every=0"]
+    return train_rows(recipe, [*overrides, "checkpoint.every=2", *extra])
+
+
 def when_logged(metrics: Path, step: int, act, done: list) -> None:
     """`done.append(act())` once the run writing `metrics` has logged `step` (a thread's job)."""
     from opd.metrics import read_metrics

@@ -7,7 +7,7 @@ trajectories, rewards and step weights included. gkd trains on trajectories too.
 from pathlib import Path
 
 import pytest
-from e2e_runs import SHORT, stable, train_rows
+from e2e_runs import short_run, stable
 
 pytestmark = pytest.mark.e2e
 
@@ -16,18 +16,7 @@ STEPS = 4
 
 
 def _run(recipe: str, out, *extra):
-    return train_rows(
-        RECIPES / recipe,
-        [
-            f"run.output_dir={out}",
-            *SHORT,
-            "rollout.max_new_tokens=48",
-            f"trainer.steps={STEPS}",
-            "eval.every=0",
-            "checkpoint.every=2",
-            *extra,
-        ],
-    )
+    return short_run(RECIPES / recipe, out, STEPS, "rollout.max_new_tokens=48", *extra)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ included; trrd with alpha = 1 trains exactly as grpo does.
 from pathlib import Path
 
 import pytest
-from e2e_runs import SHORT, stable, train_rows
+from e2e_runs import short_run, stable, train_rows
 
 pytestmark = pytest.mark.e2e
 
@@ -26,17 +26,7 @@ REWARD_KEYS = {
 
 
 def _run(recipe: str, out, *extra):
-    return train_rows(
-        RECIPES / recipe,
-        [
-            f"run.output_dir={out}",
-            *SHORT,
-            f"trainer.steps={STEPS}",
-            "eval.every=0",
-            "checkpoint.every=2",
-            *extra,
-        ],
-    )
+    return short_run(RECIPES / recipe, out, STEPS, *extra)
 
 
 @pytest.fixture(scope="module")
