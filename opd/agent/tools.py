@@ -27,9 +27,13 @@ class ToolResult:
 
 
 def clip_output(text: str, limit: int) -> str:
+    """`text` if it fits in `limit` characters, else its head and tail (a traceback's last
+    line is where its error is) around a note of how much was cut."""
     if len(text) <= limit:
         return text
-    return text[:limit] + f"\n[output cut: {len(text) - limit} more characters]"
+    head = limit - limit // 2
+    tail = text[len(text) - limit // 2 :] if limit // 2 else ""
+    return f"{text[:head]}\n[output cut: {len(text) - limit} characters]\n{tail}"
 
 
 def python_tool(code: str, *, timeout_s: float, memory_mb: int, limit: int) -> ToolResult:

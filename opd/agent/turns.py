@@ -37,6 +37,12 @@ class ToolTurns:
         self.before, self.after = text[said_end:out_at], text[out_at + len(_OUT) :]
 
     def ids(self, output: str) -> list[int]:
-        """The tokens inserted after a turn whose tool printed `output`."""
-        text = self.before + output + self.after
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        """The tokens inserted after a turn whose tool printed `output`. The output is
+        tokenized as plain text: a tool that prints a special token's string (an end of turn,
+        a role header) cannot open a turn of its own."""
+
+        def tokens(text: str, plain: bool = False) -> list[int]:
+            kwargs = {"split_special_tokens": True} if plain else {}
+            return self.tokenizer(text, add_special_tokens=False, **kwargs)["input_ids"]
+
+        return tokens(self.before) + tokens(output, plain=True) + tokens(self.after)
