@@ -14,9 +14,28 @@ def test_there_are_recipes():
     assert any(p.name == "quickstart.yaml" for p in RECIPES)
 
 
+def _exports() -> dict[str, str]:
+    """{run.output_dir/student: student.path} of every shipped recipe: the model a recipe's run
+    exports, and the one it starts from."""
+    from omegaconf import OmegaConf
+
+    out = {}
+    for r in RECIPES:
+        y = OmegaConf.load(r)
+        if "run" in y and "output_dir" in y.run and "student" in y:
+            out[f"{y.run.output_dir}/student"] = y.student.path
+    return out
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(p.parents[1])))
 def test_shipped_recipe_loads_and_opens_with_its_command(recipe):
     cfg = load_config(recipe)
+    overrides = []
+    if cfg.teacher.path.startswith("runs/"):  # a teacher another shipped recipe trains
+        exports = _exports()
+        assert cfg.teacher.path in exports, f"{recipe}: no shipped recipe exports its teacher"
+        overrides = [f"teacher.path={exports[cfg.teacher.path]}"]  # stands in for the export
+        cfg = load_config(recipe, overrides)
     first = recipe.read_text().splitlines()[0]
     assert first.startswith("# opd train recipes/"), f"{recipe} must open with its command"
     assert str(recipe).endswith(first.split()[3])  # "# opd train <this file> [overrides]"
