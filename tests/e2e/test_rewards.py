@@ -1,7 +1,7 @@
 """Rewards in the loop (issue #18), with real vLLM + Ray + DeepSpeed on the tiny models and the
 real math grader: the grpo, trrd and reward-mixed reverse_kl recipes run and log `reward/*`;
-a grpo run stopped and re-run logs the uninterrupted run's metrics, rewards and groups
-included; trrd with alpha = 1 trains exactly as grpo does.
+each, stopped and re-run, logs the uninterrupted run's metrics, rewards and groups included;
+trrd with alpha = 1 trains exactly as grpo does.
 """
 
 from pathlib import Path
@@ -68,12 +68,35 @@ def test_trrd_with_alpha_1_trains_exactly_as_grpo(grpo_rows, tmp_path):
         assert {k: a[k] for k in REWARD_KEYS} == {k: b[k] for k in REWARD_KEYS}
 
 
-def test_trrd_and_reward_mixed_reverse_kl_recipes_run(ray_session, tmp_path):
-    trrd = _run("trrd/tiny.yaml", tmp_path / "trrd")
-    _check_rewards(trrd)
+@pytest.fixture(scope="module")
+def trrd_rows(ray_session, tmp_path_factory):
+    return _run("trrd/tiny.yaml", tmp_path_factory.mktemp("trrd"))
+
+
+@pytest.fixture(scope="module")
+def mixed_rows(ray_session, tmp_path_factory):
+    return _run("reverse_kl/tiny-reward.yaml", tmp_path_factory.mktemp("mixed"))
+
+
+def test_trrd_and_reward_mixed_reverse_kl_recipes_run(trrd_rows, mixed_rows):
+    trrd = _check_rewards(trrd_rows)
     assert all("trrd/clip_frac" in r for r in trrd)
-    mixed = _check_rewards(_run("reverse_kl/tiny-reward.yaml", tmp_path / "mixed"))
+    mixed = _check_rewards(mixed_rows)
     assert all("reverse_kl/sampled_kl" in r for r in mixed)
+
+
+@pytest.mark.parametrize("which", ["trrd", "mixed"])
+def test_trrd_and_mixed_stopped_and_resumed_match_the_uninterrupted_runs(
+    which, trrd_rows, mixed_rows, tmp_path
+):
+    recipe, full = {
+        "trrd": ("trrd/tiny.yaml", trrd_rows),
+        "mixed": ("reverse_kl/tiny-reward.yaml", mixed_rows),
+    }[which]
+    _run(recipe, tmp_path, f"trainer.steps={STEPS // 2}")
+    rows = _run(recipe, tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert stable(rows) == stable(full)
 
 
 @pytest.mark.slow
