@@ -24,6 +24,12 @@ def batch_seed(run_seed: int, step: int, worker: int, stream: str = "train") -> 
     return _seed(f"batch/{stream}/{run_seed}/{step}/{worker}")
 
 
+def turn_seed(seed: int, turn: int) -> int:
+    """The seed of a trajectory's turn (`opd.agent`): turn 0 samples with the request's own
+    seed, later turns with one derived from it and the turn."""
+    return seed if turn == 0 else _seed(f"turn/{seed}/{turn}")
+
+
 def _seed(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") % (
         2**31 - 1

@@ -15,27 +15,19 @@ turns; `tool_calls` records each call's turn, tool, arguments, status and output
 from __future__ import annotations
 
 import concurrent.futures as cf
-import hashlib
 from dataclasses import dataclass, field, replace
 
 from opd.agent.calls import find_call, stop_strings
 from opd.agent.config import AgentConfig
-from opd.agent.tools import ToolBox
+from opd.agent.tools import ToolBox, ToolResult
 from opd.agent.turns import ToolTurns
-from opd.samples import GenerationRequest, Sample
-
-
-def turn_seed(seed: int, turn: int) -> int:
-    """Turn 0 samples with the request's own seed; later turns with one derived from it."""
-    if turn == 0:
-        return seed
-    key = f"turn/{seed}/{turn}".encode()
-    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") % (2**31 - 1)
+from opd.samples import GenerationRequest, Sample, turn_seed
 
 
 @dataclass
 class _Trajectory:
     request: GenerationRequest
+    first_turn_regex: str | None = None  # constrains the first turn (structured outputs)
     ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     mask: list[int] = field(default_factory=list)
@@ -78,9 +70,8 @@ class AgentLoop:
 
         from opd.rollout.worker import _read_logprobs
 
-        trajectories = [_Trajectory(r) for r in requests]
         guides = first_turn_regex or [self.cfg.first_turn_regex] * len(requests)
-        guide_of = {id(t): g for t, g in zip(trajectories, guides, strict=True)}
+        trajectories = [_Trajectory(r, g) for r, g in zip(requests, guides, strict=True)]
         for turn in range(self.cfg.max_turns):
             going = [t for t in trajectories if not t.finish]
             params = []
@@ -100,8 +91,8 @@ class AgentLoop:
                         stop=stop_strings(self.cfg.format),
                         include_stop_str_in_output=True,
                         structured_outputs=(
-                            StructuredOutputsParams(regex=guide_of[id(t)])
-                            if turn == 0 and guide_of[id(t)]
+                            StructuredOutputsParams(regex=t.first_turn_regex)
+                            if turn == 0 and t.first_turn_regex
                             else None
                         ),
                     )
@@ -140,9 +131,7 @@ class AgentLoop:
                 )
         return [self._sample(t, topk, version) for t in trajectories]
 
-    def _call(self, call):
-        from opd.agent.tools import ToolResult
-
+    def _call(self, call) -> ToolResult:
         if call.error is not None:
             return ToolResult("bad_call", call.error)
         return self.tools.call(call.name, call.arguments)
