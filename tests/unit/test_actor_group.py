@@ -51,8 +51,10 @@ def _group(tmp_path, n=2, restarts=1, timeout=60.0):
     for d in dirs:
         d.mkdir()
     handles = [cls.remote(str(d)) for d in dirs]
+    # up before the group's own timeout applies: starting a worker process can take longer
+    # than the 1 s a timeout test gives its calls
+    ray.get([h.ping.remote() for h in handles], timeout=120)
     group = ActorGroup("rollout", handles, timeout, max_restarts=restarts)
-    group.call("ping")
     return group, dirs
 
 
