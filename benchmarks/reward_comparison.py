@@ -1,14 +1,20 @@
-"""GRPO vs TRRD vs reward-mixed OPD vs plain OPD on real SmolLM2-135M weights (issue #18).
+"""Objectives compared on real SmolLM2-135M weights, each arm through `opd train`.
 
-    python benchmarks/reward_comparison.py --seeds 0 1 --work runs/reward_comparison
+    python benchmarks/reward_comparison.py --seeds 0 1                  # issue #18
+    python benchmarks/reward_comparison.py --study tools --seeds 0 1    # issue #19
 
-Every arm is `opd train` on its recipe (recipes/{grpo,trrd,reverse_kl}/smollm2-135m-arith*.yaml):
-the same student (SmolLM2-135M-Instruct), prompts, sampling budget, learning rate, steps and
-seeds; only the objective differs. The teacher is SmolLM2-135M-Instruct fine-tuned by
-recipes/sft/smollm2-135m-arith.yaml (trained here first unless --teacher names one). Each run
-logs the training reward per step and held-out pass@1 (arith-heldout, never a training
-question) at its first and last step; this script gathers them into a JSON summary, a
-markdown table, a plot, and a copy of every run's metrics.jsonl.
+`--study rewards`: GRPO vs TRRD vs reward-mixed OPD vs plain OPD
+(recipes/{grpo,trrd,reverse_kl}/smollm2-135m-arith*.yaml); the teacher is
+recipes/sft/smollm2-135m-arith.yaml. `--study tools`: SOD vs plain OPD on trajectories that
+call the python tool (recipes/{sod,reverse_kl}/smollm2-135m-arith-tools.yaml); the teacher is
+recipes/sft/smollm2-135m-arith-tools.yaml, fine-tuned on solutions that call the tool.
+
+Within a study every arm has the same student (SmolLM2-135M-Instruct), prompts, sampling
+budget, learning rate, steps and seeds; only the objective differs. The teacher is trained
+here first unless --teacher names one. Each run logs the training reward per step and held-out
+pass@1 (arith-heldout, never a training question) at its first and last step (with the tool
+study, the tool-call rates and SOD's step weights too); this script gathers them into a JSON
+summary, a markdown table, a plot, and a copy of every run's metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -23,14 +29,35 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ARMS = {
-    "grpo": "recipes/grpo/smollm2-135m-arith.yaml",
-    "trrd": "recipes/trrd/smollm2-135m-arith.yaml",
-    "opd+reward": "recipes/reverse_kl/smollm2-135m-arith-reward.yaml",
-    "opd": "recipes/reverse_kl/smollm2-135m-arith.yaml",
+STUDIES = {
+    "rewards": {
+        "arms": {
+            "grpo": "recipes/grpo/smollm2-135m-arith.yaml",
+            "trrd": "recipes/trrd/smollm2-135m-arith.yaml",
+            "opd+reward": "recipes/reverse_kl/smollm2-135m-arith-reward.yaml",
+            "opd": "recipes/reverse_kl/smollm2-135m-arith.yaml",
+        },
+        "teacher": "recipes/sft/smollm2-135m-arith.yaml",
+        "name": "reward_comparison",
+    },
+    "tools": {
+        "arms": {
+            "sod": "recipes/sod/smollm2-135m-arith-tools.yaml",
+            "opd": "recipes/reverse_kl/smollm2-135m-arith-tools.yaml",
+        },
+        "teacher": "recipes/sft/smollm2-135m-arith-tools.yaml",
+        "name": "tool_comparison",
+    },
 }
-TEACHER_RECIPE = "recipes/sft/smollm2-135m-arith.yaml"
 PASS = "eval/arith-heldout/pass@1"
+TOOL_RATE = "eval/arith-heldout/tool_call_rate"
+# per-step means logged by a run (those it logs): training tool use and SOD's step weights
+STEP_KEYS = (
+    "agent/tool_call_rate",
+    "sod/step_weight",
+    "sod/later_step_weight",
+    "sod/step_divergence",
+)
 
 
 def opd_train(recipe: str, out: Path, overrides: list[str]) -> float:
@@ -51,11 +78,19 @@ def run_summary(run: Path) -> dict:
     rows = read_metrics(run / "metrics.jsonl")
     evals = [(r["step"], r[PASS]) for r in rows if r.get(PASS) is not None]
     rewards = {r["step"]: r["reward/mean"] for r in rows if r.get("reward/mean") is not None}
-    return {
+    out = {
         "pass1_by_step": dict(evals),
         "pass1_end": evals[-1][1],
         "reward_by_step": [rewards[s] for s in sorted(rewards)],
     }
+    tool_rates = [(r["step"], r[TOOL_RATE]) for r in rows if r.get(TOOL_RATE) is not None]
+    if tool_rates:
+        out["tool_call_rate_by_step"] = dict(tool_rates)
+    for key in STEP_KEYS:
+        values = [r[key] for r in rows if r.get(key) is not None and "eval" not in key]
+        if values:
+            out[key] = {"by_step": values, "mean": statistics.fmean(values)}
+    return out
 
 
 def mean_sd(values: list[float]) -> tuple[float, float]:
@@ -80,7 +115,39 @@ def table(results: dict) -> str:
         seeds = ", ".join(f"{e:.3f}" for e in ends)
         change = f"{end[0] - base:+.3f}"
         lines.append(f"| {arm} | {cells[0]} | {change} | {seeds} | {cells[1]} | {cells[2]} |")
+    if "base_tool_call_rate" in results:
+        lines += tool_table(results)
     return "\n".join(lines)
+
+
+def tool_table(results: dict) -> list[str]:
+    """Tool use: held-out tool-call rate at the end, the training rate over the first and
+    last 5 steps, and SOD's step weights (means over steps, then over seeds)."""
+    teacher = results["teacher"]["tool_call_rate_by_step"]
+    lines = [
+        "",
+        f"Held-out tool-call rate of the untrained student {results['base_tool_call_rate']:.3f}, "
+        f"of the teacher {list(teacher.values())[-1]:.3f}.",
+        "",
+        "| objective | held-out tool-call rate after training | training tool-call rate, "
+        "first 5 steps | last 5 steps | step weight | later steps' weight | step divergence |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for arm, runs in results["arms"].items():
+        runs = list(runs.values())
+        end = mean_sd([list(r["tool_call_rate_by_step"].values())[-1] for r in runs])
+        rate = [r["agent/tool_call_rate"]["by_step"] for r in runs]
+        first = mean_sd([statistics.fmean(c[:5]) for c in rate])
+        last = mean_sd([statistics.fmean(c[-5:]) for c in rate])
+        cells = [f"{m:.3f} ± {s:.3f}" for m, s in (end, first, last)]
+        for key in STEP_KEYS[1:]:
+            if all(key in r for r in runs):
+                m, sd = mean_sd([r[key]["mean"] for r in runs])
+                cells.append(f"{m:.4f} ± {sd:.4f}")
+            else:
+                cells.append("-")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot(results: dict, out: Path) -> None:
@@ -111,7 +178,8 @@ def plot(results: dict, out: Path) -> None:
     right.axhline(teacher, color="tab:green", linestyle=":", label="teacher")
     right.set_xticks(range(len(arms)), arms)
     right.set_ylabel("held-out pass@1 after training (dots: seeds)")
-    right.set_title("arith-heldout, 64 problems x 4 samples, T = 1")
+    tools = " (with the python tool)" if "base_tool_call_rate" in results else ""
+    right.set_title(f"arith-heldout{tools}, 64 problems x 4 samples, T = 1")
     right.legend()
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -120,24 +188,30 @@ def plot(results: dict, out: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--study", choices=list(STUDIES), default="rewards")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    ap.add_argument("--arms", nargs="+", help="a subset of the study's arms (default: all)")
     ap.add_argument("--teacher", type=Path, help="the teacher's HF folder (default: train it)")
-    ap.add_argument("--work", type=Path, default=ROOT / "runs/reward_comparison")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/reward_comparison.json")
-    ap.add_argument("--plot", type=Path, default=ROOT / "benchmarks/results/reward_comparison.png")
-    ap.add_argument("--raw", type=Path, default=ROOT / "benchmarks/results/reward_comparison")
+    ap.add_argument("--work", type=Path, help="runs go here (default: runs/<study's name>)")
     args = ap.parse_args()
+    study = STUDIES[args.study]
+    arms, name = study["arms"], study["name"]
+    for arm in args.arms or []:
+        if arm not in arms:
+            raise SystemExit(f"--arms: {arm!r} is not an arm of {args.study}: {', '.join(arms)}")
+    raw = ROOT / "benchmarks/results" / name
 
-    work = args.work.resolve()
+    work = (args.work or ROOT / "runs" / name).resolve()
     seconds: dict[str, float] = {}
     teacher_run = work / "teacher"
     if args.teacher is None:
-        seconds["teacher"] = opd_train(TEACHER_RECIPE, teacher_run, [])
+        seconds["teacher"] = opd_train(study["teacher"], teacher_run, [])
         args.teacher = teacher_run / "student"
     results: dict = {"teacher": run_summary(teacher_run), "arms": {}}
     results["base_pass1"] = results["teacher"]["pass1_by_step"][0]
-    for arm in args.arms:
+    if "tool_call_rate_by_step" in results["teacher"]:
+        results["base_tool_call_rate"] = results["teacher"]["tool_call_rate_by_step"][0]
+    for arm in args.arms or list(arms):
         results["arms"][arm] = {}
         for seed in args.seeds:
             run = work / f"{arm.replace('+', '-')}-s{seed}"
@@ -151,17 +225,17 @@ def main() -> None:
                 # held-out problems and samples): not measured again in every arm
                 "eval.at_start=false",
             ]
-            seconds[run.name] = opd_train(ARMS[arm], run, overrides)
+            seconds[run.name] = opd_train(arms[arm], run, overrides)
             results["arms"][arm][f"seed{seed}"] = run_summary(run)
-            args.raw.mkdir(parents=True, exist_ok=True)
-            shutil.copy(run / "metrics.jsonl", args.raw / f"{run.name}.metrics.jsonl")
+            raw.mkdir(parents=True, exist_ok=True)
+            shutil.copy(run / "metrics.jsonl", raw / f"{run.name}.metrics.jsonl")
             print(f"{run.name}: {results['arms'][arm][f'seed{seed}']}", flush=True)
-    shutil.copy(teacher_run / "metrics.jsonl", args.raw / "teacher.metrics.jsonl")
-    results["settings"] = {"seeds": args.seeds, "recipes": ARMS, "teacher": TEACHER_RECIPE}
+    shutil.copy(teacher_run / "metrics.jsonl", raw / "teacher.metrics.jsonl")
+    results["settings"] = {"seeds": args.seeds, "recipes": arms, "teacher": study["teacher"]}
     results["wall_seconds"] = seconds
     results["table"] = table(results)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    plot(results, args.plot)
+    (ROOT / "benchmarks" / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, ROOT / "benchmarks/results" / f"{name}.png")
     print(results["table"])
 
 

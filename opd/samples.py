@@ -80,6 +80,14 @@ class Sample:
         return self.n_tokens if self.loss_mask is None else sum(self.loss_mask)
 
     @property
+    def written_ids(self) -> list[int]:
+        """The completion tokens the model wrote: what a reward or a grader reads (a tool's
+        output between the turns is not the model's answer)."""
+        if self.loss_mask is None:
+            return self.completion_ids
+        return [t for t, m in zip(self.completion_ids, self.loss_mask, strict=True) if m]
+
+    @property
     def key(self) -> tuple[int, int]:
         """(prompt_index, sample_index): its place in the step's batch."""
         return (self.prompt_index, self.sample_index)

@@ -46,3 +46,35 @@ class ToolTurns:
             return self.tokenizer(text, add_special_tokens=False, **kwargs)["input_ids"]
 
         return tokens(self.before) + tokens(output, plain=True) + tokens(self.after)
+
+    def demonstration(self, turns: object, where: str) -> tuple[list[int], list[int], list[int]]:
+        """A written tool-using conversation (`data.completion_field` holding a list of
+        {"role": "assistant" | "tool", "content": ...} turns, assistant first and last) as the
+        rollout lays one out: (token ids, loss mask, step ids). The assistant turns are the
+        model's words (mask 1, one step each); each tool turn is inserted as `ids` inserts a
+        tool's output (mask 0); the end of the last turn is the end-of-sequence token.
+        `where` names the row in errors."""
+        roles = [t.get("role") if isinstance(t, dict) else None for t in turns or []]
+        ok = (
+            isinstance(turns, list)
+            and len(roles) % 2 == 1
+            and all(r == ("assistant" if i % 2 == 0 else "tool") for i, r in enumerate(roles))
+            and all(isinstance(t.get("content"), str) for t in turns)
+        )
+        if not ok:
+            raise ValueError(
+                f"{where}: a conversation must alternate assistant and tool turns "
+                f'({{"role": ..., "content": "..."}}), starting and ending with assistant; '
+                f"got roles {roles}"
+            )
+        ids, mask, steps = [], [], []
+        for i, t in enumerate(turns):
+            if t["role"] == "assistant":
+                said = self.tokenizer(t["content"], add_special_tokens=False)["input_ids"]
+                if i == len(turns) - 1:
+                    said = [*said, self.tokenizer.eos_token_id]
+                ids, mask, steps = ids + said, mask + [1] * len(said), steps + [i // 2] * len(said)
+            else:
+                out = self.ids(t["content"])
+                ids, mask, steps = ids + out, mask + [0] * len(out), steps + [i // 2] * len(out)
+        return ids, mask, steps

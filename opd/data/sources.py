@@ -53,14 +53,15 @@ def _gsm_symbolic_train() -> Path:
 def _arith_train() -> Path:
     """2,000 one-step arithmetic word problems (`opd.eval.arith`), none of them in the
     `arith-heldout` benchmark: `question` (with the math benchmarks' instruction, so training
-    prompts read like the held-out ones), `answer`, `solution` (one worked line), `id`."""
+    prompts read like the held-out ones), `answer`, `solution` (one worked line),
+    `tool_solution` (the same as a conversation calling python), `id`."""
     import json
 
     from opd.cache import atomic_write_bytes, cache_root
     from opd.eval.arith import arith_problems
     from opd.eval.runner import MATH_SUFFIX
 
-    path = cache_root() / "data" / "arith-train-0-2000.jsonl"
+    path = cache_root() / "data" / "arith-train-v2-0-2000.jsonl"
     if not path.is_file():
         rows = arith_problems(2000, "train")
         rows = [{**r, "question": r["question"] + MATH_SUFFIX} for r in rows]

@@ -30,7 +30,7 @@ def _problem(rng: random.Random) -> tuple[str, int, str]:
             f"{name} has {a} {thing}. {name} gets {b} more {thing}. "
             f"How many {thing} does {name} have now?"
         )
-        return q, a + b, f"{a} + {b} = {a + b}"
+        return q, a + b, f"{a} + {b}"
     if kind == "gives":
         a = rng.randint(10, 90)
         b = rng.randint(2, a - 1)
@@ -38,23 +38,33 @@ def _problem(rng: random.Random) -> tuple[str, int, str]:
             f"{name} has {a} {thing}. {name} gives {b} {thing} to a friend. "
             f"How many {thing} does {name} have left?"
         )
-        return q, a - b, f"{a} - {b} = {a - b}"
+        return q, a - b, f"{a} - {b}"
     a, b = rng.randint(2, 9), rng.randint(2, 12)
     q = (
         f"{name} buys {a} boxes of {thing}. Each box holds {b} {thing}. "
         f"How many {thing} does {name} buy?"
     )
-    return q, a * b, f"{a} * {b} = {a * b}"
+    return q, a * b, f"{a} * {b}"
 
 
 def _held_out(question: str) -> bool:
     return hashlib.sha256(question.encode()).digest()[0] % HELDOUT_EVERY == 0
 
 
+def tool_solution(expr: str, answer: int) -> list[dict]:
+    """The worked solution as a conversation that calls the python tool (`agent:` recipes):
+    a python block that prints the result, the tool's output, then the answer."""
+    return [
+        {"role": "assistant", "content": f"```python\nprint({expr})\n```\n"},
+        {"role": "tool", "content": str(answer)},
+        {"role": "assistant", "content": f"The answer is \\boxed{{{answer}}}."},
+    ]
+
+
 def arith_problems(n: int, split: str, seed: int = 0) -> list[dict]:
     """The first `n` distinct problems of `split` ("train" or "heldout"): rows of `id`,
     `question`, `answer` (the integer, as text) and `solution` (a worked line ending in
-    `\\boxed{answer}`)."""
+    `\\boxed{answer}`) and `tool_solution` (the same as a conversation calling python)."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
     rng = random.Random(seed)
@@ -62,7 +72,7 @@ def arith_problems(n: int, split: str, seed: int = 0) -> list[dict]:
     seen: set[str] = set()
     i = 0
     while len(rows) < n:
-        question, answer, work = _problem(rng)
+        question, answer, expr = _problem(rng)
         i += 1
         if question in seen or _held_out(question) != (split == "heldout"):
             continue
@@ -72,7 +82,8 @@ def arith_problems(n: int, split: str, seed: int = 0) -> list[dict]:
                 "id": f"arith-{split}/{seed}-{i - 1}",
                 "question": question,
                 "answer": str(answer),
-                "solution": f"{work}. The answer is \\boxed{{{answer}}}.",
+                "solution": f"{expr} = {answer}. The answer is \\boxed{{{answer}}}.",
+                "tool_solution": tool_solution(expr, answer),
             }
         )
     return rows

@@ -38,11 +38,7 @@ def benchmark_metrics(cfg, roles, tokenizer, generate) -> dict[str, float]:
             temperature=e.benchmark_temperature,
         )
         texts = [
-            (
-                s.prompt_id,
-                s.sample_index,
-                tokenizer.decode(s.completion_ids, skip_special_tokens=True),
-            )
+            (s.prompt_id, s.sample_index, tokenizer.decode(s.written_ids, skip_special_tokens=True))
             for s in samples
         ]
         graded = grade_all({p.id: p for p in problems}, texts)
@@ -50,4 +46,8 @@ def benchmark_metrics(cfg, roles, tokenizer, generate) -> dict[str, float]:
         for key, value in summary.items():
             if key.startswith(("pass@", "maj@")):
                 metrics[f"eval/{name}/{key}"] = value
+        if cfg.agent.enabled:
+            calls = [len(s.tool_calls or []) for s in samples]
+            metrics[f"eval/{name}/tool_call_rate"] = sum(c > 0 for c in calls) / len(calls)
+            metrics[f"eval/{name}/tool_calls"] = sum(calls) / len(calls)
     return metrics

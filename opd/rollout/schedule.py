@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import asdict, dataclass, replace
 
+from opd.agent.turns import ToolTurns
 from opd.cluster.group import Pending, RoleError
 from opd.cluster.roles import Roles
 from opd.config import Config
@@ -165,12 +166,21 @@ def _field(prompt: Prompt, name: str | None) -> str | None:
 def reference_samples(
     cfg: Config, prompts: list[Prompt], tokenizer, version: int, objective: Objective
 ) -> SampleBatch:
-    """Dataset completions in place of student samples (gkd's off-policy batches)."""
+    """Dataset completions in place of student samples (gkd's and sft's batches). With
+    `agent:` on, a completion may be a written tool-using conversation (a list of turns, laid
+    out as the rollout lays out one: `ToolTurns.demonstration`)."""
     samples = prompt_samples(cfg, prompts, 1, 1.0, objective)
+    key, cap = cfg.data.completion_field, cfg.rollout.max_new_tokens
+    turns = ToolTurns(tokenizer, cfg.agent.tool_role) if cfg.agent.enabled else None
     for s, p in zip(samples, prompts):
-        text = _field(p, cfg.data.completion_field)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"][: cfg.rollout.max_new_tokens]
-        s.completion_ids = [*ids, tokenizer.eos_token_id]
+        value = p.row.get(key) if key is not None else None
+        if turns is not None and isinstance(value, list):  # a tool-using conversation
+            where = f"prompt {p.id}, data.completion_field={key!r}"
+            ids, mask, steps = turns.demonstration(value, where)
+            s.completion_ids, s.loss_mask, s.step_ids = ids[:cap], mask[:cap], steps[:cap]
+        else:
+            ids = tokenizer(_field(p, key), add_special_tokens=False)["input_ids"][:cap]
+            s.completion_ids = [*ids, tokenizer.eos_token_id]
         s.logprobs = [0.0] * len(s.completion_ids)
         s.finish_reason, s.policy_version, s.on_policy = "reference", version, False
     return SampleBatch.put(samples)

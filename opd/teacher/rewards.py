@@ -33,7 +33,7 @@ class StepRewards:
             self.tokenizer = AutoTokenizer.from_pretrained(self.student_path)
             self.runner = RewardRunner(self.cfg)
         texts = self.tokenizer.batch_decode(
-            [s.completion_ids for s in samples], skip_special_tokens=True
+            [s.written_ids for s in samples], skip_special_tokens=True
         )
         return self.thread.submit(self.runner.score, [s.record for s in samples], texts)
 
