@@ -45,7 +45,9 @@ class Sample:
     prompt_ids: list[int]
     # the completion side, filled by the rollout worker (empty in a request's prompt side)
     completion_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)  # the engine's log pi_old of each token
+    # the engine's log pi_old of each token; None: not asked of the engine
+    # (`rollout.sampler_logprobs: false`), the learner's own log-probs stand in
+    logprobs: list[float] | None = field(default_factory=list)
     finish_reason: str = ""
     policy_version: int = 0
     topk_ids: list[list[int]] | None = None  # the engine's top-k ids per position, if asked

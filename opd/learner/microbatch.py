@@ -21,7 +21,7 @@ class MicroBatch:
     positions_BT: Tensor  # index into L of the hidden state that predicts each target
     targets_BT: Tensor
     mask_BT: Tensor
-    old_logprobs_BT: Tensor
+    old_logprobs_BT: Tensor | None  # None: the samples carry none (`rollout.sampler_logprobs`)
     teacher: Scores  # the requested signal's scores, collated by their own type
     temperature: float = 1.0  # the samples' sampling temperature (one per micro-batch)
     advantages_B: Tensor | None = None  # each sample's group-normalized reward, if rewarded
@@ -50,7 +50,9 @@ def collate(samples: list[Sample], pad_id: int = 0) -> MicroBatch:
         positions_BT=pad_rows(positions, T),
         targets_BT=col(lambda s: s.completion_ids, torch.long),
         mask_BT=col(lambda s: [1.0] * s.n_tokens if s.loss_mask is None else s.loss_mask),
-        old_logprobs_BT=col(lambda s: s.logprobs),
+        old_logprobs_BT=(
+            None if any(s.logprobs is None for s in samples) else col(lambda s: s.logprobs)
+        ),
         teacher=type(samples[0].teacher).collate([s.teacher for s in samples], T),
         temperature=temperatures.pop(),
         advantages_B=_advantages(samples),

@@ -180,7 +180,11 @@ class Learner:
         )
         return LossInputs(
             logprobs_BT=lp_BT,
-            old_logprobs_BT=mb.old_logprobs_BT.to(d),
+            # without the sampler's log-probs (an on-policy batch): the learner's own, before
+            # this step's update, are those of the weights that sampled
+            old_logprobs_BT=(
+                mb.old_logprobs_BT.to(d) if mb.old_logprobs_BT is not None else lp_BT.detach()
+            ),
             mask_BT=mb.mask_BT.to(d),
             teacher=scores,
             student_logprobs_BTK=lp_BTK,

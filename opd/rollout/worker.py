@@ -85,6 +85,9 @@ class RolloutWorker:
         self.version = 0
         self.sleep_mode, self.asleep = gpu and cfg.sleep, False
         self.seed_by = cfg.seed_by if cfg.seed_by != "auto" else ("batch" if gpu else "request")
+        self.sampler_logprobs = cfg.sampler_logprobs
+        if self.sampler_logprobs is None:
+            self.sampler_logprobs = not (gpu and cfg.max_staleness == 0 and agent is None)
         self.agent = None
         if agent is not None:
             from opd.agent.loop import AgentLoop
@@ -127,7 +130,8 @@ class RolloutWorker:
                 top_p=top_p,
                 max_tokens=max_new_tokens,
                 seed=r.seed if per_request else None,
-                logprobs=max(topk, 0),
+                # top-k ids come with the sampled token's log-prob at no extra cost
+                logprobs=max(topk, 0) if topk > 0 or self.sampler_logprobs else None,
                 flat_logprobs=True,  # a few flat lists per completion, not a dict per token
                 detokenize=False,  # the loop works on token ids; no text is read back
             )
@@ -231,10 +235,12 @@ class RolloutWorker:
         return self.version
 
 
-def _read_logprobs(flat, topk: int) -> tuple[list[float], list[list[int]] | None]:
+def _read_logprobs(flat, topk: int) -> tuple[list[float] | None, list[list[int]] | None]:
     """The sampled tokens' log-probs and, with `topk`, the top-k ids of each position, from
     vLLM's flat log-probs: at each position the sampled token comes first, then the top-k
-    tokens in rank order (the sampled one again if it is among them)."""
+    tokens in rank order (the sampled one again if it is among them). None: none were asked."""
+    if flat is None:
+        return None, None
     starts, ends = flat.start_indices, flat.end_indices
     logprobs = [flat.logprobs[i] for i in starts]
     if not topk:

@@ -345,3 +345,23 @@ def test_quickstart_and_facts_recipes_run_one_step(ray_session, tmp_path):
         assert math.isfinite(row["train/loss"]) and row["train/grad_norm"] > 0, recipe
         assert (out / "checkpoints/latest").read_text() == "step_1"
         shutil.rmtree(out / "checkpoints")  # 135M parameters with their optimizer state
+
+
+def test_without_sampler_logprobs_the_learner_supplies_pi_old(tiny_pair, ray_session, tmp_path):
+    """`rollout.sampler_logprobs: false` (the GPU default for on-policy batches): vLLM returns no
+    log-probs and the learner's own, before its update, are pi_old. The ratio is then 1 and the
+    drift 0 exactly; the sampled KL is the sampler's run's to within the engines' rounding."""
+
+    def run(out, flag):
+        overrides = [*_paths(tiny_pair, out), f"rollout.sampler_logprobs={flag}"]
+        return train_rows(TINY, [*overrides, "trainer.steps=2", "eval.every=0"])
+
+    off, on = run(tmp_path / "off", "false"), run(tmp_path / "on", "true")
+    for r in off:
+        assert r["reverse_kl/ratio"] == 1.0 and r["reverse_kl/abs_log_ratio"] == 0.0
+    assert on[0]["reverse_kl/abs_log_ratio"] > 0  # vLLM's and the learner's numerics differ
+    # the first step samples from the same weights with the same seeds: the same tokens
+    assert off[0]["rollout/completion_tokens"] == on[0]["rollout/completion_tokens"]
+    assert off[0]["reverse_kl/sampled_kl"] == pytest.approx(
+        on[0]["reverse_kl/sampled_kl"], rel=0.05
+    )

@@ -155,3 +155,16 @@ def test_gkd_temperature_is_named_as_the_loss_temperature(tmp_path):
     assert obj.params.loss_temperature == 1.0  # TRL's GKDTrainer: loss at T = 1
     with pytest.raises(ValueError, match="loss_temperature.*rollout.temperature"):
         build_objective("gkd", {"temperature": 0.9})
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("rollout: {sampler_logprobs: false, max_staleness: 1}\n", "needs on-policy batches"),
+        ("rollout: {sampler_logprobs: false}\nagent: {tools: [python]}\n", "with agent.tools"),
+    ],
+)
+def test_sampler_logprobs_off_is_refused_where_they_are_needed(tmp_path, body, message):
+    head = "student: {path: x}\nteacher: {path: y}\ndata: {train_path: z}\n"
+    with pytest.raises(ConfigError, match=message):
+        load_config(_write(tmp_path, head + body))
