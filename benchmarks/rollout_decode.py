@@ -133,7 +133,7 @@ def seeded_generate(worker, prompts: list[list[int]], new_tokens: int) -> list[t
     """(tokens, log-probs) per prompt, with the same seeds on every call."""
     reqs = requests(prompts, 99)
     _, out = worker.generate(reqs, max_new_tokens=new_tokens, temperature=1.0, top_p=1.0)
-    return [(tuple(s.completion_ids), tuple(s.logprobs)) for s in out]
+    return [(tuple(s.completion_ids), tuple(s.logprobs or ())) for s in out]
 
 
 def main() -> None:
