@@ -211,9 +211,10 @@ def main() -> None:
     results["base_pass1"] = results["teacher"]["pass1_by_step"][0]
     if "tool_call_rate_by_step" in results["teacher"]:
         results["base_tool_call_rate"] = results["teacher"]["tool_call_rate_by_step"][0]
-    for arm in args.arms or list(arms):
-        results["arms"][arm] = {}
-        for seed in args.seeds:
+    chosen = args.arms or list(arms)
+    results["arms"] = {arm: {} for arm in chosen}
+    for seed in args.seeds:  # every arm at a seed before the next seed: a cut-off study is even
+        for arm in chosen:
             run = work / f"{arm.replace('+', '-')}-s{seed}"
             # no checkpoints or export: only the metrics are kept (the runs take CPU time enough)
             overrides = [

@@ -20,6 +20,8 @@ def benchmark_metrics(cfg, roles, tokenizer, generate) -> dict[str, float]:
         problems, prompts = [], []
         for p in load_benchmark(name, limit=e.benchmark_limit):
             messages = problem_messages(p)
+            if cfg.data.system_prompt:  # the policy is scored in the context it is trained in
+                messages = [{"role": "system", "content": cfg.data.system_prompt}, *messages]
             ids = render_ids(tokenizer, messages)
             if len(ids) <= budget:  # longer prompts do not fit rollout.max_model_len
                 problems.append(p)
