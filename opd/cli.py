@@ -94,6 +94,39 @@ def _parser() -> argparse.ArgumentParser:
     prep = data_sub.add_parser("prepare", help="fetch and convert a benchmark to jsonl")
     prep.add_argument("name")
 
+    p = sub.add_parser("discriminator", help="the AAPA anchor's discriminator (anchor: block)")
+    disc_sub = p.add_subparsers(dest="discriminator_command", required=True)
+    d = disc_sub.add_parser(
+        "train",
+        help="fit a discriminator on expert vs policy responses",
+        description="Fit the discriminator of the AAPA anchor (our formulation, "
+        "docs/objectives.md#aapa) on expert responses (label 1) and policy responses (label 0) "
+        "to the same kind of prompts, hold out a share of the prompts, report held-out accuracy "
+        "and AUC, and write the artifact that `anchor.path` names. Files are JSONL (or "
+        "registry:NAME) with a prompt text (or a 'messages' list) and a response text. Example: "
+        "opd discriminator train --expert registry:arith-train --response-field solution "
+        "--prompt-field question --policy-model registry:smollm2-135m-instruct --limit 400 "
+        "--out runs/disc",
+    )
+    d.add_argument("--expert", required=True, help="expert responses (JSONL or registry:NAME)")
+    policy = d.add_mutually_exclusive_group(required=True)
+    policy.add_argument("--policy", help="policy responses (JSONL)")
+    policy.add_argument(
+        "--policy-model", help="sample the policy's responses to the expert prompts with vLLM"
+    )
+    d.add_argument("--out", required=True, type=Path, help="the artifact folder (must not exist)")
+    d.add_argument("--encoder", help="the frozen encoder (default: --policy-model)")
+    d.add_argument("--prompt-field", default="prompt")
+    d.add_argument("--response-field", default="response", help="in --expert and --policy")
+    d.add_argument("--system-prompt", help="a system turn before every prompt")
+    d.add_argument("--limit", type=int, help="at most this many rows of each file")
+    d.add_argument("--heldout", type=float, default=0.2, help="share of prompts held out")
+    d.add_argument("--layer", type=int, default=-1, help="the encoder's hidden states used")
+    d.add_argument("--c", type=float, default=1.0, help="inverse L2 strength of the head")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--max-new-tokens", type=int, default=256, help="--policy-model samples")
+    d.add_argument("--temperature", type=float, default=1.0, help="--policy-model samples")
+
     p = sub.add_parser("plot", help="render a run's curves to PNG")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--out", type=Path, default=None)
@@ -202,6 +235,65 @@ def _data(args) -> int:
     return 0
 
 
+def _discriminator(args) -> int:
+    """`opd discriminator train`: inputs are checked before any model loads."""
+    from opd.anchor.discriminator import train
+    from opd.anchor.pairs import read_pairs
+
+    if not 0 < args.heldout < 1:
+        print(f"opd discriminator: --heldout {args.heldout} must lie in (0, 1)", file=sys.stderr)
+        return 2
+    if args.out.exists():
+        print(f"opd discriminator: --out {args.out} exists; name a new folder", file=sys.stderr)
+        return 2
+    encoder = args.encoder or args.policy_model
+    if encoder is None:
+        print("opd discriminator: name the encoder (--encoder DIR)", file=sys.stderr)
+        return 2
+    fields = (args.prompt_field, args.response_field, args.system_prompt, args.limit)
+    try:
+        expert = read_pairs(args.expert, *fields)
+        if args.policy:
+            policy = read_pairs(args.policy, *fields)
+        else:
+            from opd.models.sources import resolve_model
+
+            model = str(resolve_model(args.policy_model))
+    except (ValueError, OSError) as e:
+        print(f"opd discriminator: {e}", file=sys.stderr)
+        return 2
+    if not args.policy:
+        from opd.eval.generate import VllmGenerator
+
+        prompts = [m for m, _ in expert]
+        texts = VllmGenerator(model).complete(
+            prompts, temperature=args.temperature, max_tokens=args.max_new_tokens, seed=args.seed
+        )
+        policy = list(zip(prompts, texts, strict=True))
+    try:
+        disc = train(
+            expert,
+            policy,
+            encoder,
+            heldout_fraction=args.heldout,
+            seed=args.seed,
+            layer=args.layer,
+            c=args.c,
+        )
+        disc.meta["inputs"] = {
+            "expert": args.expert,
+            "policy": args.policy or f"sampled from {args.policy_model}",
+            "n_expert": len(expert),
+            "n_policy": len(policy),
+        }
+        out = disc.save(args.out)
+    except (ValueError, OSError) as e:
+        print(f"opd discriminator: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"out": str(out), **disc.meta["metrics"]}, indent=2))
+    return 0
+
+
 def _plot(args) -> int:
     from opd.eval.plot import plot_run
 
@@ -221,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         "eval": _eval,
         "data": _data,
         "plot": _plot,
+        "discriminator": _discriminator,
     }
     return handlers[args.command](args)
 

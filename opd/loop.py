@@ -242,7 +242,7 @@ def _train(cfg: Config, run_dir: Path) -> Path:
     check_gpu_packing(cfg, int(resources.get("GPU", 0)))
     colocated = cfg.cluster.placement == "colocated"
     sleeps = colocated and cfg.rollout.sleep  # vLLM gives the devices up while others run
-    roles = start_roles(cfg, student, teacher, device, request.rollout_topk)
+    roles = start_roles(cfg, student, teacher, device, request.rollout_topk, objective.anchor_use())
     sync = None
     try:
         sync = make_weight_sync(

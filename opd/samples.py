@@ -65,6 +65,9 @@ class Sample:
     # teacher rewards the sample beside its own scores, and the learners get the advantage
     record: dict | None = None
     advantage: float | None = None  # the reward normalized within its prompt's group
+    # the discriminator anchor's term (`anchor:`): coef x its group-centered log D, or its
+    # sequence weight for sft; set beside the teacher's scores
+    anchor: float | None = None
     # a multi-turn trajectory (`agent:`): per completion token, 1 where the model wrote it and
     # 0 where the loop inserted it (a tool's output, the chat template around it), and the
     # step (assistant turn, from 0) it belongs to; None: one turn, every token the model's

@@ -24,9 +24,15 @@ class Roles:
 
 
 def start_roles(
-    cfg: Config, student_path: str, teacher_path: str, device: str, rollout_topk: int = 0
+    cfg: Config,
+    student_path: str,
+    teacher_path: str,
+    device: str,
+    rollout_topk: int = 0,
+    anchor_use: str | None = None,
 ) -> Roles:
-    """`rollout_topk`: how many top log-probs per token the objective asks of the rollout.
+    """`rollout_topk`: how many top log-probs per token the objective asks of the rollout;
+    `anchor_use`: how the objective takes the discriminator anchor (`Objective.anchor_use`).
 
     The three roles load their models at the same time. On GPUs the vLLM engine starts last:
     it sizes its KV cache from the memory it finds free, so the others must hold theirs first.
@@ -83,7 +89,10 @@ def start_roles(
             bundles["teacher"],
             lambda i, _: (
                 (cfg.teacher, teacher_path, device, student_path),
-                {"rewards": cfg.rewards if cfg.rewards.enabled else None},
+                {
+                    "rewards": cfg.rewards if cfg.rewards.enabled else None,
+                    "anchor": (cfg.anchor, anchor_use) if cfg.anchor.enabled else None,
+                },
             ),
             timeout,
             # an EMA teacher's state lives in the actor: a restart would silently reset it

@@ -119,6 +119,10 @@ def check_resources(cfg: Config) -> list[str]:
     try:
         signal_of(request).check(cfg, request, vocab)
         objective.check(cfg)
+        if cfg.anchor.enabled:
+            from opd.anchor.step import check_anchor
+
+            notes += check_anchor(cfg, objective)
         if cfg.rewards.enabled:
             from opd.rewards.runner import resolve_reward
 

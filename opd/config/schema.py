@@ -12,6 +12,7 @@ from typing import Any
 from omegaconf import MISSING
 
 from opd.agent.config import AgentConfig
+from opd.anchor.config import AnchorConfig
 from opd.rewards.runner import RewardConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -352,6 +353,8 @@ class Config:
     rewards: RewardConfig = field(default_factory=RewardConfig)
     # multi-turn rollouts that call tools (opd/agent/); off unless agent.tools names one
     agent: AgentConfig = field(default_factory=AgentConfig)
+    # the AAPA discriminator anchor (opd/anchor/; our formulation); off unless anchor.path is set
+    anchor: AnchorConfig = field(default_factory=AnchorConfig)
 
     def __post_init__(self) -> None:
         per_micro_step = self.learner.num_workers * self.learner.micro_batch_size

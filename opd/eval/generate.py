@@ -41,6 +41,24 @@ class VllmGenerator:
             **({} if gpu else whole_prompt_prefill(max_model_len)),
         )
 
+    def complete(
+        self, conversations: list[list[dict]], *, temperature: float, max_tokens: int, seed: int
+    ) -> list[str]:
+        """One sampled reply per conversation, each seeded by its place."""
+        from vllm import SamplingParams
+
+        prompts = [{"prompt_token_ids": render_ids(self.tokenizer, m)} for m in conversations]
+        params = [
+            SamplingParams(
+                temperature=temperature,
+                max_tokens=max_tokens,
+                seed=sample_seed(seed, 0, i, 0, "complete"),
+            )
+            for i in range(len(prompts))
+        ]
+        outputs = self.llm.generate(prompts, params, use_tqdm=True)
+        return [out.outputs[0].text for out in outputs]
+
     def __call__(self, problems: list, settings: EvalSettings) -> list[tuple[str, int, str, int]]:
         """(id, sample index, text, generated tokens) for every problem and sample."""
         from vllm import SamplingParams

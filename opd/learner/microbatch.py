@@ -25,6 +25,7 @@ class MicroBatch:
     teacher: Scores  # the requested signal's scores, collated by their own type
     temperature: float = 1.0  # the samples' sampling temperature (one per micro-batch)
     advantages_B: Tensor | None = None  # each sample's group-normalized reward, if rewarded
+    anchor_B: Tensor | None = None  # each sample's anchor term (`anchor:`), if anchored
     steps_BT: Tensor | None = None  # each token's step (assistant turn) in a trajectory
 
 
@@ -56,6 +57,11 @@ def collate(samples: list[Sample], pad_id: int = 0) -> MicroBatch:
         teacher=type(samples[0].teacher).collate([s.teacher for s in samples], T),
         temperature=temperatures.pop(),
         advantages_B=_advantages(samples),
+        anchor_B=(
+            torch.tensor([s.anchor for s in samples], dtype=torch.float32)
+            if all(s.anchor is not None for s in samples)
+            else None
+        ),
         steps_BT=(
             col(lambda s: s.step_ids or [0] * s.n_tokens, torch.long)
             if any(s.step_ids is not None for s in samples)

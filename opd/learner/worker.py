@@ -192,6 +192,7 @@ class Learner:
             temperature=mb.temperature,
             advantages_B=mb.advantages_B.to(d) if mb.advantages_B is not None else None,
             steps_BT=mb.steps_BT.to(d) if mb.steps_BT is not None else None,
+            anchor_B=mb.anchor_B.to(d) if mb.anchor_B is not None else None,
             **self.signal.student_inputs(self.model, hidden_BTH, scores),
         )
 
@@ -224,6 +225,9 @@ class Learner:
         packed = packed.cpu()
         metrics = {"train/loss": packed[0].item() / max(1, normalizer)}
         metrics.update({k: packed[j + 1].item() / max(1, normalizer) for j, k in enumerate(names)})
+        if "anchor/abs_advantage" in metrics:  # the anchor's share of the advantage's size
+            a, base = metrics["anchor/abs_advantage"], metrics["anchor/abs_base_advantage"]
+            metrics["anchor/advantage_share"] = a / (a + base) if a + base > 0 else 0.0
         norm = self.engine.get_global_grad_norm()
         if norm is None:  # ZeRO-0 records none: the norm taken before the update
             norm = self._grad_norm

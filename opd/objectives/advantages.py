@@ -117,3 +117,16 @@ def token_advantages(x: LossInputs, objective: str) -> Tensor:
         )
     dtype = torch.promote_types(x.logprobs_BT.dtype, torch.float32)
     return x.advantages_B.to(dtype)[:, None] * x.mask_BT.to(dtype)
+
+
+def with_anchor(adv_BT: Tensor, x: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
+    """`adv_BT` with the discriminator anchor's term (`anchor:`) added to every counted token,
+    and token sums of both parts' sizes (the learner reports the anchor's share)."""
+    if x.anchor_B is None:
+        return adv_BT, {}
+    mask = x.mask_BT.to(adv_BT.dtype)
+    term_BT = x.anchor_B.to(adv_BT.dtype)[:, None] * mask
+    return adv_BT + term_BT, {
+        "anchor/abs_advantage": term_BT.abs().sum().detach(),
+        "anchor/abs_base_advantage": (adv_BT * mask).abs().sum().detach(),
+    }

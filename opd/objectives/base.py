@@ -91,6 +91,9 @@ class LossInputs:
     # multi-turn trajectories: each completion token's step (assistant turn, from 0); tool
     # output is already out of `mask_BT`. None: single-turn samples, one step each
     steps_BT: Tensor | None = None
+    # the discriminator anchor (`anchor:`), one term per sequence: added to every token's
+    # advantage, or sft's sequence weights (`Objective.anchor_use`); None: no anchor
+    anchor_B: Tensor | None = None
 
 
 @dataclass
@@ -140,6 +143,12 @@ class Objective:
         (`opd.objectives.advantages`): every completion must then be scored with the recipe's
         reward, and the samples of one prompt kept together as a group."""
         return False
+
+    def anchor_use(self) -> str | None:
+        """How the discriminator anchor (`anchor:`) joins this objective: "advantage" (its
+        term is added to every token's advantage), "weight" (sequence weights), or None (the
+        objective has neither: an anchor is refused at validation)."""
+        return None
 
     def use_student_samples(self, step: int, seed: int) -> bool:
         """Whether step `step` trains on student samples (else on dataset completions)."""

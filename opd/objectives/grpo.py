@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import Tensor
 
-from opd.objectives.advantages import token_advantages
+from opd.objectives.advantages import token_advantages, with_anchor
 from opd.objectives.base import LossInputs, LossOutput, Normalizer, Objective, TeacherRequest
 
 if TYPE_CHECKING:
@@ -87,6 +87,9 @@ class GRPO(Objective):
     def uses_rewards(self) -> bool:
         return True
 
+    def anchor_use(self) -> str | None:
+        return "advantage"
+
     def check(self, cfg: Config) -> None:
         require_groups(self.name, cfg)
 
@@ -107,6 +110,7 @@ class GRPO(Objective):
         p, mask, name = self.params, x.mask_BT, self.name
         counted = mask > 0
         adv, adv_metrics = self.advantages(x)
+        adv, anchor_metrics = with_anchor(adv, x)
         # padding never reaches exp(): its ratio is 1 and its gradient 0
         log_ratio = torch.where(counted, self.log_ratio(x), 0.0)
         surrogate, ratio, clip_on = clipped_surrogate(log_ratio, adv, p.eps_lo, p.eps_hi)
@@ -123,6 +127,7 @@ class GRPO(Objective):
             f"{name}/abs_advantage": adv.abs().sum(),
             **self.ratio_metrics(x),
             **adv_metrics,
+            **anchor_metrics,
         }
         if p.kl_coef:
             ref = torch.where(counted, x.teacher.logprobs_BT, 0.0)

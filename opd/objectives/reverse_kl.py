@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import Tensor
 
-from opd.objectives.advantages import token_advantages
+from opd.objectives.advantages import token_advantages, with_anchor
 from opd.objectives.base import LossInputs, LossOutput, Normalizer, Objective, TeacherRequest
 from opd.objectives.divergences import full_divergence
 from opd.objectives.grpo import require_groups
@@ -115,6 +115,9 @@ class ReverseKL(Objective):
     def uses_rewards(self) -> bool:
         return self.params.reward_coef != 0
 
+    def anchor_use(self) -> str | None:
+        return "advantage" if self.params.estimator == "sampled" else None
+
     def check(self, cfg: Config) -> None:
         if self.uses_rewards():
             require_groups(self.name, cfg)
@@ -132,6 +135,8 @@ class ReverseKL(Objective):
                 reward_adv = p.reward_coef * token_advantages(x, self.name).detach()
                 advantage = advantage + reward_adv
                 metrics["reverse_kl/reward_advantage"] = reward_adv.sum()
+            advantage, anchor_metrics = with_anchor(advantage, x)
+            metrics.update(anchor_metrics)
             ratio = torch.exp(x.logprobs_BT - x.old_logprobs_BT.detach())
             surrogate = ratio * advantage
             if p.ratio_clip:

@@ -33,6 +33,9 @@ class SFT(Objective):
     def uses_sampler_logprobs(self) -> bool:
         return False
 
+    def anchor_use(self) -> str | None:
+        return "weight"
+
     def check(self, cfg) -> None:
         if not cfg.data.completion_field:
             raise ValueError(
@@ -41,9 +44,12 @@ class SFT(Objective):
 
     def __call__(self, x: LossInputs) -> LossOutput:
         mask = x.mask_BT
-        nll = -(x.logprobs_BT * mask).sum()
+        weights = mask  # the anchor's sequence weights (`anchor:`), mean 1 over the step
+        if x.anchor_B is not None:
+            weights = mask * x.anchor_B.to(mask.dtype)[:, None]
+        loss = -(x.logprobs_BT * weights).sum()
         metrics = {
-            "sft/nll": nll.detach(),
+            "sft/nll": -(x.logprobs_BT.detach() * mask).sum(),
             "sft/teacher_nll": -(x.teacher.logprobs_BT * mask).sum(),
         }
-        return LossOutput(loss_sum=nll, n_tokens=mask.sum(), metrics=metrics)
+        return LossOutput(loss_sum=loss, n_tokens=mask.sum(), metrics=metrics)

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from opd.anchor.config import AnchorConfig
+from opd.anchor.step import StepAnchor
 from opd.config.schema import TeacherConfig
 from opd.data.prompts import render_ids
 from opd.modeling.loading import TORCH_DTYPES, load_causal_lm
@@ -34,10 +36,13 @@ class TeacherScorer:
         model=None,
         tokenizer=None,
         rewards: RewardConfig | None = None,
+        anchor: tuple[AnchorConfig, str] | None = None,
     ) -> None:
         """Loads `model_path` onto `device` (a Ray actor's constructor), or wraps an
         already-built `model` and `tokenizer` (kept where they are: in-process use).
-        `rewards`: the reward the training samples get beside their scores (`StepRewards`)."""
+        `rewards`: the reward the training samples get beside their scores (`StepRewards`);
+        `anchor`: the discriminator anchor's settings and how the objective uses it
+        (`StepAnchor`), run on this actor's device."""
         self.cfg = cfg
         self.rewards = StepRewards(rewards, student_path) if rewards is not None else None
         if model is None:
@@ -47,6 +52,7 @@ class TeacherScorer:
             )
         else:
             self.device = next(model.parameters()).device
+        self.anchor = StepAnchor(*anchor, student_path, self.device) if anchor else None
         self.model, self.tokenizer = model.eval(), tokenizer
         if cfg.chat_template:
             self.tokenizer.chat_template = cfg.chat_template
@@ -148,6 +154,8 @@ class TeacherScorer:
         pending = self.rewards.submit(rewarded) if self.rewards and rewarded else None
         self.score(samples, request)
         metrics = self.rewards.apply(rewarded, pending) if pending else {}
+        if self.anchor is not None:
+            metrics.update(self.anchor.apply(samples))
         for s in samples:
             s.topk_ids = s.teacher_messages = s.record = None
         return ((self.version, metrics), *(samples[r::shards] for r in range(shards)))
