@@ -5,7 +5,10 @@
 
 `--study rewards`: GRPO vs TRRD vs reward-mixed OPD vs plain OPD
 (recipes/{grpo,trrd,reverse_kl}/smollm2-135m-arith*.yaml); the teacher is
-recipes/sft/smollm2-135m-arith.yaml. `--study tools`: SOD vs plain OPD on trajectories that
+recipes/sft/smollm2-135m-arith.yaml. `--study anchor`: GRPO with and without the AAPA
+anchor (recipes/aapa/smollm2-135m-arith-grpo.yaml; its discriminator is made first by the
+command in the recipe's header; `anchor.coef=0` logs D and trains as plain GRPO).
+`--study tools`: SOD vs plain OPD on trajectories that
 call the python tool (recipes/{sod,reverse_kl}/smollm2-135m-arith-tools.yaml); the teacher is
 recipes/sft/smollm2-135m-arith-tools.yaml, fine-tuned on solutions that call the tool.
 
@@ -48,6 +51,15 @@ STUDIES = {
         "teacher": "recipes/sft/smollm2-135m-arith-tools.yaml",
         "name": "tool_comparison",
     },
+    "anchor": {  # an arm is a recipe, or (recipe, its overrides)
+        "arms": {
+            "grpo": ("recipes/aapa/smollm2-135m-arith-grpo.yaml", ["anchor.coef=0"]),
+            "grpo+anchor": "recipes/aapa/smollm2-135m-arith-grpo.yaml",
+        },
+        "teacher": None,  # no teacher: each run measures the untrained student at step 0
+        "discriminator": "recipes/aapa/smollm2-135m-arith-grpo.yaml",
+        "name": "anchor_comparison",
+    },
 }
 PASS = "eval/arith-heldout/pass@1"
 TOOL_RATE = "eval/arith-heldout/tool_call_rate"
@@ -57,6 +69,8 @@ STEP_KEYS = (
     "sod/step_weight",
     "sod/later_step_weight",
     "sod/step_divergence",
+    "anchor/D",
+    "anchor/advantage_share",
 )
 
 
@@ -93,14 +107,36 @@ def run_summary(run: Path) -> dict:
     return out
 
 
+def make_discriminator(recipe: str, out: Path) -> float:
+    """Run the `opd discriminator train` line of `recipe`'s header, writing to `out`."""
+    line = next(
+        line.lstrip("# ")
+        for line in (ROOT / recipe).read_text().splitlines()
+        if line.lstrip("# ").startswith("opd discriminator train ")
+    )
+    cmd = line.split()
+    cmd[cmd.index("--out") + 1] = str(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with open(f"{out}.log", "ab") as log:
+        argv = [sys.executable, "-m", "opd.cli", *cmd[1:]]
+        rc = subprocess.run(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        raise SystemExit(f"{' '.join(cmd)} exited {rc}; see {out}.log")
+    return time.time() - t0
+
+
 def mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def table(results: dict) -> str:
-    base, teacher = results["base_pass1"], results["teacher"]["pass1_end"]
+    base = results["base_pass1"]
+    head = f"Held-out pass@1 of the untrained student {base:.3f}"
+    if "teacher" in results:
+        head += f", of the teacher {results['teacher']['pass1_end']:.3f}"
     lines = [
-        f"Held-out pass@1 of the untrained student {base:.3f}, of the teacher {teacher:.3f}.",
+        head + ".",
         "",
         "| objective | held-out pass@1 after training | change | per seed "
         "| train reward, first 5 steps | last 5 steps |",
@@ -117,7 +153,35 @@ def table(results: dict) -> str:
         lines.append(f"| {arm} | {cells[0]} | {change} | {seeds} | {cells[1]} | {cells[2]} |")
     if "base_tool_call_rate" in results:
         lines += tool_table(results)
+    if "discriminator" in results:
+        lines += anchor_table(results)
     return "\n".join(lines)
+
+
+def anchor_table(results: dict) -> list[str]:
+    """The discriminator's held-out scores, and D on the rollouts over the first and last 5
+    steps of each arm (means over seeds)."""
+    held = results["discriminator"]["metrics"]["heldout"]
+    lines = [
+        "",
+        f"Discriminator (held-out prompts): accuracy {held['accuracy']:.3f}, AUC "
+        f"{held['auc']:.3f}, mean D {held['mean_D_expert']:.3f} on expert and "
+        f"{held['mean_D_policy']:.3f} on policy responses ({held['n']} responses).",
+        "",
+        "| objective | D on rollouts, first 5 steps | last 5 steps | anchor's share of the "
+        "advantage |",
+        "| --- | --- | --- | --- |",
+    ]
+    for arm, runs in results["arms"].items():
+        runs = list(runs.values())
+        d = [r["anchor/D"]["by_step"] for r in runs]
+        first = mean_sd([statistics.fmean(c[:5]) for c in d])
+        last = mean_sd([statistics.fmean(c[-5:]) for c in d])
+        cells = [f"{m:.3f} ± {sd:.3f}" for m, sd in (first, last)]
+        share = [r["anchor/advantage_share"]["mean"] for r in runs if "anchor/advantage_share" in r]
+        cells.append(f"{statistics.fmean(share):.3f}" if share else "-")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def tool_table(results: dict) -> list[str]:
@@ -174,8 +238,9 @@ def plot(results: dict, out: Path) -> None:
         right.bar(i, statistics.fmean(ends), color="tab:blue", alpha=0.6)
         right.scatter([i] * len(ends), ends, color="black", zorder=3, s=12)
     right.axhline(results["base_pass1"], color="gray", linestyle="--", label="untrained student")
-    teacher = results["teacher"]["pass1_end"]
-    right.axhline(teacher, color="tab:green", linestyle=":", label="teacher")
+    if "teacher" in results:
+        teacher = results["teacher"]["pass1_end"]
+        right.axhline(teacher, color="tab:green", linestyle=":", label="teacher")
     right.set_xticks(range(len(arms)), arms)
     right.set_ylabel("held-out pass@1 after training (dots: seeds)")
     tools = " (with the python tool)" if "base_tool_call_rate" in results else ""
@@ -203,35 +268,49 @@ def main() -> None:
 
     work = (args.work or ROOT / "runs" / name).resolve()
     seconds: dict[str, float] = {}
+    results: dict = {"arms": {}}
     teacher_run = work / "teacher"
-    if args.teacher is None:
+    if study["teacher"] and args.teacher is None:
         seconds["teacher"] = opd_train(study["teacher"], teacher_run, [])
         args.teacher = teacher_run / "student"
-    results: dict = {"teacher": run_summary(teacher_run), "arms": {}}
-    results["base_pass1"] = results["teacher"]["pass1_by_step"][0]
-    if "tool_call_rate_by_step" in results["teacher"]:
-        results["base_tool_call_rate"] = results["teacher"]["tool_call_rate_by_step"][0]
+    if study["teacher"]:
+        results["teacher"] = run_summary(teacher_run)
+        results["base_pass1"] = results["teacher"]["pass1_by_step"][0]
+        if "tool_call_rate_by_step" in results["teacher"]:
+            results["base_tool_call_rate"] = results["teacher"]["tool_call_rate_by_step"][0]
+    disc = work / "discriminator"
+    if study.get("discriminator"):
+        if not disc.exists():
+            seconds["discriminator"] = make_discriminator(study["discriminator"], disc)
+        results["discriminator"] = json.loads((disc / "discriminator.json").read_text())
     chosen = args.arms or list(arms)
     results["arms"] = {arm: {} for arm in chosen}
     for seed in args.seeds:  # every arm at a seed before the next seed: a cut-off study is even
         for arm in chosen:
             run = work / f"{arm.replace('+', '-')}-s{seed}"
+            recipe, extra = arms[arm] if isinstance(arms[arm], tuple) else (arms[arm], [])
             # no checkpoints or export: only the metrics are kept (the runs take CPU time enough)
             overrides = [
                 f"run.seed={seed}",
-                f"teacher.path={args.teacher.resolve()}",
                 "checkpoint.every=0",
                 "checkpoint.export_student=false",
+            ]
+            if study["teacher"]:
                 # the untrained student's score is the teacher run's step 0 (same model, same
                 # held-out problems and samples): not measured again in every arm
-                "eval.at_start=false",
-            ]
-            seconds[run.name] = opd_train(arms[arm], run, overrides)
+                overrides += [f"teacher.path={args.teacher.resolve()}", "eval.at_start=false"]
+            if study.get("discriminator"):
+                overrides.append(f"anchor.path={disc}")
+            seconds[run.name] = opd_train(recipe, run, [*overrides, *extra])
             results["arms"][arm][f"seed{seed}"] = run_summary(run)
             raw.mkdir(parents=True, exist_ok=True)
             shutil.copy(run / "metrics.jsonl", raw / f"{run.name}.metrics.jsonl")
             print(f"{run.name}: {results['arms'][arm][f'seed{seed}']}", flush=True)
-    shutil.copy(teacher_run / "metrics.jsonl", raw / "teacher.metrics.jsonl")
+    if study["teacher"]:
+        shutil.copy(teacher_run / "metrics.jsonl", raw / "teacher.metrics.jsonl")
+    else:  # every run measured the untrained student at its step 0
+        firsts = [r["pass1_by_step"][0] for a in results["arms"].values() for r in a.values()]
+        results["base_pass1"] = statistics.fmean(firsts)
     results["settings"] = {"seeds": args.seeds, "recipes": arms, "teacher": study["teacher"]}
     results["wall_seconds"] = seconds
     results["table"] = table(results)

@@ -39,8 +39,23 @@ def test_shipped_recipe_loads_and_opens_with_its_command(recipe):
     first = recipe.read_text().splitlines()[0]
     assert first.startswith("# opd train recipes/"), f"{recipe} must open with its command"
     assert str(recipe).endswith(first.split()[3])  # "# opd train <this file> [overrides]"
+    if cfg.anchor.enabled:  # its header says how to make the discriminator it names
+        make = discriminator_command(recipe)
+        assert make[make.index("--out") + 1] == cfg.anchor.path, recipe
+        cfg = load_config(recipe, [*overrides, "anchor.path=null"])
     check_resources(cfg)  # registry sources are named, not fetched
     assert from_yaml(to_yaml(cfg)) == cfg
+
+
+def discriminator_command(recipe) -> list[str]:
+    """The `opd discriminator train ...` line of an anchored recipe's header, split."""
+    lines = [
+        line.lstrip("# ").split()
+        for line in recipe.read_text().splitlines()
+        if line.lstrip("# ").startswith("opd discriminator train ")
+    ]
+    assert len(lines) == 1, f"{recipe}: one 'opd discriminator train' line in its header"
+    return lines[0]
 
 
 def _write(tmp_path, text):
