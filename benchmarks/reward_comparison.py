@@ -109,12 +109,9 @@ def run_summary(run: Path) -> dict:
 
 def make_discriminator(recipe: str, out: Path) -> float:
     """Run the `opd discriminator train` line of `recipe`'s header, writing to `out`."""
-    line = next(
-        line.lstrip("# ")
-        for line in (ROOT / recipe).read_text().splitlines()
-        if line.lstrip("# ").startswith("opd discriminator train ")
-    )
-    cmd = line.split()
+    from opd.anchor.discriminator import recipe_command
+
+    cmd = recipe_command(ROOT / recipe)
     cmd[cmd.index("--out") + 1] = str(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -124,6 +121,15 @@ def make_discriminator(recipe: str, out: Path) -> float:
     if rc != 0:
         raise SystemExit(f"{' '.join(cmd)} exited {rc}; see {out}.log")
     return time.time() - t0
+
+
+def first_last(curves: list[list[float]], n: int = 5) -> tuple[str, str]:
+    """ "mean ± sd" over runs of each curve's mean over its first and its last n steps."""
+    cells = []
+    for part in (slice(None, n), slice(-n, None)):
+        m, sd = mean_sd([statistics.fmean(c[part]) for c in curves])
+        cells.append(f"{m:.3f} ± {sd:.3f}")
+    return cells[0], cells[1]
 
 
 def mean_sd(values: list[float]) -> tuple[float, float]:
@@ -145,12 +151,11 @@ def table(results: dict) -> str:
     for arm, runs in results["arms"].items():
         ends = [r["pass1_end"] for r in runs.values()]
         end = mean_sd(ends)
-        first = mean_sd([statistics.fmean(r["reward_by_step"][:5]) for r in runs.values()])
-        last = mean_sd([statistics.fmean(r["reward_by_step"][-5:]) for r in runs.values()])
-        cells = [f"{m:.3f} ± {s:.3f}" for m, s in (end, first, last)]
+        first, last = first_last([r["reward_by_step"] for r in runs.values()])
         seeds = ", ".join(f"{e:.3f}" for e in ends)
         change = f"{end[0] - base:+.3f}"
-        lines.append(f"| {arm} | {cells[0]} | {change} | {seeds} | {cells[1]} | {cells[2]} |")
+        cells = [f"{end[0]:.3f} ± {end[1]:.3f}", change, seeds, first, last]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     if "base_tool_call_rate" in results:
         lines += tool_table(results)
     if "discriminator" in results:
@@ -174,10 +179,7 @@ def anchor_table(results: dict) -> list[str]:
     ]
     for arm, runs in results["arms"].items():
         runs = list(runs.values())
-        d = [r["anchor/D"]["by_step"] for r in runs]
-        first = mean_sd([statistics.fmean(c[:5]) for c in d])
-        last = mean_sd([statistics.fmean(c[-5:]) for c in d])
-        cells = [f"{m:.3f} ± {sd:.3f}" for m, sd in (first, last)]
+        cells = list(first_last([r["anchor/D"]["by_step"] for r in runs]))
         share = [r["anchor/advantage_share"]["mean"] for r in runs if "anchor/advantage_share" in r]
         cells.append(f"{statistics.fmean(share):.3f}" if share else "-")
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
@@ -200,11 +202,9 @@ def tool_table(results: dict) -> list[str]:
     for arm, runs in results["arms"].items():
         runs = list(runs.values())
         end = mean_sd([list(r["tool_call_rate_by_step"].values())[-1] for r in runs])
-        rate = [r["agent/tool_call_rate"]["by_step"] for r in runs]
-        first = mean_sd([statistics.fmean(c[:5]) for c in rate])
-        last = mean_sd([statistics.fmean(c[-5:]) for c in rate])
-        cells = [f"{m:.3f} ± {s:.3f}" for m, s in (end, first, last)]
-        for key in STEP_KEYS[1:]:
+        cells = [f"{end[0]:.3f} ± {end[1]:.3f}"]
+        cells += first_last([r["agent/tool_call_rate"]["by_step"] for r in runs])
+        for key in ("sod/step_weight", "sod/later_step_weight", "sod/step_divergence"):
             if all(key in r for r in runs):
                 m, sd = mean_sd([r[key]["mean"] for r in runs])
                 cells.append(f"{m:.4f} ± {sd:.4f}")

@@ -347,3 +347,16 @@ def train(
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     return Discriminator(enc, head, meta)
+
+
+def recipe_command(recipe: str | Path) -> list[str]:
+    """The `opd discriminator train ...` line in an anchored recipe's header comments (how
+    the shipped recipes say to make the discriminator they name), split into words."""
+    lines = [
+        line.lstrip("# ").split()
+        for line in Path(recipe).read_text().splitlines()
+        if line.startswith("#") and line.lstrip("# ").startswith("opd discriminator train ")
+    ]
+    if len(lines) != 1:
+        raise ValueError(f"{recipe}: {len(lines)} 'opd discriminator train' lines in its header")
+    return lines[0]

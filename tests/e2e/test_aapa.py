@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from e2e_runs import short_run, stable
 
+from opd.anchor.discriminator import recipe_command
+
 pytestmark = pytest.mark.e2e
 
 RECIPES = Path(__file__).parents[2] / "recipes"
@@ -18,20 +20,11 @@ OPD = Path(sys.executable).with_name("opd")
 STEPS = 4
 
 
-def _header_command(recipe: Path) -> list[str]:
-    line = next(
-        line.lstrip("# ")
-        for line in recipe.read_text().splitlines()
-        if line.lstrip("# ").startswith("opd discriminator train ")
-    )
-    return line.split()
-
-
 @pytest.fixture(scope="module")
 def discriminator(tmp_path_factory):
     """The recipes' discriminator, made as their header says (into a temporary folder)."""
     out = tmp_path_factory.mktemp("disc") / "discriminator-tiny"
-    cmd = _header_command(RECIPES / "aapa/tiny-opd.yaml")
+    cmd = recipe_command(RECIPES / "aapa/tiny-opd.yaml")
     cmd[cmd.index("--out") + 1] = str(out)
     done = subprocess.run(
         [str(OPD), *cmd[1:]], capture_output=True, text=True, timeout=900, check=False

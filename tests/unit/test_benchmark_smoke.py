@@ -118,7 +118,8 @@ def test_ray_learners_one_and_two_ranks():
     for r in (one, two):
         _check_step_rates(r)
     rate = [sum(r["step_tokens"]) / sum(r["step_times"]) for r in (one, two)]
-    assert two["scaling_efficiency"] == pytest.approx(rate[1] / (2 * rate[0]), abs=6e-4)
+    # the reported value is rounded to 3 decimals and the step times to their own precision
+    assert two["scaling_efficiency"] == pytest.approx(rate[1] / (2 * rate[0]), rel=5e-4, abs=6e-4)
     # The loss is -A mean(pi_theta / pi_old) with A = -(log pi_old - log pi_T) = 0.5 on every
     # synthetic token (pi_old = e^-2, pi_T = e^-1.5); a random-init model gives a random token
     # about 1 / 384, and lr 1e-5 hardly moves it in two steps: -0.5 e^2 / 384 on every step.

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from opd.anchor.discriminator import recipe_command
 from opd.cli import main
 from opd.config import ConfigError, check_resources, from_yaml, load_config, to_yaml
 
@@ -39,23 +40,12 @@ def test_shipped_recipe_loads_and_opens_with_its_command(recipe):
     first = recipe.read_text().splitlines()[0]
     assert first.startswith("# opd train recipes/"), f"{recipe} must open with its command"
     assert str(recipe).endswith(first.split()[3])  # "# opd train <this file> [overrides]"
-    if cfg.anchor.enabled:  # its header says how to make the discriminator it names
-        make = discriminator_command(recipe)
+    if cfg.anchor.enabled:
+        make = recipe_command(recipe)  # its header says how to make the discriminator
         assert make[make.index("--out") + 1] == cfg.anchor.path, recipe
         cfg = load_config(recipe, [*overrides, "anchor.path=null"])
     check_resources(cfg)  # registry sources are named, not fetched
     assert from_yaml(to_yaml(cfg)) == cfg
-
-
-def discriminator_command(recipe) -> list[str]:
-    """The `opd discriminator train ...` line of an anchored recipe's header, split."""
-    lines = [
-        line.lstrip("# ").split()
-        for line in recipe.read_text().splitlines()
-        if line.lstrip("# ").startswith("opd discriminator train ")
-    ]
-    assert len(lines) == 1, f"{recipe}: one 'opd discriminator train' line in its header"
-    return lines[0]
 
 
 def _write(tmp_path, text):
