@@ -45,6 +45,42 @@ def test_tool_turn_tokens_follow_the_template_and_escape_special_tokens(tiny_pai
     assert tok.decode(sneaky).count("<|assistant|>") == 2  # as text, plus the real header
 
 
+def test_a_written_tool_conversation_is_laid_out_as_a_rollout(tiny_pair):
+    """SFT on tool-using demonstrations (`data.completion_field` holding turns): the tokens,
+    loss mask and steps are what the agent loop would have made of the same turns."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from opd.data.prompts import Prompt, render_ids
+    from opd.eval.arith import tool_solution
+    from opd.objectives import build_objective
+    from opd.rollout.schedule import reference_samples
+
+    tok = AutoTokenizer.from_pretrained(tiny_pair["student"])
+    turns = ToolTurns(tok, "tool")
+    convo = tool_solution("3 + 4", 7)
+    ids, mask, steps = turns.demonstration(convo, "row 1")
+    first = tok(convo[0]["content"], add_special_tokens=False)["input_ids"]
+    inserted = turns.ids("7")
+    last = tok(convo[2]["content"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert ids == first + inserted + last
+    assert mask == [1] * len(first) + [0] * len(inserted) + [1] * len(last)
+    assert steps == [0] * (len(first) + len(inserted)) + [1] * len(last)
+    for bad in ([], [convo[1]], convo[:2], [{"role": "assistant", "content": 3}]):
+        with pytest.raises(ValueError, match="row 1: a conversation must alternate"):
+            turns.demonstration(bad, "row 1")
+
+    recipe = Path(__file__).parents[2] / "recipes/sft/smollm2-135m-arith-tools.yaml"
+    cfg = load_config(recipe, [f"student.path={tiny_pair['student']}"])
+    messages = [{"role": "user", "content": "q"}]
+    row = {"id": "a", "tool_solution": convo}
+    prompt = Prompt("a", messages, render_ids(tok, messages), row)
+    (s,) = reference_samples(cfg, [prompt], tok, 0, build_objective("sft", {})).fetch()
+    assert (s.completion_ids, s.loss_mask, s.step_ids) == (ids, mask, steps)
+    assert tok.decode(s.written_ids) == tok.decode(first + last)  # what a grader reads
+
+
 def test_python_tool_and_users_tools_answer_with_text():
     box = ToolBox(
         ["python", "json:dumps", "math:factorial"], timeout_s=3.0, memory_mb=256, limit=50
