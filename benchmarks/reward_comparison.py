@@ -66,6 +66,8 @@ TOOL_RATE = "eval/arith-heldout/tool_call_rate"
 # per-step means logged by a run (those it logs): training tool use and SOD's step weights
 STEP_KEYS = (
     "agent/tool_call_rate",
+    "agent/tool_calls",
+    "sod/later_step_tokens",
     "sod/step_weight",
     "sod/later_step_weight",
     "sod/step_divergence",
@@ -121,6 +123,13 @@ def make_discriminator(recipe: str, out: Path) -> float:
     if rc != 0:
         raise SystemExit(f"{' '.join(cmd)} exited {rc}; see {out}.log")
     return time.time() - t0
+
+
+def later_weight(run: dict) -> float:
+    """SOD's mean weight of a token in a step after the first, over the steps that had any:
+    the logged token-mean of weight x later over the token share of later steps."""
+    w, n = run["sod/later_step_weight"]["by_step"], run["sod/later_step_tokens"]["by_step"]
+    return statistics.fmean([a / b for a, b in zip(w, n, strict=True) if b > 0])
 
 
 def first_last(curves: list[list[float]], n: int = 5) -> tuple[str, str]:
@@ -196,20 +205,24 @@ def tool_table(results: dict) -> list[str]:
         f"of the teacher {list(teacher.values())[-1]:.3f}.",
         "",
         "| objective | held-out tool-call rate after training | training tool-call rate, "
-        "first 5 steps | last 5 steps | step weight | later steps' weight | step divergence |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "first 5 steps | last 5 steps | tool calls per sample | step weight (token mean) | "
+        "weight of a later step's token | step divergence d_k |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for arm, runs in results["arms"].items():
         runs = list(runs.values())
         end = mean_sd([list(r["tool_call_rate_by_step"].values())[-1] for r in runs])
         cells = [f"{end[0]:.3f} ± {end[1]:.3f}"]
         cells += first_last([r["agent/tool_call_rate"]["by_step"] for r in runs])
-        for key in ("sod/step_weight", "sod/later_step_weight", "sod/step_divergence"):
-            if all(key in r for r in runs):
-                m, sd = mean_sd([r[key]["mean"] for r in runs])
-                cells.append(f"{m:.4f} ± {sd:.4f}")
-            else:
-                cells.append("-")
+        calls = mean_sd([r["agent/tool_calls"]["mean"] for r in runs])
+        cells.append(f"{calls[0]:.2f} ± {calls[1]:.2f}")
+        if all("sod/step_weight" in r for r in runs):
+            w = mean_sd([r["sod/step_weight"]["mean"] for r in runs])
+            later = mean_sd([later_weight(r) for r in runs])
+            d = mean_sd([r["sod/step_divergence"]["mean"] for r in runs])
+            cells += [f"{m:.3f} ± {sd:.3f}" for m, sd in (w, later, d)]
+        else:
+            cells += ["-", "-", "-"]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return lines
 
@@ -258,6 +271,9 @@ def main() -> None:
     ap.add_argument("--arms", nargs="+", help="a subset of the study's arms (default: all)")
     ap.add_argument("--teacher", type=Path, help="the teacher's HF folder (default: train it)")
     ap.add_argument("--work", type=Path, help="runs go here (default: runs/<study's name>)")
+    ap.add_argument(
+        "--summarize", action="store_true", help="train nothing: gather the runs in --work"
+    )
     args = ap.parse_args()
     study = STUDIES[args.study]
     arms, name = study["arms"], study["name"]
@@ -271,7 +287,8 @@ def main() -> None:
     results: dict = {"arms": {}}
     teacher_run = work / "teacher"
     if study["teacher"] and args.teacher is None:
-        seconds["teacher"] = opd_train(study["teacher"], teacher_run, [])
+        if not args.summarize:
+            seconds["teacher"] = opd_train(study["teacher"], teacher_run, [])
         args.teacher = teacher_run / "student"
     if study["teacher"]:
         results["teacher"] = run_summary(teacher_run)
@@ -301,7 +318,8 @@ def main() -> None:
                 overrides += [f"teacher.path={args.teacher.resolve()}", "eval.at_start=false"]
             if study.get("discriminator"):
                 overrides.append(f"anchor.path={disc}")
-            seconds[run.name] = opd_train(recipe, run, [*overrides, *extra])
+            if not args.summarize:
+                seconds[run.name] = opd_train(recipe, run, [*overrides, *extra])
             results["arms"][arm][f"seed{seed}"] = run_summary(run)
             raw.mkdir(parents=True, exist_ok=True)
             shutil.copy(run / "metrics.jsonl", raw / f"{run.name}.metrics.jsonl")
