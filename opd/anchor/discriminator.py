@@ -8,7 +8,7 @@ encoder's hidden states (`layer`) over that sentence's tokens; a logistic head o
 standardized sentence vectors gives each sentence's probability of being expert text; D is the
 mean of those over the response's sentences.
 
-`fit` trains the head (scikit-learn's logistic regression) on expert vs policy responses,
+`train` fits the head (scikit-learn's logistic regression) on expert vs policy responses,
 split by prompt so that no held-out prompt was seen, and reports held-out accuracy and AUC.
 The artifact (`save`) is a folder: `discriminator.json` (format, the encoder's identity,
 layer, threshold, metrics) and `head.safetensors` (the standardization and the head). `load`

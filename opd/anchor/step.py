@@ -38,27 +38,21 @@ def anchor_terms(
 
 
 class StepAnchor:
-    def __init__(self, cfg: AnchorConfig, use: str, student_path: str, device) -> None:
-        self.cfg, self.use, self.student_path, self.device = cfg, use, student_path, device
-        self.disc = None  # loaded on first use, like the rewards' tokenizer
-        self.tokenizer = None
+    def __init__(self, cfg: AnchorConfig, use: str, device) -> None:
+        self.cfg, self.use, self.device = cfg, use, device
+        self.disc = None  # loaded on first use, like the rewards' pool
 
-    def apply(self, samples: list[Sample]) -> dict[str, float]:
-        """Set each sample's `anchor` term; the step's anchor metrics."""
+    def apply(self, samples: list[Sample], texts: list[str]) -> dict[str, float]:
+        """Set each sample's `anchor` term from the text the model wrote (`texts`); the step's
+        anchor metrics."""
         if not samples:
             return {}
         if self.disc is None:
-            from transformers import AutoTokenizer
-
             from opd.anchor.discriminator import Discriminator
 
             self.disc = Discriminator.load(
                 self.cfg.path, self.device, self.cfg.encoder, self.cfg.batch_size
             )
-            self.tokenizer = AutoTokenizer.from_pretrained(self.student_path)
-        texts = self.tokenizer.batch_decode(
-            [s.written_ids for s in samples], skip_special_tokens=True
-        )
         d = self.disc.score([s.messages for s in samples], texts)
         log_d = [max(math.log(x) if x > 0 else LOG_FLOOR, LOG_FLOOR) for x in d]
         groups = [s.prompt_index for s in samples]

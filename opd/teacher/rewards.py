@@ -1,10 +1,11 @@
 """Rewards of a training step, computed beside the teacher's scores.
 
 The teacher sees every sample of a step at once, so it is where a prompt's whole group is: it
-decodes the completions with the student's tokenizer, runs the reward (`opd.rewards.runner`:
-a pool, a timeout per call, failures counted) on a thread of its own while the model scores
-the batch, and normalizes each reward within its prompt's group (`group_advantages`). The
-learners get each sample's advantage; the driver gets the metrics.
+takes the text each model wrote (decoded once by the scorer, `TeacherScorer.written_texts`,
+which the anchor reads too), runs the reward (`opd.rewards.runner`: a pool, a timeout per
+call, failures counted) on a thread of its own while the model scores the batch, and
+normalizes each reward within its prompt's group (`group_advantages`). The learners get each
+sample's advantage; the driver gets the metrics.
 """
 
 from __future__ import annotations
@@ -17,24 +18,16 @@ from opd.samples import Sample
 
 
 class StepRewards:
-    def __init__(self, cfg: RewardConfig, student_path: str | None) -> None:
-        if student_path is None:
-            raise ValueError("rewards need the student's tokenizer: no student path was given")
-        self.cfg, self.student_path = cfg, student_path
-        self.tokenizer = None  # loaded on first use, like the runner's pool
-        self.runner: RewardRunner | None = None
+    def __init__(self, cfg: RewardConfig) -> None:
+        self.cfg = cfg
+        self.runner: RewardRunner | None = None  # its pool starts on first use
         self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="opd-rewards")
 
-    def submit(self, samples: list[Sample]) -> Future:
-        """Start rewarding `samples` (each with its `record`); returns at once."""
-        if self.tokenizer is None:
-            from transformers import AutoTokenizer
-
-            self.tokenizer = AutoTokenizer.from_pretrained(self.student_path)
+    def submit(self, samples: list[Sample], texts: list[str]) -> Future:
+        """Start rewarding `samples` (each with its `record`), whose written text is `texts`;
+        returns at once."""
+        if self.runner is None:
             self.runner = RewardRunner(self.cfg)
-        texts = self.tokenizer.batch_decode(
-            [s.written_ids for s in samples], skip_special_tokens=True
-        )
         return self.thread.submit(self.runner.score, [s.record for s in samples], texts)
 
     def apply(self, samples: list[Sample], pending: Future) -> dict[str, float]:

@@ -44,7 +44,10 @@ class TeacherScorer:
         `anchor`: the discriminator anchor's settings and how the objective uses it
         (`StepAnchor`), run on this actor's device."""
         self.cfg = cfg
-        self.rewards = StepRewards(rewards, student_path) if rewards is not None else None
+        self.rewards = StepRewards(rewards) if rewards is not None else None
+        if (rewards is not None or anchor is not None) and student_path is None:
+            raise ValueError("rewards and the anchor read the student's text: no student path")
+        self.student_tokenizer = None  # loaded on first use (`written_texts`)
         if model is None:
             self.device = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
             model, tokenizer = load_causal_lm(
@@ -52,7 +55,7 @@ class TeacherScorer:
             )
         else:
             self.device = next(model.parameters()).device
-        self.anchor = StepAnchor(*anchor, student_path, self.device) if anchor else None
+        self.anchor = StepAnchor(*anchor, self.device) if anchor else None
         self.model, self.tokenizer = model.eval(), tokenizer
         if cfg.chat_template:
             self.tokenizer.chat_template = cfg.chat_template
@@ -150,15 +153,29 @@ class TeacherScorer:
         `num_returns=1 + shards`, so that each learner rank fetches its shard itself and the
         driver only sees the version and the metrics."""
         samples = in_batch_order(parts)
-        rewarded = [s for s in samples if s.record is not None]
-        pending = self.rewards.submit(rewarded) if self.rewards and rewarded else None
+        rewards = self.rewards and any(s.record is not None for s in samples)
+        texts = self.written_texts(samples) if rewards or self.anchor else []
+        rewarded = [(s, t) for s, t in zip(samples, texts) if s.record is not None]
+        pending = None
+        if self.rewards and rewarded:
+            pending = self.rewards.submit([s for s, _ in rewarded], [t for _, t in rewarded])
         self.score(samples, request)
-        metrics = self.rewards.apply(rewarded, pending) if pending else {}
+        metrics = self.rewards.apply([s for s, _ in rewarded], pending) if pending else {}
         if self.anchor is not None:
-            metrics.update(self.anchor.apply(samples))
+            metrics.update(self.anchor.apply(samples, texts))
         for s in samples:
             s.topk_ids = s.teacher_messages = s.record = None
         return ((self.version, metrics), *(samples[r::shards] for r in range(shards)))
+
+    def written_texts(self, samples: list[Sample]) -> list[str]:
+        """What the model wrote in each sample (`Sample.written_ids`), decoded once with the
+        student's tokenizer: the text the reward and the anchor both read."""
+        if self.student_tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self.student_tokenizer = AutoTokenizer.from_pretrained(self.student_path)
+        ids = [s.written_ids for s in samples]
+        return self.student_tokenizer.batch_decode(ids, skip_special_tokens=True)
 
     def signal_report(self, request: TeacherRequest) -> list[str]:
         """Start-up lines about the pair of models, where the signal has any."""
