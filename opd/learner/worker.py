@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from opd.cluster.devices import show_peer_gpus
 from opd.config.schema import LearnerConfig, ObjectiveConfig, TeacherConfig
+from opd.learner.cpu_ops import guard_shm_build
 from opd.learner.microbatch import MicroBatch, collate
 from opd.learner.zero import resolve_stage
 from opd.modeling.loading import TORCH_DTYPES
@@ -79,6 +80,8 @@ class Learner:
         import deepspeed
         from transformers import AutoModelForCausalLM
 
+        if device != "cuda":
+            guard_shm_build()
         self.rank, self.world_size, self.cfg = rank, world_size, cfg
         self.device = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
         deepspeed.init_distributed(
