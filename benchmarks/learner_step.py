@@ -162,7 +162,7 @@ def run_config(args, c: dict, folder: str, rank: int, world: int, port: int, cud
         full = batch(c["batch"] * world, args.prompt, args.completion, shape["vocab_size"], step)
         mine = full[rank::world]
         normalizer = sum(s.n_tokens for s in full)
-        sec = timed(learner.train_step, mine, normalizer)
+        sec = timed(learner.train_step, normalizer, mine)
         if step:  # the first step includes warm-up
             times.append(sec)
             seqs_per_step.append([(len(s.prompt_ids), s.n_tokens) for s in full])
@@ -172,7 +172,7 @@ def run_config(args, c: dict, folder: str, rank: int, world: int, port: int, cud
         full = batch(c["batch"] * world, args.prompt, args.completion, shape["vocab_size"], 1)
         mine, normalizer = full[rank::world], sum(s.n_tokens for s in full)
         train_step = learner.train_step
-        prof = profile_step(lambda: train_step(mine, normalizer))
+        prof = profile_step(lambda: train_step(normalizer, mine))
         del train_step
     del learner
     gc.collect()

@@ -75,7 +75,7 @@ def run(args, folder: str, world: int, cuda: bool, n_params: int, peak: float | 
         normalizer = sum(s.n_tokens for s in full)
         t = time.perf_counter()
         refs = [
-            h.train_step.remote(full[r::world], normalizer) for r, h in enumerate(group.handles)
+            h.train_step.remote(normalizer, full[r::world]) for r, h in enumerate(group.handles)
         ]
         out = group.gather(refs, "train_step")
         times.append(time.perf_counter() - t)

@@ -122,7 +122,7 @@ def learner_process(args, student, port, sync_port, to_learner, from_learner):
     while (item := to_learner.get()) is not None:
         samples, normalizer = item
         t0 = time.perf_counter()
-        loss = learner.train_step(samples, normalizer)["train/loss"]
+        loss = learner.train_step(normalizer, samples)["train/loss"]
         _sync()
         from_learner.put((time.perf_counter() - t0, loss))
         learner.broadcast_weights("bfloat16")
@@ -210,7 +210,7 @@ def run_colocated(args, student, teacher, prompts) -> dict:
         t0 = time.perf_counter()
         samples, t_roll, t_teach = sample_step(rollout, scorer, prompts, args, step)
         t1 = time.perf_counter()
-        losses.append(learner.train_step(samples, sum(s.n_tokens for s in samples))["train/loss"])
+        losses.append(learner.train_step(sum(s.n_tokens for s in samples), samples)["train/loss"])
         _sync()
         t2 = time.perf_counter()
         named = [(n, p.detach()) for n, p in learner.model.named_parameters()]

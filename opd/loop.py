@@ -29,6 +29,8 @@ from opd.rundir import RunLock
 from opd.samples import Sample, SampleBatch, SampleMeta
 from opd.signals import TeacherRequest, signal_of
 from opd.sync.weights import WeightSync, make_weight_sync
+from opd.teacher import pool
+from opd.teacher.routing import Router
 
 
 @dataclass
@@ -56,9 +58,14 @@ def load_data(cfg: Config, tokenizer) -> RunData:
     `eval.heldout_prompts` training rows are held out (and not trained on)."""
     d = cfg.data
 
+    router = Router(cfg)
+
     def prompts(path: str):
         source = resolve_data(path)
-        return recipe_prompts(d, read_rows(source), tokenizer, str(source))
+        out, dropped = recipe_prompts(d, read_rows(source), tokenizer, str(source))
+        for p in out:  # each prompt picks a teacher, or the run stops here, naming it
+            router.teacher_of(p.row, f"{source}: prompt {p.id}")
+        return out, dropped
 
     train, dropped = prompts(d.train_path)
     n_held = cfg.eval.heldout_prompts
@@ -73,26 +80,20 @@ def load_data(cfg: Config, tokenizer) -> RunData:
 def score(
     roles: Roles, sync: WeightSync, samples: list[Sample], request: TeacherRequest
 ) -> list[Sample]:
-    """The samples with the teacher's scores, in the driver (held-out metrics); a teacher that
-    died is restarted by Ray (a following teacher gets the current weights again) and scores
-    the same batch."""
-    pending = roles.teacher.submit_score(samples, request)
-    return roles.teacher.collect_one(pending, 0, lambda i: sync.restore(roles.teacher, i))
+    """The samples with their teachers' scores, in the driver (held-out metrics); a teacher
+    that died is restarted by Ray (a following teacher gets the current weights again) and
+    scores the same samples."""
+    return pool.score(roles.teachers, sync.restore, samples, request)
 
 
 def score_for_learners(
     roles: Roles, sync: WeightSync, batch: SampleBatch, request: TeacherRequest
 ) -> tuple[list, int, dict[str, float]]:
-    """The teacher scores (and, where they carry a record, rewards) the batch's samples as
-    `request` asks and keeps them: one object reference per learner rank, to its shard
-    `samples[r::n]` with the scores, which the rank fetches itself; returns those, the
-    teacher's version and the reward metrics, all the driver reads. Restarts as in `score`."""
-    n = len(roles.learner)
-    pending = roles.teacher.submit_score_shards(batch.parts, request, n)
-    version, rewards = roles.teacher.collect_one(
-        pending, 0, lambda i: sync.restore(roles.teacher, i)
-    )
-    return pending.refs[0][1:], version, rewards
+    """The teachers score (and, where they carry a record, reward) the batch's samples as
+    `request` asks and keep them: per learner rank, references to its samples (positions
+    r::n of the batch), which the rank fetches itself; returns those, the first teacher's
+    version and the reward metrics, all the driver reads. Restarts as in `score`."""
+    return pool.score_for_learners(roles.teachers, sync.restore, batch, request, len(roles.learner))
 
 
 def heldout_samples(
@@ -125,11 +126,21 @@ def heldout_reverse_kl(
     """Mean per-token sampled estimate of KL(student || teacher) on the held-out prompts."""
     samples = heldout_samples(cfg, roles, sync, heldout).fetch()
     samples = score(roles, sync, samples, TeacherRequest())
-    diff = torch.cat([torch.tensor(s.logprobs) - s.teacher.logprobs_BT[0] for s in samples])
-    return {
-        "heldout/reverse_kl": diff.mean().item(),
-        "heldout/completion_tokens": diff.numel() / len(samples),
+
+    def diff(of: list[Sample]) -> torch.Tensor:
+        return torch.cat([torch.tensor(s.logprobs) - s.teacher.logprobs_BT[0] for s in of])
+
+    every = diff(samples)
+    out = {
+        "heldout/reverse_kl": every.mean().item(),
+        "heldout/completion_tokens": every.numel() / len(samples),
     }
+    if len(roles.teachers) > 1:  # and per teacher, on the prompts routed to it
+        for t, group in enumerate(roles.teachers):
+            mine = [s for s in samples if s.teacher_index == t]
+            if mine:
+                out[f"heldout/{group.name}/reverse_kl"] = diff(mine).mean().item()
+    return out
 
 
 def heldout_objective(
@@ -146,7 +157,7 @@ def heldout_objective(
         )
     shards, _, _ = score_for_learners(roles, sync, batch, objective.teacher_request())
     sums: dict[str, float] = {}
-    for part in roles.learner.evaluate([(shard,) for shard in shards]):
+    for part in roles.learner.evaluate([tuple(shard) for shard in shards]):
         for k, v in part.items():
             sums[k] = sums.get(k, 0.0) + v
     tokens = max(1.0, sums.pop("tokens"))
@@ -172,10 +183,10 @@ def evaluation(
 
 
 def learn(roles: Roles, metas: list[SampleMeta], shards: list, objective: Objective) -> dict:
-    """One optimizer step: rank r learns from its scored shard (`shards[r]`, a reference the
-    rank resolves); the step's normalizer comes from the samples' metadata."""
+    """One optimizer step: rank r learns from its scored shard (`shards[r]`, references the
+    rank resolves, one per scorer); the step's normalizer comes from the samples' metadata."""
     normalizer = step_normalizer(objective, [m.loss_tokens for m in metas])
-    return roles.learner.train_step([(shard, normalizer) for shard in shards])
+    return roles.learner.train_step([(normalizer, *shard) for shard in shards])
 
 
 def save_checkpoint(
@@ -228,7 +239,8 @@ def _train(cfg: Config, run_dir: Path) -> Path:
 
     device = _device(cfg)
     check_devices(cfg, device)
-    student, teacher = str(resolve_model(cfg.student.path)), str(resolve_model(cfg.teacher.path))
+    student = str(resolve_model(cfg.student.path))
+    teachers = [str(resolve_model(t.path)) for t in cfg.all_teachers]
     tokenizer = AutoTokenizer.from_pretrained(student)
     if cfg.student.chat_template:
         tokenizer.chat_template = cfg.student.chat_template
@@ -242,7 +254,9 @@ def _train(cfg: Config, run_dir: Path) -> Path:
     check_gpu_packing(cfg, int(resources.get("GPU", 0)))
     colocated = cfg.cluster.placement == "colocated"
     sleeps = colocated and cfg.rollout.sleep  # vLLM gives the devices up while others run
-    roles = start_roles(cfg, student, teacher, device, request.rollout_topk, objective.anchor_use())
+    roles = start_roles(
+        cfg, student, teachers, device, request.rollout_topk, objective.anchor_use()
+    )
     sync = None
     try:
         sync = make_weight_sync(
@@ -254,8 +268,9 @@ def _train(cfg: Config, run_dir: Path) -> Path:
             teacher=roles.teacher if cfg.teacher.mode != "frozen" else None,
             colocated=colocated,
         )
-        for line in roles.teacher.signal_report(request):
-            print(line)
+        for group in roles.teachers:
+            for line in group.signal_report(request):
+                print(line if len(roles.teachers) == 1 else f"teacher {group.name}: {line}")
         if resume:
             load_checkpoint(roles, resume[0])
             data.train.load_state_dict(resume[1]["data"])
@@ -314,7 +329,7 @@ def _train(cfg: Config, run_dir: Path) -> Path:
                     "rollout/teacher_version": float(teacher_version),
                     "rollout/on_policy": float(batch.on_policy),
                     "rollout/restarts": float(roles.rollout.restarts),
-                    "teacher/restarts": float(roles.teacher.restarts),
+                    "teacher/restarts": float(sum(g.restarts for g in roles.teachers)),
                     **rewards,
                 }
             )

@@ -74,6 +74,7 @@ class Sample:
     loss_mask: list[int] | None = None
     step_ids: list[int] | None = None
     tool_calls: list[dict] | None = None  # each call's turn, code, status and output (shown)
+    teacher_index: int = 0  # which teacher scores it (`Config.all_teachers`, `data.route_field`)
 
     @property
     def n_tokens(self) -> int:
@@ -106,6 +107,8 @@ class Sample:
             self.policy_version,
             -1 if self.loss_mask is None else self.n_counted,
             len(self.tool_calls or ()),
+            len(self.prompt_ids),
+            self.teacher_index,
         )
 
 
@@ -121,6 +124,8 @@ class SampleMeta:
     policy_version: int
     n_counted: int = -1  # tokens that enter the loss (model-written); -1: all n_tokens
     n_tool_calls: int = 0
+    prompt_tokens: int = 0
+    teacher_index: int = 0  # which teacher scores it (`Config.all_teachers`)
 
     @property
     def loss_tokens(self) -> int:

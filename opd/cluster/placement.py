@@ -21,17 +21,23 @@ from opd.cluster.group import ActorGroup, RoleError
 from opd.config.schema import Config
 
 
-def role_bundles(cfg: Config) -> dict[str, list[dict[str, float]]]:
-    def bundles(n: int, cpus: float, gpus: float) -> list[dict[str, float]]:
-        b = {"CPU": cpus}
-        if gpus:
-            b["GPU"] = gpus
-        return [dict(b) for _ in range(n)]
+def _bundles(n: int, cpus: float, gpus: float) -> list[dict[str, float]]:
+    b = {"CPU": cpus}
+    if gpus:
+        b["GPU"] = gpus
+    return [dict(b) for _ in range(n)]
 
+
+def teacher_bundles(cfg: Config) -> list[list[dict[str, float]]]:
+    """Per teacher (`Config.all_teachers`), one bundle per replica."""
+    return [_bundles(t.num_workers, t.num_cpus, t.num_gpus) for t in cfg.all_teachers]
+
+
+def role_bundles(cfg: Config) -> dict[str, list[dict[str, float]]]:
     return {
-        "rollout": bundles(cfg.rollout.num_workers, cfg.rollout.num_cpus, cfg.rollout.num_gpus),
-        "teacher": bundles(1, cfg.teacher.num_cpus, cfg.teacher.num_gpus),
-        "learner": bundles(cfg.learner.num_workers, cfg.learner.num_cpus, cfg.learner.num_gpus),
+        "rollout": _bundles(cfg.rollout.num_workers, cfg.rollout.num_cpus, cfg.rollout.num_gpus),
+        "teacher": [b for bundles in teacher_bundles(cfg) for b in bundles],
+        "learner": _bundles(cfg.learner.num_workers, cfg.learner.num_cpus, cfg.learner.num_gpus),
     }
 
 
@@ -45,11 +51,13 @@ def check_devices(cfg: Config, device: str) -> None:
                 f"resolves to {device}: use dir (or auto)"
             )
         return
-    missing = [
-        f"{role}.num_gpus"
-        for role in ("rollout", "teacher", "learner")
-        if not getattr(cfg, role).num_gpus
+    missing = ["rollout.num_gpus"] if not cfg.rollout.num_gpus else []
+    missing += [
+        "teacher.num_gpus" if i == 0 else f"teachers[{i - 1}].num_gpus"
+        for i, t in enumerate(cfg.all_teachers)
+        if not t.num_gpus
     ]
+    missing += ["learner.num_gpus"] if not cfg.learner.num_gpus else []
     if missing:
         raise ValueError(
             f"run.device resolves to cuda but {', '.join(missing)} = 0: set a GPU "
@@ -87,7 +95,13 @@ def gpu_shares(cfg: Config) -> list[tuple[str, float]]:
     else:
         shared = [("learner", cfg.learner.num_gpus)] * cfg.learner.num_workers
         shared += [("rollout", cfg.rollout.num_gpus)] * cfg.rollout.num_workers
-    return [(n, g) for n, g in shared + [("teacher", cfg.teacher.num_gpus)] if g]
+    several = len(cfg.all_teachers) > 1
+    teachers = [
+        (f"teacher {t.name}" if several else "teacher", t.num_gpus)
+        for t in cfg.all_teachers
+        for _ in range(t.num_workers)
+    ]
+    return [(n, g) for n, g in shared + teachers if g]
 
 
 def check_gpu_packing(cfg: Config, n_gpus: int) -> None:

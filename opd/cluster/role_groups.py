@@ -53,30 +53,40 @@ class LearnerGroup(ActorGroup):
 
 
 class TeacherGroup(ActorGroup):
-    """One teacher scorer (frozen, or following the student's weights)."""
+    """One teacher's scorers: `teacher.num_workers` replicas of it (frozen, or following the
+    student's weights, every replica receiving the same pushes)."""
 
-    def submit_score(self, samples: list, request) -> Pending:
-        return self.submit_each("score", [(samples, request)])
+    name = "teacher"  # `TeacherConfig.name`
 
-    def submit_score_shards(self, parts: list, request, shards: int) -> Pending:
-        """The samples of `parts` (references to lists of samples) scored and kept as `shards`
-        references (`pending.refs[0][1:]`); collects the version."""
-        return self.submit_each("score_shards", [(request, shards, *parts)], 1 + shards)
+    def submit_score(self, per_replica: list[list]) -> Pending:
+        """Replica i scores `per_replica[i]` = [samples, request]."""
+        return self.submit_each("score", [tuple(a) for a in per_replica])
+
+    def submit_score_shards(self, parts: list, request, shards: int, ranks: list) -> Pending:
+        """Replica i scores the samples of `parts` (references to lists of samples) that
+        `ranks[i]` names ({key: learner rank}; None: all, to one replica) and keeps them as
+        `shards` references (`pending.refs[i][1:]`); collects (version, metrics, count)."""
+        args = [(request, shards, r, *parts) for r in ranks]
+        return self.submit_each("score_shards", args, 1 + shards)
 
     def submit_update(self, folder: str, version: int) -> Pending:
-        return self.submit_each("update_from_dir", [(folder, version)])
+        return self.submit_each("update_from_dir", [(folder, version)] * len(self))
 
     def update_one(self, i: int, folder: str, version: int) -> float:
         return self.call_one(i, "update_from_dir", folder, version)
 
     def save_state(self, path: str) -> None:
-        self.call("save_state", path)
+        """Replica 0's state: every replica holds the same (the same pushes, in order)."""
+        self.call_one(0, "save_state", path)
 
     def load_state(self, path: str) -> None:
         self.call("load_state", path)
 
+    def versions(self) -> list[int]:
+        return self.call("ping")
+
     def signal_report(self, request) -> list[str]:
-        return self.call("signal_report", request)[0]
+        return self.call_one(0, "signal_report", request)
 
 
 class RolloutGroup(ActorGroup):

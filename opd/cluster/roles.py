@@ -7,7 +7,13 @@ from dataclasses import dataclass
 from ray.util import remove_placement_group
 
 from opd.cluster.group import ActorGroup
-from opd.cluster.placement import colocated_bundles, reserve, role_bundles, spawn
+from opd.cluster.placement import (
+    colocated_bundles,
+    reserve,
+    role_bundles,
+    spawn,
+    teacher_bundles,
+)
 from opd.cluster.role_groups import LearnerGroup, RolloutGroup, TeacherGroup
 from opd.config.schema import Config
 
@@ -15,23 +21,29 @@ from opd.config.schema import Config
 @dataclass
 class Roles:
     rollout: RolloutGroup
-    teacher: TeacherGroup
+    teachers: list[TeacherGroup]  # `Config.all_teachers`, each with its replicas
     learner: LearnerGroup
 
+    @property
+    def teacher(self) -> TeacherGroup:
+        """The first teacher: the only one that may follow the student, and keep state."""
+        return self.teachers[0]
+
     def shutdown(self) -> None:
-        for group in (self.rollout, self.teacher, self.learner):  # learners last: see above
+        for group in (self.rollout, *self.teachers, self.learner):  # learners last: see above
             group.kill()
 
 
 def start_roles(
     cfg: Config,
     student_path: str,
-    teacher_path: str,
+    teacher_paths: list[str],
     device: str,
     rollout_topk: int = 0,
     anchor_use: str | None = None,
 ) -> Roles:
-    """`rollout_topk`: how many top log-probs per token the objective asks of the rollout;
+    """`teacher_paths`: the resolved model of each teacher (`Config.all_teachers`);
+    `rollout_topk`: how many top log-probs per token the objective asks of the rollout;
     `anchor_use`: how the objective takes the discriminator anchor (`Objective.anchor_use`).
 
     The three roles load their models at the same time. On GPUs the vLLM engine starts last:
@@ -73,7 +85,7 @@ def start_roles(
                     cfg.run.seed,
                     device,
                 ),
-                {"teacher": cfg.teacher, "teacher_path": teacher_path},
+                {"teacher": cfg.teacher, "teacher_path": teacher_paths[0]},
             ),
             timeout,
             pg=shared,
@@ -83,24 +95,29 @@ def start_roles(
         if shared is not None:
             learner.placement_group = shared  # the learners own it: killed last, it goes with them
         started.append(learner)
-        teacher = spawn(
-            "teacher",
-            TeacherScorer,
-            bundles["teacher"],
-            lambda i, _: (
-                (cfg.teacher, teacher_path, device, student_path),
-                {
-                    "rewards": cfg.rewards if cfg.rewards.enabled else None,
-                    "anchor": (cfg.anchor, anchor_use) if cfg.anchor.enabled else None,
-                },
-            ),
-            timeout,
-            # an EMA teacher's state lives in the actor: a restart would silently reset it
-            max_restarts=restarts if cfg.teacher.mode != "ema" else 0,
-            wait=False,
-            group_cls=TeacherGroup,
-        )
-        started.append(teacher)
+        teachers = []
+        several = len(cfg.all_teachers) > 1
+        for t_cfg, path, bundles_t in zip(cfg.all_teachers, teacher_paths, teacher_bundles(cfg)):
+            group = spawn(
+                f"teacher {t_cfg.name}" if several else "teacher",
+                TeacherScorer,
+                bundles_t,
+                lambda i, _, t_cfg=t_cfg, path=path: (
+                    (t_cfg, path, device, student_path),
+                    {
+                        "rewards": cfg.rewards if cfg.rewards.enabled else None,
+                        "anchor": (cfg.anchor, anchor_use) if cfg.anchor.enabled else None,
+                    },
+                ),
+                timeout,
+                # an EMA teacher's state lives in the actor: a restart would silently reset it
+                max_restarts=restarts if t_cfg.mode != "ema" else 0,
+                wait=False,
+                group_cls=TeacherGroup,
+            )
+            group.name = t_cfg.name
+            started.append(group)
+            teachers.append(group)
         if device == "cuda":
             wait_for_all()
         rollout = spawn(
@@ -129,4 +146,4 @@ def start_roles(
         if shared is not None and not started:
             remove_placement_group(shared)
         raise
-    return Roles(rollout=rollout, teacher=teacher, learner=learner)
+    return Roles(rollout=rollout, teachers=teachers, learner=learner)

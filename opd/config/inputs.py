@@ -73,7 +73,26 @@ def check_data(cfg: Config) -> tuple[list[str], dict[str, tuple[Path, list[dict]
         else:
             local[key] = checked
             notes.append(f"data: {value} ({len(checked[1])} rows)")
+            notes += check_routes(cfg, key, *checked)
     return notes, local
+
+
+def check_routes(cfg: Config, key: str, path: Path, rows: list[dict]) -> list[str]:
+    """With several teachers, every row must pick one (`data.route_field`); a note of how
+    many rows each teacher gets."""
+    from opd.teacher.routing import Router
+
+    router = Router(cfg)
+    if not router.several:
+        return []
+    counts = [0] * len(router.names)
+    for i, row in enumerate(rows):
+        try:
+            counts[router.teacher_of(row, f"{path}: row {i} (from 0)")] += 1
+        except ValueError as e:
+            raise ConfigError(f"{key}: {e}") from e
+    shares = ", ".join(f"{n} {c}" for n, c in zip(router.names, counts))
+    return [f"teachers of {key}'s rows: {shares}"]
 
 
 def check_prompt_lengths(cfg: Config, local: dict[str, tuple[Path, list[dict]]]) -> list[str]:

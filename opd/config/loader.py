@@ -7,6 +7,7 @@ the vocabulary. `opd validate` runs both without starting anything.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -37,13 +38,24 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like dotted.key=value")
+    # `teachers.0.path=...` reaches into a list: applied one by one, after the rest
+    indexed = [o for o in overrides if any(p.isdigit() for p in o.split("=", 1)[0].split("."))]
+    plain = [o for o in overrides if o not in indexed]
     try:
         merged = OmegaConf.merge(
-            OmegaConf.structured(Config), recipe, OmegaConf.from_dotlist(list(overrides))
+            OmegaConf.structured(Config), recipe, OmegaConf.from_dotlist(plain)
         )
+        for item in indexed:
+            key, value = item.split("=", 1)
+            parsed = OmegaConf.from_dotlist([f"value={value}"])["value"]
+            if OmegaConf.select(merged, key.rsplit(".", 1)[0]) is None:
+                raise ConfigError(f"override {item!r}: {key.rsplit('.', 1)[0]} does not exist")
+            OmegaConf.update(merged, key, parsed, merge=True)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise ConfigError(f"{path}: {_first_line(e)}") from e
+    except TypeError as e:  # e.g. a mapping given where the schema has a list
+        raise ConfigError(f"{path}: {e} (a list key set as a mapping, or the reverse?)") from e
     except ValueError as e:  # a __post_init__ check; the message names the key
         raise ConfigError(f"{path}: {e}") from e
 
@@ -91,8 +103,9 @@ def check_resources(cfg: Config) -> list[str]:
     notes += data_notes + check_benchmarks(cfg)
 
     vocab = {}
-    for role in ("student", "teacher"):
-        model = getattr(cfg, role)
+    models = [("student", cfg.student), ("teacher", cfg.teacher)]
+    models += [(f"teachers[{i}]", t) for i, t in enumerate(cfg.teachers)]
+    for role, model in models:
         try:
             info = describe_model(model.path, model.gguf_file)
         except (OSError, ValueError) as e:
@@ -117,7 +130,12 @@ def check_resources(cfg: Config) -> list[str]:
             "math_correct) or rewards.import_path"
         )
     try:
-        signal_of(request).check(cfg, request, vocab)
+        for i, one in enumerate(each_teacher(cfg)):  # each teacher against the signal
+            role = "teacher" if i == 0 else f"teachers[{i - 1}]"
+            try:
+                signal_of(request).check(one, request, {**vocab, "teacher": vocab[role]})
+            except ValueError as e:
+                raise ValueError(f"{e} (teacher {one.teacher.name!r})" if i else str(e)) from e
         objective.check(cfg)
         if cfg.anchor.enabled:
             from opd.anchor.step import check_anchor
@@ -130,3 +148,14 @@ def check_resources(cfg: Config) -> list[str]:
     except ValueError as e:
         raise ConfigError(str(e)) from e
     return notes
+
+
+def each_teacher(cfg: Config) -> list[Config]:
+    """`cfg` as seen with each of its teachers in `teacher` (checks written for one teacher);
+    shallow copies, not re-checked."""
+    out = []
+    for t in cfg.all_teachers:
+        one = copy.copy(cfg)
+        one.teacher, one.teachers = t, []
+        out.append(one)
+    return out

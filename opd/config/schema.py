@@ -6,6 +6,7 @@ from packages on the package index (see `opd.models.sources` and `opd.data.sourc
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +69,9 @@ class DataConfig:
     answer_field: str | None = None
     max_prompt_tokens: int = 512  # longer prompts are dropped and counted
     shuffle: bool = True
+    # With several teachers (`teachers:`): the row field whose value picks a prompt's teacher
+    # (each teacher's `route`), e.g. a domain or data-source column
+    route_field: str | None = None
 
     def __post_init__(self) -> None:
         _check_positive("data.max_prompt_tokens", self.max_prompt_tokens)
@@ -196,10 +200,24 @@ class TeacherConfig(ModelConfig):
     # a token instead of V); `logits`, the logits themselves; `auto`: hidden for a frozen
     # teacher in an HF folder, else logits (an EMA or live teacher's head moves)
     full_transport: str = "auto"
+    # Data-parallel replicas of this teacher, one Ray actor each (num_gpus/num_cpus apiece):
+    # a step's prompts are split among them by token count, a prompt's samples kept together
+    num_workers: int = 1
+    # With several teachers (`teachers:`): the name in metrics (teacher/<name>/...), and the
+    # values of `data.route_field` whose prompts this teacher scores; the one teacher with no
+    # `route` scores every prompt that no other teacher's route claims
+    name: str = "teacher"
+    route: list[str] = field(default_factory=list)
     num_gpus: float = 0.0
     num_cpus: float = 0.5
 
     def __post_init__(self) -> None:
+        _check_positive("teacher.num_workers", self.num_workers)
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
+            raise ValueError(
+                f"teacher name {self.name!r}: use letters, digits, '_', '.' or '-' (it names "
+                "metrics)"
+            )
         _check_choice("teacher.dtype", self.dtype, DTYPES)
         _check_choice("teacher.mode", self.mode, ("frozen", "ema", "live"))
         if not 0 < self.ema_alpha <= 1:
@@ -342,6 +360,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     student: ModelConfig = field(default_factory=ModelConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    # more teachers, each prompt scored by one of them (`data.route_field`, `teacher.route`);
+    # each entry is a whole teacher block (frozen), `teacher:` stays the first of them
+    teachers: list[TeacherConfig] = field(default_factory=list)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
@@ -430,6 +451,54 @@ class Config:
                 "teacher.mode ema/live receives weights through rollout.weight_sync="
                 f"dir; {self.rollout.weight_sync} pushes to the rollout engines only"
             )
+
+        self._check_teachers()
+
+    def _check_teachers(self) -> None:
+        every = self.all_teachers
+        if len(every) == 1:
+            if self.teacher.route or self.data.route_field:
+                raise ValueError(
+                    "teacher.route / data.route_field route prompts among several teachers: "
+                    "list the others under teachers:, or remove them"
+                )
+            return
+        names = [t.name for t in every]
+        if len(set(names)) < len(names):
+            raise ValueError(
+                f"teacher names must differ (teacher.name and each teachers[i].name): {names}"
+            )
+        if not self.data.route_field:
+            raise ValueError(
+                f"{len(every)} teachers ({', '.join(names)}): set data.route_field, the data "
+                "field whose value picks each prompt's teacher (each teacher's route)"
+            )
+        seen: dict[str, str] = {}
+        for t in every:
+            if t.mode != "frozen":
+                raise ValueError(
+                    f"teacher {t.name!r}: mode={t.mode!r} with several teachers; a teacher "
+                    "that follows the student is the only teacher of its run"
+                )
+            for value in t.route:
+                if value in seen:
+                    raise ValueError(
+                        f"route value {value!r} is claimed by teachers {seen[value]!r} and "
+                        f"{t.name!r}: each value picks one teacher"
+                    )
+                seen[value] = t.name
+        catch_all = [t.name for t in every if not t.route]
+        if len(catch_all) > 1:
+            raise ValueError(
+                f"teachers {', '.join(catch_all)} have no route: at most one teacher takes "
+                "the prompts no route claims; give the others a route (a list of values of "
+                f"data.route_field={self.data.route_field!r})"
+            )
+
+    @property
+    def all_teachers(self) -> list[TeacherConfig]:
+        """`teacher` and then `teachers`: index i is teacher i of `Sample.teacher`."""
+        return [self.teacher, *self.teachers]
 
     @property
     def grad_accum_steps(self) -> int:

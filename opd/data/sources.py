@@ -27,9 +27,12 @@ def _tiny_prompts() -> Path:
     from opd.cache import atomic_write_bytes, cache_root
     from opd.models.tiny import synthetic_examples
 
-    path = cache_root() / "data" / "tiny-arithmetic-v2.jsonl"
-    if not path.is_file():
-        rows = [{"id": f"tiny/{i}", **r} for i, r in enumerate(synthetic_examples(256, 7))]
+    path = cache_root() / "data" / "tiny-arithmetic-v3.jsonl"
+    if not path.is_file():  # `domain`: what the question counts (routes the two-teacher recipe)
+        rows = [
+            {"id": f"tiny/{i}", **r, "domain": r["question"].split()[3]}
+            for i, r in enumerate(synthetic_examples(256, 7))
+        ]
         atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
     return path
 

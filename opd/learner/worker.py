@@ -24,7 +24,7 @@ from opd.learner.zero import resolve_stage
 from opd.modeling.loading import TORCH_DTYPES
 from opd.modeling.logprobs import chunks_needed, final_hidden, gather_positions, token_logprobs
 from opd.objectives import LossInputs, build_objective
-from opd.samples import Sample
+from opd.samples import Sample, in_batch_order
 from opd.signals import signal_of
 
 
@@ -199,9 +199,11 @@ class Learner:
             **self.signal.student_inputs(self.model, hidden_BTH, scores),
         )
 
-    def train_step(self, samples: list[Sample], normalizer: int) -> dict[str, float]:
-        """One optimizer step over this rank's shard, scored by the teacher. `normalizer` is
-        the whole step's `step_normalizer` (all ranks): loss and metric sums are divided by it."""
+    def train_step(self, normalizer: int, *parts: list[Sample]) -> dict[str, float]:
+        """One optimizer step over this rank's shard, scored by the teachers: `parts`, one
+        list per scorer (teachers, replicas), merged in batch order. `normalizer` is the whole
+        step's `step_normalizer` (all ranks): loss and metric sums are divided by it."""
+        samples = in_batch_order(parts)
         self.model.train()
         mbs = self.cfg.micro_batch_size
         sums: dict[str, torch.Tensor] = {}
@@ -240,10 +242,12 @@ class Learner:
         return self.objective.finalize_metrics(metrics)
 
     @torch.no_grad()
-    def evaluate(self, samples: list[Sample]) -> dict[str, float]:
-        """The objective's loss and metric *sums* over scored `samples` (one forward, no
-        update), and the completion tokens they cover. Under ZeRO-3 every rank must call this
-        with >= 1 sample (the forward gathers parameters collectively)."""
+    def evaluate(self, *parts: list[Sample]) -> dict[str, float]:
+        """The objective's loss and metric *sums* over scored samples (`parts`, one list per
+        scorer; one forward, no update), and the completion tokens they cover. Under ZeRO-3
+        every rank must call this with >= 1 sample (the forward gathers parameters
+        collectively)."""
+        samples = in_batch_order(parts)
         if not samples:
             raise ValueError(f"learner rank {self.rank}: evaluate needs at least one sample")
         self.model.eval()

@@ -28,6 +28,7 @@ from opd.samples import (
 )
 from opd.signals import TeacherRequest
 from opd.sync.weights import WeightSync
+from opd.teacher.routing import Router
 
 
 @dataclass
@@ -50,12 +51,14 @@ def prompt_samples(
     demonstration (`data.demonstration_field`), the conversation `objective` shows the
     teacher (None: the student's) and, `rewarded`, the record the reward reads."""
     out = []
+    router = Router(cfg)
     for i, p in enumerate(prompts):
         demonstration = _field(p, cfg.data.demonstration_field)
         record = reward_record(cfg, p) if rewarded else None
+        teacher = router.teacher_of(p.row, f"prompt {p.id}")
         for j in range(samples_per_prompt):
             s = Sample(i, j, p.id, p.messages, p.token_ids, demonstration=demonstration)
-            s.temperature, s.record = temperature, record
+            s.temperature, s.record, s.teacher_index = temperature, record, teacher
             if objective is not None:
                 s.teacher_messages = objective.teacher_messages(s)
             out.append(s)

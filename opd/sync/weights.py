@@ -85,8 +85,17 @@ class DirWeightSync:
         self.rollouts.collect(loads, lambda i: self.restore(self.rollouts, i))
         metrics = {}
         if update is not None:
-            (norm,) = self.teacher.collect(update, lambda i: self.restore(self.teacher, i))
-            metrics = {"teacher/update_norm": norm, "teacher/version": float(version)}
+            norms = self.teacher.collect(update, lambda i: self.restore(self.teacher, i))
+            if len(norms) > 1:  # replicas: the same pushes from the same state, the same result
+                from opd.teacher.pool import check_versions
+
+                check_versions(self.teacher, self.teacher.versions())
+                if max(norms) - min(norms) > 1e-6 * max(1.0, max(norms)):
+                    raise RoleError(
+                        f"teacher replicas moved by different amounts on push {version}: "
+                        f"{norms}; they must apply the same updates from the same state"
+                    )
+            metrics = {"teacher/update_norm": norms[0], "teacher/version": float(version)}
         t2 = time.perf_counter()
         if self.current is not None and self.current != folder:
             shutil.rmtree(self.current, ignore_errors=True)

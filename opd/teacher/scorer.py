@@ -139,20 +139,33 @@ class TeacherScorer:
     @torch.no_grad()
     def score(self, samples: list[Sample], request: TeacherRequest) -> list[Sample]:
         """Fill `sample.teacher` with the requested signal's scores and return the samples."""
+        if not samples:  # a replica given no prompt this time
+            return samples
         scores = signal_of(request).score(self, samples, request)
         for s, sc in zip(samples, scores, strict=True):
             s.teacher, s.teacher_version = sc, self.version
         return samples
 
-    def score_shards(self, request: TeacherRequest, shards: int, *parts: list[Sample]) -> tuple:
-        """((teacher version, reward metrics), samples[0::shards], ...,
-        samples[shards-1::shards]): the samples of `parts` (one rollout worker's each, which
-        Ray resolves from references) in (prompt, sample) order, scored, rewarded where they
-        carry a record (on the host, while the model scores them), without what only the
-        teacher reads (the rollout's top-k ids travel inside the scores). Called with
-        `num_returns=1 + shards`, so that each learner rank fetches its shard itself and the
-        driver only sees the version and the metrics."""
+    def score_shards(
+        self, request: TeacherRequest, shards: int, ranks: dict | None, *parts: list[Sample]
+    ) -> tuple:
+        """((teacher version, reward metrics, samples scored), shard 0, ..., shard
+        shards-1): the samples of `parts` (one rollout worker's each, which Ray resolves
+        from references) in (prompt, sample) order, scored, rewarded where they carry a record
+        (on the host, while the model scores them), without what only the teacher reads (the
+        rollout's top-k ids travel inside the scores). `ranks`: None, every sample, shard r
+        holding samples[r::shards]; else {sample key: learner rank} of the samples this scorer
+        takes (a replica's, or a routed teacher's, part of the batch; `opd.teacher.pool`).
+        Called with `num_returns=1 + shards`, so that each learner rank fetches its shard
+        itself and the driver only sees the version and the metrics."""
         samples = in_batch_order(parts)
+        if ranks is None:
+            rank_of = [i % shards for i in range(len(samples))]
+        else:
+            samples = [s for s in samples if s.key in ranks]
+            rank_of = [ranks[s.key] for s in samples]
+        if not samples:  # a replica given no prompt this time
+            return ((self.version, {}, 0), *([] for _ in range(shards)))
         rewards = self.rewards and any(s.record is not None for s in samples)
         texts = self.written_texts(samples) if rewards or self.anchor else []
         rewarded = [(s, t) for s, t in zip(samples, texts) if s.record is not None]
@@ -165,7 +178,10 @@ class TeacherScorer:
             metrics.update(self.anchor.apply(samples, texts))
         for s in samples:
             s.topk_ids = s.teacher_messages = s.record = None
-        return ((self.version, metrics), *(samples[r::shards] for r in range(shards)))
+        out = [[] for _ in range(shards)]
+        for s, r in zip(samples, rank_of, strict=True):
+            out[r].append(s)
+        return ((self.version, metrics, len(samples)), *out)
 
     def written_texts(self, samples: list[Sample]) -> list[str]:
         """What the model wrote in each sample (`Sample.written_ids`), decoded once with the

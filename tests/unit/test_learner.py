@@ -59,18 +59,18 @@ def _params(learner):
 def test_step_updates_and_nonfinite_skips(tiny_pair, stage):
     learner = _learner(tiny_pair["student"], stage, micro=2)
     before = _params(learner)
-    m = learner.train_step(_samples(4), normalizer=12)
+    m = learner.train_step(12, _samples(4))
     after = _params(learner)
     assert m["train/skipped_steps"] == 0
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
     bad = _samples(4)
     bad[3].teacher.logprobs_BT[0, 1] = float("nan")
-    m = learner.train_step(bad, normalizer=12)
+    m = learner.train_step(12, bad)
     assert m["train/skipped_steps"] == 1
     unchanged = _params(learner)
     assert all(torch.equal(after[k], unchanged[k]) for k in after)
-    learner.train_step(_samples(4), normalizer=12)  # and training goes on, unpoisoned
+    learner.train_step(12, _samples(4))  # and training goes on, unpoisoned
     later = _params(learner)
     assert all(torch.isfinite(v).all() for v in later.values())
     assert any(not torch.equal(after[k], v) for k, v in later.items())
@@ -128,7 +128,7 @@ def test_loss_normalization_is_independent_of_micro_batching(tiny_pair):
         learner = _learner(tiny_pair["student"], 2, micro=micro)
         got = _record_grads(learner.model)
         before = _params(learner)
-        m = learner.train_step(_varied_samples(), normalizer=12)
+        m = learner.train_step(12, _varied_samples())
         assert m["train/grad_norm"] == pytest.approx(want_norm, rel=1e-4), micro
         assert got.keys() == want.keys()
         for name, g in want.items():
@@ -180,7 +180,7 @@ def test_zero3_matches_zero2_with_gradient_accumulation(tiny_pair, objective):
             device="cpu",
         )
         before = _params(learner)
-        results.append(learner.train_step(samples(4), normalizer=12))
+        results.append(learner.train_step(12, samples(4)))
         moved.append({k: v - before[k] for k, v in _params(learner).items()})
         if objective == "simct":
             evaluated = learner.evaluate(samples(2))
