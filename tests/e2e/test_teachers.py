@@ -4,15 +4,21 @@ actors and DeepSpeed learners on tiny models.
 - Two teachers routed by the data's `domain` field, the first in two replicas: every sample is
   scored by its own teacher (the pears teacher is a copy of the student, so its held-out KL
   starts at zero while the apples teacher's does not), per-teacher metrics add up to the batch,
-  and a run stopped halfway resumes to the same metrics.
+  a run stopped halfway resumes to the same metrics, and a killed teacher actor is restarted
+  with nothing lost.
 - An EMA teacher in two replicas stays one teacher: the run checks after every push that the
   replicas hold the same version and moved by the same amount.
 """
 
 import json
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
+from e2e_runs import alive_pids, when_logged
 
 from opd.config import load_config
 from opd.loop import train
@@ -29,8 +35,9 @@ def routed_data(tiny_pair, tmp_path_factory):
     """The tiny training rows with a `domain` field: what each question counts."""
     path = tmp_path_factory.mktemp("routed") / "train.jsonl"
     rows = [json.loads(x) for x in Path(tiny_pair["train"]).read_text().splitlines()]
-    path.write_text("".join(json.dumps({**r, "domain": r["question"].split()[3]}) + "\n"
-                            for r in rows))
+    path.write_text(
+        "".join(json.dumps({**r, "domain": r["question"].split()[3]}) + "\n" for r in rows)
+    )
     return path
 
 
@@ -80,12 +87,41 @@ def test_each_prompt_is_scored_by_its_routed_teacher(routed_run):
     assert n_apples > 0 and n_pears > 0
 
 
-def test_two_teacher_run_resumes_exactly(routed_run, tiny_pair, routed_data, tmp_path):
+def test_two_teacher_run_resumes_exactly_and_survives_a_killed_scorer(
+    routed_run, tiny_pair, routed_data, tmp_path
+):
+    """Stopped at step 2 and resumed; in the resumed part every teacher actor (the replicas
+    and the other teacher) is stopped while the run waits on them, then killed: Ray restarts
+    them and each one's part of the batch is scored again. The metrics equal the
+    uninterrupted run's."""
+
+    def kill():
+        pids = alive_pids("TeacherScorer")  # the replicas and the other teacher
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        time.sleep(5)
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        return pids
+
     out = tmp_path / "resumed"
     train(_two_teachers(tiny_pair, routed_data, out, 2))
+    done: list = []
+    killer = threading.Thread(
+        target=when_logged, args=(out / "metrics.jsonl", 3, kill, done), daemon=True
+    )
+    killer.start()
     train(_two_teachers(tiny_pair, routed_data, out, 4, "run.resume=true"))
+    killer.join(timeout=30)
+    assert done, "no teacher actor was killed"
+    rows = read_metrics(out / "metrics.jsonl")
+    assert rows[-1]["teacher/restarts"] >= 1
+    drop = ("teacher/restarts",)
     want = _stable(read_metrics(routed_run / "metrics.jsonl"))
-    assert _stable(read_metrics(out / "metrics.jsonl")) == want
+    got = _stable(rows)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in got] == [
+        {k: v for k, v in r.items() if k not in drop} for r in want
+    ]
 
 
 def test_ema_teacher_replicas_receive_the_same_pushes(tiny_pair, ray_session, tmp_path):

@@ -180,7 +180,8 @@ def test_replicas_score_exactly_what_one_scorer_scores(tiny_pair, budget):
     path = str(tiny_pair["teacher"])
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(path)
-    scorer = TeacherScorer(TeacherConfig(path=path, token_budget=budget), model=model, tokenizer=tok)
+    cfg = TeacherConfig(path=path, token_budget=budget)
+    scorer = TeacherScorer(cfg, model=model, tokenizer=tok)
     request, shards = TeacherRequest("sampled"), 2
 
     parts = [_batch()[0::2], _batch()[1::2]]  # two rollout workers' lists
