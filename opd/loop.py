@@ -25,7 +25,7 @@ from opd.objectives import Objective, build_objective
 from opd.objectives.base import step_normalizer
 from opd.progress import Progress
 from opd.rollout.schedule import Rollouts, generate, generate_batch
-from opd.rundir import RunLock
+from opd.rundir import RunError, RunLock
 from opd.samples import Sample, SampleBatch, SampleMeta
 from opd.signals import TeacherRequest, signal_of
 from opd.sync.weights import WeightSync, make_weight_sync
@@ -64,7 +64,10 @@ def load_data(cfg: Config, tokenizer) -> RunData:
         source = resolve_data(path)
         out, dropped = recipe_prompts(d, read_rows(source), tokenizer, str(source))
         for p in out:  # each prompt picks a teacher, or the run stops here, naming it
-            router.teacher_of(p.row, f"{source}: prompt {p.id}")
+            try:
+                router.teacher_of(p.row, f"{source}: prompt {p.id}")
+            except ValueError as e:
+                raise RunError(str(e)) from e
         return out, dropped
 
     train, dropped = prompts(d.train_path)

@@ -45,6 +45,13 @@ def check_devices(cfg: Config, device: str) -> None:
     """On GPUs every role needs a GPU share; name the keys that give it none. The GPU-only
     weight transports need CUDA."""
     if device != "cuda":
+        for i, t in enumerate(cfg.all_teachers):
+            if t.tensor_parallel_size > 1:
+                key = "teacher" if i == 0 else f"teachers[{i - 1}]"
+                raise ValueError(
+                    f"{key}.tensor_parallel_size={t.tensor_parallel_size} spreads a teacher "
+                    f"over GPUs but run.device resolves to {device}: use 1"
+                )
         if cfg.rollout.weight_sync in ("nccl", "ipc"):
             raise ValueError(
                 f"rollout.weight_sync={cfg.rollout.weight_sync} needs GPUs but run.device "

@@ -107,6 +107,7 @@ def start_roles(
                     {
                         "rewards": cfg.rewards if cfg.rewards.enabled else None,
                         "anchor": (cfg.anchor, anchor_use) if cfg.anchor.enabled else None,
+                        "max_model_len": cfg.rollout.max_model_len,
                     },
                 ),
                 timeout,

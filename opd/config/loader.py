@@ -132,6 +132,12 @@ def check_resources(cfg: Config) -> list[str]:
     try:
         for i, one in enumerate(each_teacher(cfg)):  # each teacher against the signal
             role = "teacher" if i == 0 else f"teachers[{i - 1}]"
+            if one.teacher.engine == "vllm" and request.signal != "sampled":
+                raise ValueError(
+                    f"{role}.engine=vllm returns the teacher's log-probs of the sampled tokens "
+                    f"only (signal 'sampled'); objective {cfg.objective.name!r} asks for "
+                    f"signal {request.signal!r}: use {role}.engine=hf"
+                )
             try:
                 signal_of(request).check(one, request, {**vocab, "teacher": vocab[role]})
             except ValueError as e:

@@ -208,6 +208,17 @@ class TeacherConfig(ModelConfig):
     # `route` scores every prompt that no other teacher's route claims
     name: str = "teacher"
     route: list[str] = field(default_factory=list)
+    # What runs the teacher's forward: `hf`, a transformers model in the actor (every signal,
+    # EMA/live teachers); `vllm`, a vLLM engine returning the log-probs of the given tokens
+    # (prompt log-probs), the `sampled` signal only, frozen teachers only, and the way to a
+    # teacher spread over several GPUs (`tensor_parallel_size`, with num_gpus >= that)
+    engine: str = "hf"
+    tensor_parallel_size: int = 1
+    # vllm engine: the longest teacher prompt + completion (default: rollout.max_model_len +
+    # 256, room for the teacher's own chat template) and the memory it may use (default: the
+    # actor's GPU share when below 1, else 0.85; on CPU 0.1 with a 512 MiB KV cache)
+    max_model_len: int | None = None
+    gpu_memory_utilization: float | None = None
     num_gpus: float = 0.0
     num_cpus: float = 0.5
 
@@ -232,6 +243,36 @@ class TeacherConfig(ModelConfig):
                 "every step; use logits (or auto)"
             )
         _check_share("teacher", self.num_cpus, self.num_gpus)
+        _check_choice("teacher.engine", self.engine, ("hf", "vllm"))
+        _check_positive("teacher.tensor_parallel_size", self.tensor_parallel_size)
+        _check_optional_positive("teacher.max_model_len", self.max_model_len)
+        if self.engine != "vllm":
+            if self.tensor_parallel_size > 1:
+                raise ValueError(
+                    f"teacher.tensor_parallel_size={self.tensor_parallel_size} spreads the "
+                    "teacher over GPUs through vLLM: set teacher.engine=vllm"
+                )
+            return
+        if self.mode != "frozen":
+            raise ValueError(
+                f"teacher.engine=vllm with teacher.mode={self.mode!r}: the vLLM teacher does "
+                "not take weight pushes; use teacher.engine=hf for an EMA or live teacher"
+            )
+        if self.gguf_file:
+            raise ValueError("teacher.engine=vllm loads an HF folder: unset teacher.gguf_file")
+        if self.num_gpus and self.num_gpus < self.tensor_parallel_size:
+            raise ValueError(
+                f"teacher.tensor_parallel_size={self.tensor_parallel_size} needs that many "
+                f"GPUs in the teacher actor: teacher.num_gpus={self.num_gpus:g}"
+            )
+
+    def memory_fraction(self, gpu: bool) -> float:
+        """The vllm engine's `gpu_memory_utilization`, or its default (see the key)."""
+        if self.gpu_memory_utilization:
+            return self.gpu_memory_utilization
+        if not gpu:
+            return 0.1
+        return self.num_gpus if 0 < self.num_gpus < 1 else 0.85
 
 
 @dataclass

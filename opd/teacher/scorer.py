@@ -37,18 +37,30 @@ class TeacherScorer:
         tokenizer=None,
         rewards: RewardConfig | None = None,
         anchor: tuple[AnchorConfig, str] | None = None,
+        max_model_len: int | None = None,
     ) -> None:
         """Loads `model_path` onto `device` (a Ray actor's constructor), or wraps an
         already-built `model` and `tokenizer` (kept where they are: in-process use).
         `rewards`: the reward the training samples get beside their scores (`StepRewards`);
         `anchor`: the discriminator anchor's settings and how the objective uses it
-        (`StepAnchor`), run on this actor's device."""
+        (`StepAnchor`), run on this actor's device. `max_model_len`: the vllm engine's
+        (`teacher.engine: vllm`; `teacher.max_model_len` wins where set)."""
         self.cfg = cfg
         self.rewards = StepRewards(rewards) if rewards is not None else None
         if (rewards is not None or anchor is not None) and student_path is None:
             raise ValueError("rewards and the anchor read the student's text: no student path")
         self.student_tokenizer = None  # loaded on first use (`written_texts`)
-        if model is None:
+        self.engine = None  # a vLLM engine doing the forward (`teacher.engine: vllm`)
+        if model is None and cfg.engine == "vllm":
+            from transformers import AutoTokenizer
+
+            from opd.teacher.vllm_engine import DEFAULT_TEMPLATE_ROOM, VllmTeacher
+
+            length = cfg.max_model_len or (max_model_len or 0) + DEFAULT_TEMPLATE_ROOM
+            self.engine = VllmTeacher(cfg, model_path, device, length)
+            self.device = torch.device("cpu")  # what else runs here: rewards, the anchor
+            model, tokenizer = None, AutoTokenizer.from_pretrained(model_path)
+        elif model is None:
             self.device = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
             model, tokenizer = load_causal_lm(
                 model_path, cfg.gguf_file, TORCH_DTYPES[cfg.dtype], self.device
@@ -56,10 +68,10 @@ class TeacherScorer:
         else:
             self.device = next(model.parameters()).device
         self.anchor = StepAnchor(*anchor, self.device) if anchor else None
-        self.model, self.tokenizer = model.eval(), tokenizer
+        self.model, self.tokenizer = model.eval() if model is not None else None, tokenizer
         if cfg.chat_template:
             self.tokenizer.chat_template = cfg.chat_template
-        if cfg.compile and self.device.type == "cuda":
+        if cfg.compile and self.device.type == "cuda" and self.model is not None:
             from opd.modeling.compile import compile_layers
 
             compile_layers(self.model)
@@ -141,7 +153,14 @@ class TeacherScorer:
         """Fill `sample.teacher` with the requested signal's scores and return the samples."""
         if not samples:  # a replica given no prompt this time
             return samples
-        scores = signal_of(request).score(self, samples, request)
+        if self.engine is not None:  # `sampled` only (validation refuses the others)
+            if request.signal != "sampled":
+                raise ValueError(f"teacher.engine=vllm cannot return signal {request.signal!r}")
+            seqs = [self.prompt_ids(s) + s.completion_ids for s in samples]
+            where = [f"prompt {s.prompt_id}" for s in samples]
+            scores = self.engine.score(seqs, [s.n_tokens for s in samples], where)
+        else:
+            scores = signal_of(request).score(self, samples, request)
         for s, sc in zip(samples, scores, strict=True):
             s.teacher, s.teacher_version = sc, self.version
         return samples

@@ -213,3 +213,37 @@ def test_replicas_score_exactly_what_one_scorer_scores(tiny_pair, budget):
     # a replica given nothing returns empty shards
     (_, _, n_none), *empty = scorer.score_shards(request, shards, {}, *parts)
     assert n_none == 0 and empty == [[], []]
+
+
+@pytest.mark.parametrize(
+    "teacher, message",
+    [
+        ({"engine": "vllm", "mode": "ema"}, "does not take weight pushes"),
+        ({"tensor_parallel_size": 2}, "set teacher.engine=vllm"),
+        ({"engine": "vllm", "tensor_parallel_size": 2, "num_gpus": 1}, "needs that many GPUs"),
+        ({"engine": "tgi"}, "teacher.engine"),
+    ],
+)
+def test_vllm_teacher_settings_that_cannot_work_are_refused(teacher, message):
+    with pytest.raises(ValueError, match=message):
+        TeacherConfig(path="m", **teacher)
+
+
+def test_a_vllm_teacher_is_refused_for_signals_it_cannot_return(tiny_pair, tmp_path):
+    from opd.cluster.placement import check_devices
+    from opd.config.loader import check_resources
+
+    recipe = "recipes/reverse_kl/tiny.yaml"
+    common = [
+        f"student.path={tiny_pair['student']}",
+        f"teacher.path={tiny_pair['teacher']}",
+        f"data.train_path={tiny_pair['train']}",
+        "teacher.engine=vllm",
+    ]
+    check_resources(load_config(recipe, common))  # sampled: served
+    topk = load_config(recipe, [*common, "objective.params.estimator=topk"])
+    with pytest.raises(ConfigError, match=r"teacher.engine=vllm returns .* signal 'at_ids'"):
+        check_resources(topk)
+    sharded = load_config(recipe, [*common, "teacher.tensor_parallel_size=2"])
+    with pytest.raises(ValueError, match="run.device resolves to cpu: use 1"):
+        check_devices(sharded, "cpu")
