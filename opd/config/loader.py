@@ -35,9 +35,15 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
             f"{path}: the top level is a {type(top).__name__}, not a mapping of sections "
             "(run:, data:, student:, teacher:, ...)"
         )
+    removals = [o[1:] for o in overrides if o.startswith("~")]
+    overrides = [o for o in overrides if not o.startswith("~")]
+    for key in removals:
+        _remove(recipe, key, path)
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like dotted.key=value")
+            raise ConfigError(
+                f"override {item!r} must look like dotted.key=value (or ~dotted.key to remove)"
+            )
     # `teachers.0.path=...` reaches into a list: applied one by one, after the rest
     indexed = [o for o in overrides if any(p.isdigit() for p in o.split("=", 1)[0].split("."))]
     plain = [o for o in overrides if o not in indexed]
@@ -58,6 +64,16 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(f"{path}: {e} (a list key set as a mapping, or the reverse?)") from e
     except ValueError as e:  # a __post_init__ check; the message names the key
         raise ConfigError(f"{path}: {e}") from e
+
+
+def _remove(recipe, key: str, path: Path) -> None:
+    """`~key`: drop `key` from the recipe, so the schema's default (or a later override)
+    applies; the recipe must have it."""
+    parent_key, _, leaf = key.rpartition(".")
+    parent = OmegaConf.select(recipe, parent_key) if parent_key else recipe
+    if not leaf or not OmegaConf.is_dict(parent) or leaf not in parent:
+        raise ConfigError(f"override ~{key}: {path} has no key {key} to remove")
+    del parent[leaf]
 
 
 def _top_level(path: Path) -> object:
