@@ -1,4 +1,4 @@
-"""`opd train | validate | eval | data prepare | plot`."""
+"""`opd train | validate | eval | data prepare | discriminator train | recipe keys | plot`."""
 
 from __future__ import annotations
 
@@ -190,6 +190,10 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--max-new-tokens", type=int, default=256, help="--policy-model samples")
     d.add_argument("--temperature", type=float, default=1.0, help="--policy-model samples")
 
+    p = sub.add_parser("recipe", help="about recipes: every key, its type and default")
+    recipe_sub = p.add_subparsers(dest="recipe_command", required=True, parser_class=_Parser)
+    recipe_sub.add_parser("keys", help="print every recipe key as markdown (docs/recipes.md)")
+
     p = sub.add_parser("plot", help="render a run's curves to PNG")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--out", type=Path, default=None)
@@ -368,6 +372,13 @@ def _plot(args) -> int:
     return 0
 
 
+def _recipe(args) -> int:
+    from opd.config.reference import markdown
+
+    print(markdown())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {
@@ -377,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         "data": _data,
         "plot": _plot,
         "discriminator": _discriminator,
+        "recipe": _recipe,
     }
     return handlers[args.command](args)
 

@@ -17,7 +17,7 @@ class AgentConfig:
     # runs it); `tool_call_tag`, <tool_call>{"name": ..., "arguments": ...}</tool_call>
     format: str = "python_block"
     max_turns: int = 4  # assistant turns per trajectory; the last one gets no tool output
-    tool_timeout_s: float = 5.0
+    tool_timeout_s: float = 5.0  # per tool call; a timeout is output the model sees
     tool_memory_mb: int = 256  # the python tool's address-space limit
     max_tool_output_chars: int = 2000  # longer output is cut, with a note the model sees
     tool_role: str = "tool"  # the chat role of a tool's output (`user` for templates without)

@@ -45,11 +45,12 @@ def _check_share(role: str, num_cpus: float, num_gpus: float) -> None:
 
 @dataclass
 class RunConfig:
+    # the run directory: config.yaml, metrics.jsonl, checkpoints/, student/
     output_dir: str = "runs/default"
-    seed: int = 0
+    seed: int = 0  # seeds sampling, data order and initialization; a resume continues it exactly
     resume: bool = True  # re-running the same command continues from checkpoints/latest
     device: str = "auto"  # auto | cpu | cuda
-    progress: bool = True
+    progress: bool = True  # a progress bar on stderr
 
     def __post_init__(self) -> None:
         _check_choice("run.device", self.device, ("auto", "cpu", "cuda"))
@@ -59,8 +60,9 @@ class RunConfig:
 class DataConfig:
     train_path: str = MISSING  # jsonl, parquet, a `datasets` folder, or registry:<name>
     heldout_path: str | None = None  # default: the first `eval.heldout_prompts` of train_path
-    prompt_field: str = "question"
-    id_field: str | None = None
+    prompt_field: str = "question"  # the row field holding the prompt text
+    id_field: str | None = None  # the row field naming each prompt; null: its row number
+    # a system turn put before every prompt (the student's and the teacher's)
     system_prompt: str | None = None
     demonstration_field: str | None = None  # shown to the teacher (sdft's context)
     completion_field: str | None = None  # reference completions (gkd's off-policy batches)
@@ -68,7 +70,7 @@ class DataConfig:
     # `answer`): copied there from this field of each row; None: the row as it is
     answer_field: str | None = None
     max_prompt_tokens: int = 512  # longer prompts are dropped and counted
-    shuffle: bool = True
+    shuffle: bool = True  # shuffle the prompts each epoch (seeded by run.seed)
     # With several teachers (`teachers:`): the row field whose value picks a prompt's teacher
     # (each teacher's `route`), e.g. a domain or data-source column
     route_field: str | None = None
@@ -87,12 +89,13 @@ class ModelConfig:
 @dataclass
 class RolloutConfig:
     num_workers: int = 1  # data-parallel vLLM engines, prompts split among them
-    prompts_per_step: int = 8
-    samples_per_prompt: int = 1
-    max_new_tokens: int = 64
+    prompts_per_step: int = 8  # prompts per training step
+    samples_per_prompt: int = 1  # completions sampled per prompt (a group, for rewards)
+    max_new_tokens: int = 64  # the longest completion
+    # the sampling temperature (the learner uses it too: ratio 1 on-policy)
     temperature: float = 1.0
-    top_p: float = 1.0
-    dtype: str = "float32"
+    top_p: float = 1.0  # nucleus sampling; below 1 only for losses without the sampler ratio
+    dtype: str = "float32"  # vLLM's weights and compute
     # The fraction of the GPU's memory vLLM may use. Default on GPU: the worker's share when it
     # holds a fraction of a GPU (num_gpus 0.4 -> 0.4, leaving the rest to the roles beside it),
     # else 0.85; on CPU 0.1 of the RAM.
@@ -100,7 +103,7 @@ class RolloutConfig:
     # KV-cache size (default 512 MiB on CPU, where vLLM subtracts its own memory from the RAM
     # fraction; on GPU, whatever the utilization leaves)
     kv_cache_memory_bytes: int | None = None
-    max_model_len: int = 1024
+    max_model_len: int = 1024  # vLLM's longest prompt + completion
     # None: eager on CPU; on GPUs vLLM's own default (torch.compile and CUDA graphs), what it
     # runs fastest and what TRL's vLLM trainers use
     enforce_eager: bool | None = None
@@ -187,8 +190,8 @@ class TeacherConfig(ModelConfig):
     # frozen: fixed weights; ema: phi <- a theta + (1 - a) phi after every learner step;
     # live: phi = theta. ema and live receive the student's weight pushes (self-distillation).
     mode: str = "frozen"
-    ema_alpha: float = 0.01
-    dtype: str = "float32"
+    ema_alpha: float = 0.01  # mode ema: the weight of the student's new weights in each update
+    dtype: str = "float32"  # the teacher's parameters and compute: float32, bfloat16 or float16
     token_budget: int = 8192  # tokens per forward pass
     compile: bool = False  # torch.compile each decoder layer (CUDA; pays once at the start)
     # How a teacher without a chat template (a base model) sees the conversation: a plain-text
@@ -207,20 +210,21 @@ class TeacherConfig(ModelConfig):
     # values of `data.route_field` whose prompts this teacher scores; the one teacher with no
     # `route` scores every prompt that no other teacher's route claims
     name: str = "teacher"
+    # the data.route_field values this teacher scores (see name)
     route: list[str] = field(default_factory=list)
     # What runs the teacher's forward: `hf`, a transformers model in the actor (every signal,
     # EMA/live teachers); `vllm`, a vLLM engine returning the log-probs of the given tokens
     # (prompt log-probs), the `sampled` signal only, frozen teachers only, and the way to a
     # teacher spread over several GPUs (`tensor_parallel_size`, with num_gpus >= that)
     engine: str = "hf"
-    tensor_parallel_size: int = 1
+    tensor_parallel_size: int = 1  # engine vllm: GPUs the teacher is sharded over
     # vllm engine: the longest teacher prompt + completion (default: rollout.max_model_len +
     # 256, room for the teacher's own chat template) and the memory it may use (default: the
     # actor's GPU share when below 1, else 0.85; on CPU 0.1 with a 512 MiB KV cache)
     max_model_len: int | None = None
-    gpu_memory_utilization: float | None = None
-    num_gpus: float = 0.0
-    num_cpus: float = 0.5
+    gpu_memory_utilization: float | None = None  # engine vllm: see max_model_len
+    num_gpus: float = 0.0  # GPUs (or a fraction of one) per teacher actor
+    num_cpus: float = 0.5  # CPUs per teacher actor
 
     def __post_init__(self) -> None:
         _check_positive("teacher.num_workers", self.num_workers)
@@ -282,21 +286,22 @@ class LearnerConfig:
     # rank's GPU memory (0 for one rank; opd/learner/zero.py), stage 2 on CPUs
     zero_stage: int | None = None
     dtype: str = "float32"  # parameters and compute; bfloat16 enables DeepSpeed bf16
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    lr: float = 1e-5  # AdamW's peak learning rate
+    weight_decay: float = 0.0  # AdamW's weight decay
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW's betas
     lr_schedule: str = "constant"  # constant | linear | cosine, after warmup
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # linear warm-up from 0 over this many steps
     micro_batch_size: int = 4  # sequences per forward/backward on one rank
-    grad_clip: float = 1.0
-    logprob_chunk_tokens: int = 1024
+    grad_clip: float = 1.0  # the gradient's global norm is clipped to this
+    logprob_chunk_tokens: int = 1024  # log-softmax computed this many positions at a time
     # A micro-batch whose LM-head logits (tokens x vocab, model dtype) fit in this many GB
     # keeps them for backward instead of recomputing them (opd/modeling/head_logprob.py).
     logits_cache_gb: float = 2.0
+    # recompute activations in backward (less memory, more time)
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile each decoder layer (CUDA; pays once at the start)
-    num_gpus: float = 0.0
-    num_cpus: float = 0.5
+    num_gpus: float = 0.0  # GPUs (or a fraction of one) per learner rank
+    num_cpus: float = 0.5  # CPUs per learner rank
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (None, 0, 1, 2, 3):
@@ -321,14 +326,16 @@ class LearnerConfig:
 
 @dataclass
 class ObjectiveConfig:
+    # reverse_kl, gkd, sdft, sft, simct, grpo, trrd, sod, or a user's (import_path)
     name: str = "reverse_kl"
     import_path: str | None = None  # "pkg.module:Class" for an objective outside opd
+    # the objective's parameters (docs/objectives.md lists each one's)
     params: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class TrainerConfig:
-    steps: int = 10
+    steps: int = 10  # optimizer steps of the run
 
     def __post_init__(self) -> None:
         _check_positive("trainer.steps", self.steps)
@@ -337,7 +344,7 @@ class TrainerConfig:
 @dataclass
 class CheckpointConfig:
     every: int = 10  # 0 disables periodic checkpoints (the final step is always saved)
-    keep_last: int = 2
+    keep_last: int = 2  # checkpoints kept; older ones are pruned
     export_student: bool = True  # final HF-format export to <output_dir>/student
 
     def __post_init__(self) -> None:
@@ -350,14 +357,14 @@ class CheckpointConfig:
 class EvalConfig:
     every: int = 5  # heldout/reverse_kl at step 0 and every N steps; 0 disables
     at_start: bool = True  # also before the first step (step 0); false: every N steps only
-    heldout_prompts: int = 16
-    heldout_samples: int = 1
+    heldout_prompts: int = 16  # prompts held out for heldout/* metrics
+    heldout_samples: int = 1  # completions per held-out prompt
     max_new_tokens: int | None = None  # default: rollout.max_new_tokens
     benchmarks: list[str] = field(default_factory=list)  # e.g. [gsm8k-100, humaneval]
     benchmark_limit: int | None = 32  # first N problems of each benchmark
-    benchmark_samples: int = 1
-    benchmark_temperature: float = 0.0
-    benchmark_max_tokens: int = 256
+    benchmark_samples: int = 1  # completions per benchmark problem (pass@k from them)
+    benchmark_temperature: float = 0.0  # 0: greedy
+    benchmark_max_tokens: int = 256  # the longest benchmark completion
 
     def __post_init__(self) -> None:
         if self.every < 0:

@@ -66,11 +66,11 @@ class RewardConfig:
 
     name: str | None = None  # a registered reward: math_correct, code_tests_passed, ...
     import_path: str | None = None  # "pkg.mod:fn", a user reward (record, completion) -> float
-    timeout_s: float = 30.0
-    workers: int = 4
-    failure_value: float = 0.0
-    pass_threshold: float = 1.0
-    isolation: str = "process"
+    timeout_s: float = 30.0  # per completion; a reward past it gets failure_value and is counted
+    workers: int = 4  # rewards computed at once
+    failure_value: float = 0.0  # the reward of a completion whose reward timed out or raised
+    pass_threshold: float = 1.0  # reward/pass_rate counts rewards at or above this
+    isolation: str = "process"  # process (a killable child per worker) or thread
     advantage_scale: str = "std"  # group_advantages(scale=...): std or none
     advantage_eps: float = 1e-6  # group_advantages(eps=...)
 

@@ -49,7 +49,7 @@ def when_logged(metrics: Path, step: int, act, done: list) -> None:
         if metrics.is_file() and any(r["step"] >= step for r in read_metrics(metrics)):
             done.append(act())
             return
-        time.sleep(0.2)
+        time.sleep(0.05)
 
 
 def alive_pids(actor_class: str) -> list[int]:

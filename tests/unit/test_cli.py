@@ -59,3 +59,23 @@ def test_a_key_is_removed_with_a_tilde(tiny_pair):
     assert load_config(RECIPE, ["~rollout.max_model_len"]).rollout.max_model_len == 1024
     with pytest.raises(ConfigError, match="has no key objective.nope to remove"):
         load_config(RECIPE, ["~objective.nope"])
+
+
+def test_the_recipe_key_reference_is_the_schemas(capsys):
+    """docs/recipes.md is `opd recipe keys`' output, every key of the schema with a meaning."""
+    from pathlib import Path
+
+    from opd.config.reference import keys
+
+    assert main(["recipe", "keys"]) == 0
+    printed = capsys.readouterr().out
+    doc = Path(__file__).parents[2] / "docs/recipes.md"
+    assert doc.read_text() == printed, "regenerate: opd recipe keys > docs/recipes.md"
+    rows = keys()
+    assert all(k.meaning for k in rows), [k.key for k in rows if not k.meaning]
+    names = {k.key for k in rows}
+    for key in ("run.seed", "teacher.route", "teachers", "rollout.max_staleness", "anchor.coef"):
+        assert key in names and f"| `{key}` |" in printed
+    by_key = {k.key: k for k in rows}
+    assert by_key["learner.lr"].default == "1e-05"
+    assert by_key["student.path"].default == "(required)"

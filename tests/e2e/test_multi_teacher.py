@@ -27,6 +27,8 @@ from opd.metrics import read_metrics
 pytestmark = pytest.mark.e2e
 
 RECIPES = Path(__file__).parents[2] / "recipes"
+# a tiny step takes ~0.2 s: steps 4-6 still score after the actors are stopped at step 3
+STEPS = 6
 VOLATILE = ("time/", "perf/", "sync/export_s", "sync/load_s")
 
 
@@ -68,7 +70,7 @@ def _stable(rows):
 @pytest.fixture(scope="module")
 def routed_run(tiny_pair, routed_data, ray_session, tmp_path_factory):
     out = tmp_path_factory.mktemp("two-teachers")
-    train(_two_teachers(tiny_pair, routed_data, out, 4))
+    train(_two_teachers(tiny_pair, routed_data, out, STEPS))
     return out
 
 
@@ -111,7 +113,7 @@ def test_two_teacher_run_resumes_exactly_and_survives_a_killed_scorer(
         target=when_logged, args=(out / "metrics.jsonl", 3, kill, done), daemon=True
     )
     killer.start()
-    train(_two_teachers(tiny_pair, routed_data, out, 4, "run.resume=true"))
+    train(_two_teachers(tiny_pair, routed_data, out, STEPS, "run.resume=true"))
     killer.join(timeout=30)
     assert done, "no teacher actor was killed"
     rows = read_metrics(out / "metrics.jsonl")
