@@ -19,6 +19,17 @@ from opd.rewards.runner import RewardConfig
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+def vllm_memory_fraction(utilization: float | None, num_gpus: float, gpu: bool) -> float:
+    """A vLLM engine's `gpu_memory_utilization`: as set, else the actor's GPU share when it
+    holds a fraction of a GPU (the rest is for the roles beside it), else 0.85; on CPU 0.1 of
+    the RAM."""
+    if utilization:
+        return utilization
+    if not gpu:
+        return 0.1
+    return num_gpus if 0 < num_gpus < 1 else 0.85
+
+
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{key}={value!r}; valid: {', '.join(choices)}")
@@ -144,11 +155,7 @@ class RolloutConfig:
 
     def memory_fraction(self, gpu: bool) -> float:
         """`gpu_memory_utilization`, or its default (see the key)."""
-        if self.gpu_memory_utilization:
-            return self.gpu_memory_utilization
-        if not gpu:
-            return 0.1
-        return self.num_gpus if 0 < self.num_gpus < 1 else 0.85
+        return vllm_memory_fraction(self.gpu_memory_utilization, self.num_gpus, gpu)
 
     def __post_init__(self) -> None:
         for key in ("num_workers", "prompts_per_step", "samples_per_prompt", "max_new_tokens"):
@@ -272,11 +279,7 @@ class TeacherConfig(ModelConfig):
 
     def memory_fraction(self, gpu: bool) -> float:
         """The vllm engine's `gpu_memory_utilization`, or its default (see the key)."""
-        if self.gpu_memory_utilization:
-            return self.gpu_memory_utilization
-        if not gpu:
-            return 0.1
-        return self.num_gpus if 0 < self.num_gpus < 1 else 0.85
+        return vllm_memory_fraction(self.gpu_memory_utilization, self.num_gpus, gpu)
 
 
 @dataclass
