@@ -241,7 +241,10 @@ def _train(cfg: Config, run_dir: Path) -> Path:
     from transformers import AutoTokenizer
 
     device = _device(cfg)
-    check_devices(cfg, device)
+    try:
+        check_devices(cfg, device)
+    except ValueError as e:
+        raise RunError(str(e)) from e
     student = str(resolve_model(cfg.student.path))
     teachers = [str(resolve_model(t.path)) for t in cfg.all_teachers]
     tokenizer = AutoTokenizer.from_pretrained(student)
@@ -253,8 +256,11 @@ def _train(cfg: Config, run_dir: Path) -> Path:
 
     _init_ray(cfg)
     resources = ray.cluster_resources()
-    check_fits(cfg, resources)
-    check_gpu_packing(cfg, int(resources.get("GPU", 0)))
+    try:  # the cluster joined may differ from what `opd validate` could see
+        check_fits(cfg, resources)
+        check_gpu_packing(cfg, int(resources.get("GPU", 0)))
+    except ValueError as e:
+        raise RunError(f"the Ray cluster: {e}") from e
     colocated = cfg.cluster.placement == "colocated"
     sleeps = colocated and cfg.rollout.sleep  # vLLM gives the devices up while others run
     roles = start_roles(

@@ -93,6 +93,32 @@ def check_fits(cfg: Config, available: dict[str, float]) -> None:
             )
 
 
+def check_local_resources(cfg: Config) -> list[str]:
+    """What `opd train` checks once Ray is up, checked before anything starts where the run will
+    start its own Ray on this machine (no `cluster.address`, no RAY_ADDRESS): the devices, the
+    CPU and GPU totals, the GPU shares' packing. Raises ValueError naming the key; a note."""
+    import os
+
+    if cfg.cluster.address or os.environ.get("RAY_ADDRESS"):
+        where = cfg.cluster.address or os.environ["RAY_ADDRESS"]
+        return [f"resources: checked when the run joins the Ray cluster at {where}"]
+    import torch
+
+    gpus = torch.cuda.device_count()
+    wanted = sum(b.get("GPU", 0) for bundles in role_bundles(cfg).values() for b in bundles)
+    if wanted and not gpus:  # e.g. prepared on a login node for a GPU machine
+        return [
+            f"resources: the recipe asks for {wanted:g} GPUs and this machine has none; "
+            "they are checked when the run starts"
+        ]
+    device = cfg.run.device if cfg.run.device != "auto" else ("cuda" if gpus else "cpu")
+    check_devices(cfg, device)
+    cpus = cfg.cluster.num_cpus or os.cpu_count() or 1
+    check_fits(cfg, {"CPU": float(cpus), "GPU": float(gpus)})
+    check_gpu_packing(cfg, gpus)
+    return [f"resources: fit this machine ({cpus} CPUs for Ray, {gpus} GPUs, device {device})"]
+
+
 def gpu_shares(cfg: Config) -> list[tuple[str, float]]:
     """Each actor bundle's GPU share, named by what it holds (colocated: learner + rollout)."""
     if cfg.cluster.placement == "colocated":

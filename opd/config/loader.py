@@ -148,11 +148,11 @@ def check_resources(cfg: Config) -> list[str]:
     try:
         for i, one in enumerate(each_teacher(cfg)):  # each teacher against the signal
             role = "teacher" if i == 0 else f"teachers[{i - 1}]"
-            if one.teacher.engine == "vllm" and request.signal != "sampled":
+            if one.teacher.engine == "vllm" and not signal_of(request).served_by_vllm:
                 raise ValueError(
                     f"{role}.engine=vllm returns the teacher's log-probs of the sampled tokens "
-                    f"only (signal 'sampled'); objective {cfg.objective.name!r} asks for "
-                    f"signal {request.signal!r}: use {role}.engine=hf"
+                    f"only; objective {cfg.objective.name!r} asks for signal "
+                    f"{request.signal!r}: use {role}.engine=hf"
                 )
             try:
                 signal_of(request).check(one, request, {**vocab, "teacher": vocab[role]})
@@ -167,6 +167,9 @@ def check_resources(cfg: Config) -> list[str]:
             from opd.rewards.runner import resolve_reward
 
             resolve_reward(cfg.rewards)
+        from opd.cluster.placement import check_local_resources
+
+        notes += check_local_resources(cfg)
     except ValueError as e:
         raise ConfigError(str(e)) from e
     return notes

@@ -73,6 +73,9 @@ class Signal:
     Scores: ClassVar[type[Scores]]
     # the teacher scores the student's own token ids (a held-out reverse KL can be measured)
     scores_student_tokens: ClassVar[bool] = True
+    # the teacher's log-probs of the given tokens are all it needs, which a vLLM teacher
+    # (`teacher.engine: vllm`, prompt log-probs) can return
+    served_by_vllm: ClassVar[bool] = False
 
     def check_request(self, request: TeacherRequest) -> None:
         """Raise ValueError for a request this signal cannot serve."""

@@ -22,8 +22,13 @@ class TokenScores(Scores):
 class Sampled(Signal):
     name: ClassVar[str] = "sampled"
     Scores: ClassVar[type[Scores]] = TokenScores
+    served_by_vllm: ClassVar[bool] = True
 
     def score(self, teacher, samples: list, request: TeacherRequest) -> list[Scores]:
+        if getattr(teacher, "engine", None) is not None:  # a vLLM teacher: prompt log-probs
+            seqs = [teacher.prompt_ids(s) + s.completion_ids for s in samples]
+            where = [f"prompt {s.prompt_id}" for s in samples]
+            return teacher.engine.score(seqs, [s.n_tokens for s in samples], where)
         return [TokenScores(**parts) for parts in teacher_forward(teacher, samples)]
 
 

@@ -153,14 +153,10 @@ class TeacherScorer:
         """Fill `sample.teacher` with the requested signal's scores and return the samples."""
         if not samples:  # a replica given no prompt this time
             return samples
-        if self.engine is not None:  # `sampled` only (validation refuses the others)
-            if request.signal != "sampled":
-                raise ValueError(f"teacher.engine=vllm cannot return signal {request.signal!r}")
-            seqs = [self.prompt_ids(s) + s.completion_ids for s in samples]
-            where = [f"prompt {s.prompt_id}" for s in samples]
-            scores = self.engine.score(seqs, [s.n_tokens for s in samples], where)
-        else:
-            scores = signal_of(request).score(self, samples, request)
+        signal = signal_of(request)
+        if self.engine is not None and not signal.served_by_vllm:  # validation refuses it
+            raise ValueError(f"teacher.engine=vllm cannot return signal {request.signal!r}")
+        scores = signal.score(self, samples, request)
         for s, sc in zip(samples, scores, strict=True):
             s.teacher, s.teacher_version = sc, self.version
         return samples

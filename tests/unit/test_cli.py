@@ -79,3 +79,23 @@ def test_the_recipe_key_reference_is_the_schemas(capsys):
     by_key = {k.key: k for k in rows}
     assert by_key["learner.lr"].default == "1e-05"
     assert by_key["student.path"].default == "(required)"
+
+
+def test_validate_checks_the_resources_of_the_machine_the_run_will_use(tiny_pair, capsys):
+    paths = [
+        f"student.path={tiny_pair['student']}",
+        f"teacher.path={tiny_pair['teacher']}",
+        f"data.train_path={tiny_pair['train']}",
+    ]
+    assert main(["validate", RECIPE, *paths]) == 0
+    assert "resources: fit this machine" in capsys.readouterr().out
+    # more CPUs than this machine gives Ray: refused before anything starts, naming the roles
+    assert main(["validate", RECIPE, *paths, "learner.num_cpus=512"]) == 2
+    err = capsys.readouterr().err
+    assert "needs 513 CPU (rollout 0.5, teacher 0.5, learner 512)" in err, err
+    assert "Traceback" not in err
+    # a GPU recipe prepared on a machine without GPUs: said, not refused
+    gpu = ["rollout.num_gpus=1", "teacher.num_gpus=1", "learner.num_gpus=1"]
+    if not __import__("torch").cuda.is_available():
+        assert main(["validate", RECIPE, *paths, *gpu]) == 0
+        assert "asks for 3 GPUs and this machine has none" in capsys.readouterr().out
