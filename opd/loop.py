@@ -16,6 +16,7 @@ from opd.cluster.group import RoleError
 from opd.cluster.placement import check_devices, check_fits, check_gpu_packing
 from opd.cluster.roles import Roles, start_roles
 from opd.config import Config, to_yaml
+from opd.config.loader import from_yaml
 from opd.data.prompts import Prompt, PromptStream, read_rows, recipe_prompts
 from opd.data.sources import resolve_data
 from opd.learner.checkpoint import CheckpointDir, CheckpointError, rng_state, set_rng_state
@@ -216,6 +217,60 @@ def load_checkpoint(roles: Roles, path: Path) -> None:
     roles.teacher.load_state(str(path / "teacher"))
 
 
+# what may differ between a run and its resumption without asking: how long it runs, and how
+# it is watched or reached
+RESUMABLE_CHANGES = (
+    "trainer.steps",
+    "run.resume",
+    "run.resume_changed",
+    "run.progress",
+    "cluster.address",
+    "cluster.num_cpus",
+    "cluster.timeout_s",
+)
+
+
+def check_same_run(run_dir: Path, cfg: Config) -> None:
+    """Resuming `run_dir` with a recipe other than the one it was started with would silently
+    train on, under new settings, from the old run's state: refused with the difference,
+    unless `run.resume_changed` (or a fresh start, `run.resume=false`)."""
+    import difflib
+
+    from omegaconf import OmegaConf
+
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return
+
+    def lines(c: Config) -> list[str]:
+        """One `dotted.key = value` line per setting, less those that may change."""
+        out: list[str] = []
+
+        def walk(node, prefix: str) -> None:
+            if isinstance(node, dict):
+                for k, v in node.items():
+                    walk(v, f"{prefix}{k}.")
+            elif prefix[:-1] not in RESUMABLE_CHANGES:
+                out.append(f"{prefix[:-1]} = {node!r}")
+
+        walk(OmegaConf.to_container(OmegaConf.structured(c)), "")
+        return out
+
+    try:  # read onto today's schema: keys added since the run started take their defaults
+        before = lines(from_yaml(saved.read_text()))
+    except Exception as e:  # noqa: BLE001 - any unreadable file is reported, never trusted
+        raise RunError(f"{saved} cannot be read ({e}); move it away to resume") from e
+    now = lines(cfg)
+    if before == now:
+        return
+    diff = "\n".join(difflib.unified_diff(before, now, str(saved), "this recipe", n=0, lineterm=""))
+    raise RunError(
+        f"{run_dir} holds a run started with other settings:\n{diff}\n"
+        "resume it with them anyway: run.resume_changed=true; start over there: "
+        "run.resume=false; or choose another run.output_dir"
+    )
+
+
 def train(cfg: Config) -> Path:
     """Run (or resume) `cfg`; one run at a time holds `run.output_dir` (`RunLock`)."""
     run_dir = Path(cfg.run.output_dir)
@@ -232,6 +287,8 @@ def _train(cfg: Config, run_dir: Path) -> Path:
         ckpt.clear()
         resume = None
     start = resume[1]["step"] if resume else 0
+    if resume and not cfg.run.resume_changed:
+        check_same_run(run_dir, cfg)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     if start >= cfg.trainer.steps and (run_dir / "student").is_dir():
         print(f"{run_dir}: already trained to step {start} (trainer.steps={cfg.trainer.steps})")

@@ -62,6 +62,9 @@ class RunConfig:
     resume: bool = True  # re-running the same command continues from checkpoints/latest
     device: str = "auto"  # auto | cpu | cuda
     progress: bool = True  # a progress bar on stderr
+    # resume although the recipe differs from the one the run directory was started with
+    # (beyond trainer.steps and how the run is watched or reached); false: refused, with a diff
+    resume_changed: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("run.device", self.device, ("auto", "cpu", "cuda"))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from opd.rundir import RunDirLocked, RunLock, clear_stale, owned_name
+from opd.rundir import RunDirLocked, RunError, RunLock, clear_stale, owned_name
 
 RECIPE = Path(__file__).parents[2] / "recipes/reverse_kl/tiny.yaml"
 
@@ -144,3 +144,22 @@ def test_a_build_removes_the_temporary_folders_of_killed_builds(tmp_path):
     assert len(list(tmp_path.glob(".tiny-v1.*"))) == 1  # kill -9 leaves it
     build_folder(tmp_path / "tiny-v1", lambda tmp: (tmp / "done").write_text("ok"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-v1"]
+
+
+def test_resuming_with_other_settings_is_refused_with_the_difference(tmp_path):
+    from opd.config import load_config, to_yaml
+    from opd.loop import check_same_run
+
+    recipe = "recipes/reverse_kl/tiny.yaml"
+    check_same_run(tmp_path, load_config(recipe))  # nothing saved yet: nothing to compare
+    (tmp_path / "config.yaml").write_text(to_yaml(load_config(recipe)))
+    # run longer, watched differently: the same run
+    check_same_run(tmp_path, load_config(recipe, ["trainer.steps=99", "run.progress=false"]))
+    with pytest.raises(RunError) as e:
+        check_same_run(tmp_path, load_config(recipe, ["learner.lr=0.5"]))
+    message = str(e.value)
+    assert "-learner.lr = 0.001\n+learner.lr = 0.5" in message, message
+    assert "run.resume_changed=true" in message and "trainer.steps" not in message
+    (tmp_path / "config.yaml").write_text("learner: [")
+    with pytest.raises(RunError, match=r"config.yaml cannot be read"):
+        check_same_run(tmp_path, load_config(recipe))
