@@ -528,7 +528,16 @@ class Config:
                 "field whose value picks each prompt's teacher (each teacher's route)"
             )
         seen: dict[str, str] = {}
-        for t in every:
+        for i, t in enumerate(every):
+            # the `full` signal's hidden transport keeps one teacher's LM head in the learners,
+            # which would turn the other teachers' hidden states into wrong logits
+            if t.full_transport == "hidden":
+                key = "teacher" if i == 0 else f"teachers[{i - 1}]"
+                raise ValueError(
+                    f"{key}.full_transport=hidden with several teachers: the learners keep one "
+                    "teacher's LM head; use logits (auto picks it with several teachers)"
+                )
+            t.full_transport = "logits" if t.full_transport == "auto" else t.full_transport
             if t.mode != "frozen":
                 raise ValueError(
                     f"teacher {t.name!r}: mode={t.mode!r} with several teachers; a teacher "

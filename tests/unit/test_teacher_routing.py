@@ -65,11 +65,28 @@ def test_prompts_go_to_the_teacher_their_field_names():
         ({"teachers": []}, "list the others under teachers"),
         ({"teachers": [{"path": "c", "name": "a b"}]}, "use letters, digits"),
         ({"teacher": {"num_workers": 0}}, "teacher.num_workers"),
+        (
+            {
+                "teachers": [
+                    {"path": "c", "name": "c", "route": ["code"], "full_transport": "hidden"}
+                ]
+            },
+            "teachers\\[0\\].full_transport=hidden with several teachers",
+        ),
     ],
 )
 def test_teacher_lists_that_cannot_work_are_refused_naming_the_key(over, message):
     with pytest.raises(ValueError, match=message):
         _cfg(**over)
+
+
+def test_several_teachers_send_full_scores_as_logits():
+    """The learners may keep one teacher's LM head (`full` over hidden states) only when there
+    is one teacher."""
+    from opd.signals.full import transport
+
+    assert all(transport(t) == "logits" for t in _cfg().all_teachers)
+    assert transport(TeacherConfig(path="m")) == "hidden"
 
 
 def test_a_recipe_of_several_teachers_loads(tmp_path):
