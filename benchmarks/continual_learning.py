@@ -138,7 +138,18 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--work", type=Path, default=Path("runs/continual_learning"))
     ap.add_argument("--out", type=Path, default=Path("benchmarks/continual_learning.json"))
+    ap.add_argument(
+        "--write-facts",
+        type=Path,
+        default=None,
+        help="only write the facts as jsonl to this file (the facts recipes' data), then stop",
+    )
     args = ap.parse_args()
+    if args.write_facts:
+        facts = make_facts(args.facts)
+        args.write_facts.write_text("".join(json.dumps(f) + "\n" for f in facts))
+        print(f"{args.write_facts}: {len(facts)} facts")
+        return
 
     from opd.models.sources import resolve_model
 

@@ -70,6 +70,43 @@ def test_plot_renders_a_png(tmp_path):
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_plot_panels_have_labels_whole_steps_and_simcts_heldout_metric():
+    import matplotlib.pyplot as plt
+
+    from opd.eval.plot import figure
+
+    simct = [  # a simct run logs the objective's held-out metrics, not the reverse KL
+        {"step": 0, "heldout/loss": 2.0, "heldout/completion_tokens": 30.0},
+        {"step": 1, "train/loss": 1.0, "perf/tokens_per_s": 10.0},
+        {"step": 2, "heldout/loss": 1.5, "eval/arith-heldout/pass@1": 0.2},
+    ]
+    fig = figure(simct, "run")
+    train, heldout, scores, speed = fig.axes
+    assert [line.get_label() for line in heldout.lines] == ["heldout/loss"]
+    assert [line.get_label() for line in scores.lines] == ["eval/arith-heldout/pass@1"]
+    for ax in fig.axes:
+        assert ax.get_xlabel() == "step" and ax.get_ylabel()
+        fig.canvas.draw()
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    plt.close(fig)
+    # with the reverse KL logged, the held-out panel shows it (and each teacher's)
+    rows = [
+        {
+            "step": 0,
+            "heldout/reverse_kl": 1.0,
+            "heldout/a/reverse_kl": 2.0,
+            "heldout/completion_tokens": 9.0,
+        }
+    ]
+    fig = figure(rows, "run")
+    assert [x.get_label() for x in fig.axes[1].lines] == [
+        "heldout/reverse_kl",
+        "heldout/a/reverse_kl",
+    ]
+    plt.close(fig)
+
+
 def test_users_own_file_with_a_field_map(tmp_path, capsys):
     bench = _write(
         tmp_path / "mine.jsonl",
