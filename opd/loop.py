@@ -325,6 +325,13 @@ def _train(cfg: Config, run_dir: Path) -> Path:
     )
     sync = None
     try:
+        if cfg.logging.backends:
+            from omegaconf import OmegaConf
+
+            from opd.tracking import Trackers
+
+            plain = OmegaConf.to_container(OmegaConf.structured(cfg))
+            log.trackers = Trackers(cfg.logging, run_dir, {"dict": plain, "yaml": to_yaml(cfg)})
         sync = make_weight_sync(
             cfg.rollout.weight_sync,
             device,
@@ -419,6 +426,7 @@ def _train(cfg: Config, run_dir: Path) -> Path:
         if sync is not None:
             sync.close()
         roles.shutdown()
+        log.close()
     return run_dir
 
 

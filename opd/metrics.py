@@ -29,6 +29,8 @@ class MetricsLog:
             kept = [line for line, row in _read(self.path) if row["step"] <= resume_step]
             _replace(self.path, "".join(line + "\n" for line in kept))
 
+    trackers = None  # `opd.tracking.Trackers`, given each row after the file (`logging:`)
+
     def write(self, step: int, metrics: dict[str, float]) -> None:
         row = {"step": step}
         for k, v in sorted(metrics.items()):
@@ -37,6 +39,12 @@ class MetricsLog:
             f.write(json.dumps(row) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        if self.trackers is not None:
+            self.trackers.log(step, metrics)
+
+    def close(self) -> None:
+        if self.trackers is not None:
+            self.trackers.close()
 
 
 def read_metrics(path: str | Path) -> list[dict]:

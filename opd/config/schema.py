@@ -389,6 +389,28 @@ class EvalConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """Experiment trackers beside metrics.jsonl, which is always written (opd/tracking.py)."""
+
+    tensorboard: bool = False  # event files under <run dir>/tensorboard
+    wandb: bool = False  # a Weights & Biases run (wandb_mode)
+    mlflow: bool = False  # an MLflow run (mlflow_tracking_uri)
+    run_name: str | None = None  # the trackers' run name; null: the run directory's name
+    wandb_project: str = "opd"  # the W&B project
+    # offline: files under <run dir>/wandb, no network (`wandb sync` uploads them); online
+    wandb_mode: str = "offline"
+    mlflow_tracking_uri: str | None = None  # null: file store <run dir>/mlruns
+    mlflow_experiment: str = "opd"  # the MLflow experiment
+
+    def __post_init__(self) -> None:
+        _check_choice("logging.wandb_mode", self.wandb_mode, ("offline", "online"))
+
+    @property
+    def backends(self) -> list[str]:
+        return [b for b in ("tensorboard", "wandb", "mlflow") if getattr(self, b)]
+
+
+@dataclass
 class ClusterConfig:
     address: str | None = None  # Ray address; None starts (or joins) a local instance
     num_cpus: int | None = None  # for a local instance
@@ -424,6 +446,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     # a reward on every training sample (opd/rewards/runner.py); off unless name or import_path
     rewards: RewardConfig = field(default_factory=RewardConfig)
     # multi-turn rollouts that call tools (opd/agent/); off unless agent.tools names one
