@@ -24,7 +24,7 @@ from opd.metrics import MetricsLog
 from opd.models.sources import resolve_model
 from opd.objectives import Objective, build_objective
 from opd.objectives.base import step_normalizer
-from opd.progress import Progress
+from opd.progress import Phases, Progress
 from opd.rollout.schedule import Rollouts, generate, generate_batch
 from opd.rundir import RunError, RunLock
 from opd.samples import Sample, SampleBatch, SampleMeta
@@ -302,16 +302,20 @@ def _train(cfg: Config, run_dir: Path) -> Path:
         check_devices(cfg, device)
     except ValueError as e:
         raise RunError(str(e)) from e
-    student = str(resolve_model(cfg.student.path))
-    teachers = [str(resolve_model(t.path)) for t in cfg.all_teachers]
+    phases = Phases(enabled=cfg.run.progress)
+    with phases("preparing the models (built from the registry on first use)"):
+        student = str(resolve_model(cfg.student.path))
+        teachers = [str(resolve_model(t.path)) for t in cfg.all_teachers]
     tokenizer = AutoTokenizer.from_pretrained(student)
     if cfg.student.chat_template:
         tokenizer.chat_template = cfg.student.chat_template
-    data = load_data(cfg, tokenizer)
+    with phases("loading the data"):
+        data = load_data(cfg, tokenizer)
     objective = build_objective(cfg.objective.name, cfg.objective.params, cfg.objective.import_path)
     request = objective.teacher_request()
 
-    _init_ray(cfg)
+    with phases("starting Ray"):
+        _init_ray(cfg)
     resources = ray.cluster_resources()
     try:  # the cluster joined may differ from what `opd validate` could see
         check_fits(cfg, resources)
@@ -320,9 +324,10 @@ def _train(cfg: Config, run_dir: Path) -> Path:
         raise RunError(f"the Ray cluster: {e}") from e
     colocated = cfg.cluster.placement == "colocated"
     sleeps = colocated and cfg.rollout.sleep  # vLLM gives the devices up while others run
-    roles = start_roles(
-        cfg, student, teachers, device, request.rollout_topk, objective.anchor_use()
-    )
+    with phases("starting the learners, teachers and vLLM engines"):
+        roles = start_roles(
+            cfg, student, teachers, device, request.rollout_topk, objective.anchor_use()
+        )
     sync = None
     try:
         if cfg.logging.backends:
@@ -351,13 +356,9 @@ def _train(cfg: Config, run_dir: Path) -> Path:
             # an EMA teacher's state came from the checkpoint; a live one copies the student
             sync.push(version=start, update_teacher=cfg.teacher.mode == "live")
         elif cfg.eval.every and cfg.eval.at_start:
-            log.write(
-                0,
-                {
-                    **evaluation(cfg, roles, sync, data, tokenizer, objective),
-                    "data/dropped_prompts": data.dropped,
-                },
-            )
+            with phases("the step-0 evaluation"):
+                metrics0 = evaluation(cfg, roles, sync, data, tokenizer, objective)
+            log.write(0, {**metrics0, "data/dropped_prompts": data.dropped})
 
         progress = Progress(cfg.trainer.steps, start, enabled=cfg.run.progress)
         preemption = PreemptionFlag()

@@ -29,3 +29,31 @@ class Progress:
 
     def close(self) -> None:
         self.bar.close()
+
+
+class Phases:
+    """Start-up phases on stderr as they happen, each with its time, so that the minutes
+    before the first step are not silent: `with phases("starting Ray"): ...` prints
+    `opd: starting Ray ...` then `opd: starting Ray: 3.2 s`."""
+
+    def __init__(self, enabled: bool = True, stream=None) -> None:
+        import sys
+
+        self.enabled, self.stream = enabled, stream or sys.stderr
+        self.times: dict[str, float] = {}
+
+    def __call__(self, name: str):
+        import contextlib
+        import time
+
+        @contextlib.contextmanager
+        def timed():
+            if self.enabled:
+                print(f"opd: {name} ...", file=self.stream, flush=True)
+            t0 = time.perf_counter()
+            yield
+            self.times[name] = time.perf_counter() - t0
+            if self.enabled:
+                print(f"opd: {name}: {self.times[name]:.1f} s", file=self.stream, flush=True)
+
+        return timed()
