@@ -7,6 +7,7 @@ converted to HF folders once and cached (`opd.models.registry`).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -60,11 +61,50 @@ def _registry_entry(path: str) -> tuple[Callable[[], Path], dict]:
     return REGISTRY_MODELS[name]
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
+# what a model folder needs from a hub repository (not its other formats' weights)
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja", "*.py"]
+
+
+def hub_folder(path: str, local_only: bool = False) -> Path | None:
+    """A Hugging Face hub id (`org/name`, optionally `@revision`) that is no local path, as
+    the folder of its snapshot in the standard hub cache (`HF_HOME` / `HF_HUB_CACHE`),
+    downloaded unless cached (`local_only`, or `HF_HUB_OFFLINE=1`: the cache only). None:
+    `path` is not a hub id."""
+    if not HUB_ID.fullmatch(path) or Path(path.split("/")[0]).expanduser().exists():
+        return None  # a local path (or one under a local folder, e.g. runs/x)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
+    repo, _, revision = path.partition("@")
+    try:
+        return Path(
+            snapshot_download(
+                repo,
+                revision=revision or None,
+                allow_patterns=HUB_FILES,
+                local_files_only=local_only,
+            )
+        )
+    except LocalEntryNotFoundError as e:
+        raise FileNotFoundError(
+            f"model not found: {path} is neither a local path nor in the Hugging Face cache, "
+            "and the hub was not reached (offline, or HF_HUB_OFFLINE=1): download it where "
+            f"there is a network (hf download {repo}) into the cache HF_HOME points to"
+        ) from e
+    except RepositoryNotFoundError as e:
+        raise FileNotFoundError(f"model not found: no hub repository {repo}") from e
+
+
 def resolve_model(path: str) -> Path:
-    """A local HF folder (or GGUF file) for `path`, preparing registry models on first use."""
+    """A local HF folder (or GGUF file) for `path`: a folder or file, a registry model
+    (prepared on first use) or a hub id (`hub_folder`)."""
     if path.startswith(REGISTRY_PREFIX):
         prepare, _ = _registry_entry(path)
         return prepare()
+    hub = hub_folder(path)
+    if hub is not None:
+        return hub
     p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"model not found: {p}")
@@ -72,10 +112,15 @@ def resolve_model(path: str) -> Path:
 
 
 def describe_model(path: str, gguf_file: str | None = None) -> dict:
-    """Facts about a model that validation needs, without loading weights."""
+    """Facts about a model that validation needs, without loading weights (a hub id is read
+    from the cache if it is there, never downloaded here)."""
     if path.startswith(REGISTRY_PREFIX):
         return dict(_registry_entry(path)[1])
-    p = Path(path).expanduser()
+    try:
+        hub = hub_folder(path, local_only=True)
+    except FileNotFoundError:
+        return {"source": "hub, not cached: downloaded when the run starts"}
+    p = hub if hub is not None else Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"model not found: {p}")
     if gguf_file or p.suffix == ".gguf":
