@@ -68,7 +68,8 @@ def score_for_learners(
         [p.refs[i][1 + r] for _, _, p in jobs for i in range(len(p.refs))]
         for r in range(n_learners)
     ]
-    version = versions.get(0, [teachers[0].versions()[0]])[0]
+    # the first teacher's version; asked of it only on a step that gave it no sample
+    version = versions[0][0] if 0 in versions else teachers[0].versions()[0]
     return shards, version, {**merge_metrics(parts), **metrics}
 
 
