@@ -345,6 +345,7 @@ def _train(cfg: Config, run_dir: Path) -> Path:
             cfg.rollout.dtype,
             teacher=roles.teacher if cfg.teacher.mode != "frozen" else None,
             colocated=colocated,
+            lora=cfg.learner.lora.enabled,
         )
         for group in roles.teachers:
             for line in group.signal_report(request):

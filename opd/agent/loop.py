@@ -62,6 +62,7 @@ class AgentLoop:
         topk: int,
         version: int,
         first_turn_regex: list[str | None] | None = None,
+        lora_request=None,
     ) -> list[Sample]:
         """The requests' trajectories. `first_turn_regex`: one regex (or None) per request
         constraining its first turn, in place of `agent.first_turn_regex`."""
@@ -101,7 +102,7 @@ class AgentLoop:
             if not going:
                 break
             prompts = [{"prompt_token_ids": t.request.sample.prompt_ids + t.ids} for t in going]
-            outputs = llm.generate(prompts, params, use_tqdm=False)
+            outputs = llm.generate(prompts, params, use_tqdm=False, lora_request=lora_request)
             calls = []
             for t, out in zip(going, outputs, strict=True):
                 c = out.outputs[0]

@@ -131,6 +131,7 @@ def start_roles(
                     "compilation_config": cfg.rollout.compilation_config,
                     "max_logprobs": rollout_topk,
                     "agent": cfg.agent if cfg.agent.enabled else None,
+                    "lora_rank": cfg.learner.lora.rank,
                 },
             ),
             timeout,

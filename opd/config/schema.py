@@ -286,6 +286,37 @@ class TeacherConfig(ModelConfig):
 
 
 @dataclass
+class LoraConfig:
+    # LoRA adapters (peft) instead of full fine-tuning: rank 0 trains every weight; rank r > 0
+    # freezes the student and trains rank-r adapters on `target_modules`. Weight syncs then move
+    # only the adapters (vLLM serves them through its LoRA support), checkpoints resume them
+    # exactly, and the run exports the merged model plus the adapter (student/adapter/).
+    rank: int = 0
+    alpha: float = 16.0  # the adapters' scale is alpha / rank
+    dropout: float = 0.0  # dropout on the adapters' input while training
+    # module names to adapt (peft's `target_modules`); ["all-linear"]: every linear layer of
+    # the decoder, the LM head excepted
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank <= 512:
+            raise ValueError(
+                f"learner.lora.rank={self.rank} must lie in [0, 512] (0: no LoRA; vLLM serves "
+                "adapters up to rank 512)"
+            )
+        if self.enabled:
+            _check_positive("learner.lora.alpha", self.alpha)
+            if not 0 <= self.dropout < 1:
+                raise ValueError(f"learner.lora.dropout={self.dropout} must lie in [0, 1)")
+            if not self.target_modules:
+                raise ValueError("learner.lora.target_modules is empty: name modules to adapt")
+
+
+@dataclass
 class LearnerConfig:
     num_workers: int = 1  # DeepSpeed data-parallel ranks, one Ray actor each
     # DeepSpeed ZeRO stage 0-3; null: the lowest stage whose model states fit in half the
@@ -306,6 +337,7 @@ class LearnerConfig:
     # recompute activations in backward (less memory, more time)
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile each decoder layer (CUDA; pays once at the start)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # LoRA adapters (peft); off at rank 0
     num_gpus: float = 0.0  # GPUs (or a fraction of one) per learner rank
     num_cpus: float = 0.5  # CPUs per learner rank
 
@@ -529,7 +561,33 @@ class Config:
                 f"dir; {self.rollout.weight_sync} pushes to the rollout engines only"
             )
 
+        self._check_lora()
         self._check_teachers()
+
+    def _check_lora(self) -> None:
+        """LoRA moves adapters, not weights: only what can take an adapter may follow it."""
+        if not self.learner.lora.enabled:
+            return
+        key = f"learner.lora.rank={self.learner.lora.rank}"
+        if self.teacher.mode != "frozen":
+            raise ValueError(
+                f"{key} with teacher.mode={self.teacher.mode!r}: a teacher that follows the "
+                "student takes whole weights; train the full student (rank 0) for ema/live"
+            )
+        if self.rollout.weight_sync not in ("auto", "dir"):
+            raise ValueError(
+                f"{key} syncs only the adapters, as files vLLM loads (auto/dir); "
+                f"rollout.weight_sync={self.rollout.weight_sync} moves whole weights"
+            )
+        if self.student.gguf_file:
+            raise ValueError(
+                f"{key}: vLLM serves adapters on an HF folder; unset student.gguf_file"
+            )
+        if self.learner.zero_stage == 3:
+            raise ValueError(
+                f"{key} with learner.zero_stage=3: the adapters and their optimizer state are "
+                "small; use stage 0-2 (or null), which keep the frozen weights whole"
+            )
 
     def _check_teachers(self) -> None:
         every = self.all_teachers

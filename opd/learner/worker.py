@@ -96,11 +96,20 @@ class Learner:
 
             compile_layers(model)
         model.config.use_cache = False
-        n_params = sum(p.numel() for p in model.parameters())
+        self.peft_model = None  # LoRA: the PeftModel around `model` (adapters trainable)
+        if cfg.lora.enabled:
+            from opd.learner.lora import apply_lora
+
+            self.peft_model = apply_lora(model, cfg.lora)
+            if cfg.gradient_checkpointing:  # the frozen embeddings' output must carry grads
+                model.enable_input_require_grads()
+        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         weight_bytes = TORCH_DTYPES[cfg.dtype].itemsize
         self.zero_stage = resolve_stage(
             cfg.zero_stage, n_params, world_size, device, weight_bytes, cfg.num_gpus
         )
+        if self.peft_model is not None:  # the frozen weights stay whole on every rank
+            self.zero_stage = min(self.zero_stage, 2)
         if rank == 0 and cfg.zero_stage is None:
             print(f"learner: ZeRO stage {self.zero_stage} ({n_params / 1e9:.2f} B parameters)")
         self.objective = build_objective(objective.name, objective.params, objective.import_path)
@@ -130,12 +139,13 @@ class Learner:
         }
         schedule = lr_lambda(cfg.lr_schedule, cfg.warmup_steps, total_steps)
         self.engine, *_ = deepspeed.initialize(
-            model=model,
-            model_parameters=model.parameters(),
+            model=self.peft_model if self.peft_model is not None else model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
             config=ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
         )
-        self.model = self.engine.module
+        # the transformers model (with LoRA: the adapted one inside the PeftModel)
+        self.model = model if self.peft_model is not None else self.engine.module
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         self._ipc_bucket: tuple | None = None  # (entries, flat device buffer) for `ipc_weights`
         for p in self.model.parameters():
@@ -290,18 +300,32 @@ class Learner:
                 yield name, p.detach()
 
     def state_dict_for_export(self, dtype: str) -> dict[str, torch.Tensor] | None:
-        """Full weights on rank 0 (gathered under ZeRO-3); every rank must call this."""
+        """Full weights on rank 0 (gathered under ZeRO-3; with LoRA, the adapters merged in);
+        every rank must call this."""
         out = {}
-        for name, p in self._full_weights():
+        if self.peft_model is not None:
+            from opd.learner.lora import merged_weights
+
+            weights = merged_weights(self.model)
+        else:
+            weights = self._full_weights()
+        for name, p in weights:
             if self.rank == 0:
                 t = p.to(TORCH_DTYPES[dtype])
                 out[name] = t.cpu() if t.is_cuda else t.clone()  # one copy either way
         return out if self.rank == 0 else None
 
     def export_to_dir(self, path: str, dtype: str) -> int:
-        """Write the weights as safetensors into `path` (rank 0); returns bytes written."""
+        """Write the weights as safetensors into `path` (rank 0), or with LoRA the adapter
+        folder vLLM loads; returns the weight bytes written."""
         from safetensors.torch import save_file
 
+        if self.peft_model is not None:
+            from opd.learner.lora import save_adapter
+
+            if self.rank != 0:
+                return 0
+            return save_adapter(self.peft_model, path, TORCH_DTYPES[dtype])
         weights = self.state_dict_for_export(dtype)
         if self.rank != 0:
             return 0
@@ -372,7 +396,12 @@ class Learner:
 
         weights = self.state_dict_for_export(self.cfg.dtype)
         if self.rank == 0:
+            # with LoRA `weights` are merged, under the transformers names
             self.model.save_pretrained(path, state_dict=weights, safe_serialization=True)
+            if self.peft_model is not None:  # and the adapter on its own
+                from opd.learner.lora import save_adapter
+
+                save_adapter(self.peft_model, Path(path) / "adapter", TORCH_DTYPES[self.cfg.dtype])
             AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(path)
 
     def save_checkpoint(self, directory: str) -> None:

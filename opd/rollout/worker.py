@@ -30,6 +30,14 @@ def whole_prompt_prefill(max_model_len: int) -> dict:
     return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(4096, max_model_len)}
 
 
+def lora_engine_args(rank: int) -> dict:
+    """vLLM's LoRA settings for a student's adapters of `rank`: one adapter at a time, and
+    the smallest rank vLLM sizes its buffers for that holds it."""
+    sizes = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed `max_lora_rank` values
+    fits = min(s for s in sizes if s >= rank)
+    return {"enable_lora": True, "max_loras": 1, "max_lora_rank": fits}
+
+
 class RolloutWorker:
     def __init__(
         self,
@@ -41,13 +49,16 @@ class RolloutWorker:
         compilation_config: dict | None = None,
         max_logprobs: int = 0,
         agent=None,
+        lora_rank: int = 0,
     ) -> None:
         """`compilation_config` goes to vLLM as is (GPU, `enforce_eager: false`): e.g.
         `{"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}` captures CUDA graphs for decode
         without a torch.compile pass at start-up; None keeps vLLM's default.
         `max_logprobs`: the most top log-probs a request may ask for (the objective's top-k);
         vLLM refuses more than its own default of 20 unless told.
-        `agent`: an enabled `AgentConfig`, for trajectories that call tools (`opd.agent`)."""
+        `agent`: an enabled `AgentConfig`, for trajectories that call tools (`opd.agent`).
+        `lora_rank` > 0: the student trains LoRA adapters of that rank; weight pushes are
+        adapter folders, served through vLLM's LoRA support (`load_weights_from_dir`)."""
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         if device == "cuda":  # the settings CUDA vLLM 0.25 was run with (benchmarks/RESULTS.md)
             show_peer_gpus()  # before CUDA starts: the NCCL weight group's peers must be visible
@@ -81,7 +92,10 @@ class RolloutWorker:
             max_logprobs=max(max_logprobs, _VLLM_DEFAULT_MAX_LOGPROBS),
             **({"compilation_config": compilation_config} if compilation_config else {}),
             **({} if gpu else whole_prompt_prefill(cfg.max_model_len)),
+            **(lora_engine_args(lora_rank) if lora_rank else {}),
         )
+        self.lora_rank = lora_rank
+        self.lora = None  # the adapter served (a LoRARequest); None: the base weights
         self.version = 0
         self.sleep_mode, self.asleep = gpu and cfg.sleep, False
         self.seed_by = cfg.seed_by if cfg.seed_by != "auto" else ("batch" if gpu else "request")
@@ -121,6 +135,7 @@ class RolloutWorker:
                 top_p=top_p,
                 topk=topk,
                 version=self.version,
+                lora_request=self.lora,
             )
             return [s.meta() for s in samples], samples
         per_request = batch_seed is None or self.seed_by == "request"
@@ -141,7 +156,7 @@ class RolloutWorker:
             # unseeded requests draw from the engine's default generators, seeded here
             self.llm.collective_rpc("opd_seed_sampling", args=(batch_seed,))
         prompts = [{"prompt_token_ids": r.sample.prompt_ids} for r in requests]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self.lora)
         samples = [
             self._completed(r.sample, out.outputs[0], topk) for r, out in zip(requests, outputs)
         ]
@@ -160,10 +175,27 @@ class RolloutWorker:
         )
 
     def load_weights_from_dir(self, path: str, version: int) -> int:
-        self.llm.collective_rpc("opd_load_from_dir", args=(path, version))
+        """The weights in folder `path` as `version`; a LoRA student's folder is an adapter,
+        loaded here (not on the next generate) and served from then on."""
+        if self.lora_rank:
+            self._serve_adapter(path, version)
+        else:
+            self.llm.collective_rpc("opd_load_from_dir", args=(path, version))
         self.llm.reset_prefix_cache()
         self.version = version
         return version
+
+    def _serve_adapter(self, path: str, version: int) -> None:
+        from vllm.lora.request import LoRARequest
+
+        engine = self.llm.llm_engine
+        adapter = LoRARequest(f"opd-v{version}", version + 1, path)  # ids start at 1
+        if adapter.lora_int_id in engine.list_loras():  # a folder with other weights
+            engine.remove_lora(adapter.lora_int_id)
+        engine.add_lora(adapter)
+        if self.lora is not None and self.lora.lora_int_id != adapter.lora_int_id:
+            engine.remove_lora(self.lora.lora_int_id)
+        self.lora = adapter
 
     def load_weights_from_tensors(self, named: list[tuple[str, object]], version: int) -> int:
         """Load new weights from (name, tensor) pairs held in this process, and serve them as

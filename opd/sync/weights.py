@@ -2,9 +2,11 @@
 
 Transport `dir` (CPU, or a single host): learner rank 0 writes the weights as safetensors into
 a version folder in shared memory (`/dev/shm` when there is one), every rollout worker loads
-them in place through `WeightSyncExtension.opd_load_from_dir`, and the previous folder is
-removed. The folder is named after the driver (`opd-sync-<pid>@<host>.<random>`) and removed
-when the run ends; one whose owner died (kill -9) is removed by the next run on that host.
+them in place through `WeightSyncExtension.opd_load_from_dir` (a LoRA student writes its
+adapter folder instead, which the workers serve as a vLLM LoRA adapter), and the previous
+folder is removed. The folder is named after the driver (`opd-sync-<pid>@<host>.<random>`)
+and removed when the run ends; one whose owner died (kill -9) is removed by the next run on
+that host.
 The GPU transports (`nccl`: a broadcast into vLLM's workers on other GPUs; `ipc`: a CUDA IPC
 handle to the learner's buffer for the worker on the same GPU) enter vLLM through the same
 extension and end in the same `reload_weights` call.
@@ -204,12 +206,14 @@ def make_weight_sync(
     dtype: str,
     teacher: TeacherGroup | None = None,
     colocated: bool = False,
+    lora: bool = False,
 ) -> WeightSync:
     """`auto` picks, on GPUs, CUDA IPC when learner and vLLM share them (colocated: NCCL
     cannot join two processes on one GPU) and NCCL when split; the shared-memory folder on
-    CPUs, and wherever a teacher follows the student (sdft's EMA), which only it feeds."""
+    CPUs, wherever a teacher follows the student (sdft's EMA), which only it feeds, and for a
+    LoRA student, whose pushes are adapter folders (`learner.lora`)."""
     if transport == "auto":
-        if device != "cuda" or teacher is not None:
+        if device != "cuda" or teacher is not None or lora:
             transport = "dir"
         else:
             transport = "ipc" if colocated else "nccl"
