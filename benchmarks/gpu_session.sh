@@ -2,7 +2,7 @@
 # The GPU measurements behind benchmarks/RESULTS.md, one phase per call on a machine with two
 # H200s and no package index (the lent device): what each phase needs must already be there.
 #   bash benchmarks/gpu_session.sh PHASE
-#   PHASE: mfu | scaling | vllm | split | tune | stage | layouts | gputests |
+#   PHASE: carry | mfu | scaling | vllm | split | tune | stage | layouts | gputests | lora |
 #          ovt (issue #17: opd train vs TRL DistillationTrainer, WORKLOAD=S|L, ROWS=...)
 # (The phases gkd, gkd2 and gkd3 ran benchmarks/opd_vs_trl.py, which composed opd's pieces in
 # one process; it was retired on 2026-11-30 for `ovt`, which runs `opd train` itself.)
@@ -42,6 +42,9 @@ vllm_env() {
 }
 
 case $phase in
+carry)  # nothing more: the lines above installed and kept what this call carried
+  nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
+  ls /tmp/vparts /tmp/vrun /tmp/site | head -50 > "$OUT/staged.txt" 2>&1 ;;
 mfu)  # GPU 0: packing check + learner configurations; GPU 1: teacher budgets
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
     > /dev/null 2>&1
@@ -98,6 +101,18 @@ gputests)  # the gpu test tier (tests/gpu): kernels, then opd train with each we
   export VLLM_LOGGING_LEVEL=WARNING
   timeout -s ABRT ${LIMIT:-540} python3 -m pytest ${TESTS:-tests/gpu} -v -s -p no:cacheprovider \
     -rA > "$OUT/gpu_tests.log" 2>&1 ;;
+lora)  # LoRA students (issue #22): the GPU test layouts, then opd train with adapter pushes
+  # against full-weight CUDA IPC pushes on the same 0.63 B student (needs peft in .whl)
+  vllm_env || exit 1
+  export VLLM_LOGGING_LEVEL=WARNING
+  timeout -s ABRT ${TEST_LIMIT:-240} python3 -m pytest tests/gpu/test_train_gpu.py \
+    -k "${TESTS_K:-lora or defaults}" -v -s -p no:cacheprovider -rA > "$OUT/gpu_tests_lora.log" 2>&1
+  for rank in 0 ${LORA_RANK:-16}; do
+    lay=1-colocated; [ "$rank" = 0 ] && lay=1-colocated-ipc
+    timeout -s ABRT ${LAYOUT_LIMIT:-170} python3 $B/train_layouts.py --layouts $lay --zero 0 \
+      --steps ${STEPS:-5} --lora-rank $rank --root /tmp/lora-lay --timeout 160 \
+      > "$OUT/layouts_lora$rank.log" 2>&1
+  done ;;
 ovt)  # opd train vs TRL DistillationTrainer (vLLM colocated), one process per row, one GPU
   vllm_env || exit 1
   # TRL's Trainer wraps the model in nn.DataParallel when a process sees several GPUs

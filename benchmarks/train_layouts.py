@@ -104,6 +104,8 @@ def overrides(args, layout: str, root: str, cuda: bool) -> list[str]:
     ]
     if args.lr is not None:  # else the recipe's
         out.append(f"learner.lr={args.lr}")
+    if args.lora_rank:  # LoRA adapters: a push is the adapter folder (rollout.weight_sync dir)
+        out += [f"learner.lora.rank={args.lora_rank}", "rollout.weight_sync=auto"]
     if cuda:
         out += [
             f"learner.num_gpus={lay['learner_gpu']}",
@@ -122,8 +124,10 @@ def overrides(args, layout: str, root: str, cuda: bool) -> list[str]:
 
 def run_dir(args, layout: str, root: str) -> str:
     """The run's folder: one per layout, estimator and staleness."""
-    return f"{root}/run-{layout}-{args.estimator}" + (
-        f"-async{args.max_staleness}" if args.max_staleness else ""
+    return (
+        f"{root}/run-{layout}-{args.estimator}"
+        + (f"-async{args.max_staleness}" if args.max_staleness else "")
+        + (f"-lora{args.lora_rank}" if args.lora_rank else "")
     )
 
 
@@ -168,7 +172,8 @@ def run_layout(args, layout: str, root: str, cuda: bool) -> dict:
         "placement": lay["placement"],
         "learner_ranks": lay["learners"],
         "rollout_workers": lay["rollouts"],
-        "weight_sync": lay["sync"] if cuda else "dir",
+        "weight_sync": "dir" if args.lora_rank or not cuda else lay["sync"],
+        "lora_rank": args.lora_rank,
         "zero_stage": args.zero,
         "estimator": args.estimator,
         "max_staleness": args.max_staleness,
@@ -186,6 +191,7 @@ def run_layout(args, layout: str, root: str, cuda: bool) -> dict:
         **{
             k.replace("/", "_").removesuffix("_s") + "_s": med(k)
             for k in (
+                "time/rollout_worker",
                 "time/sleep",
                 "time/wake_up",
                 "sync/export_s",
@@ -241,6 +247,8 @@ def main() -> None:
     ap.add_argument("--estimator", choices=("sampled", "topk", "full"), default="sampled",
                     help="objective.params.estimator of reverse_kl")  # fmt: skip
     ap.add_argument("--lr", type=float, default=None, help="learner.lr (default: the recipe's)")
+    ap.add_argument("--lora-rank", type=int, default=0,
+                    help="learner.lora.rank: train LoRA adapters, sync only them")  # fmt: skip
     ap.add_argument("--kv-cache-gib", type=float, default=8, help="rollout KV cache (GPU)")
     ap.add_argument("--root", help="folder with student/, teacher/, prompts.jsonl to use "
                     "(built where missing; default: a new temporary folder)")  # fmt: skip

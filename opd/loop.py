@@ -393,6 +393,9 @@ def _train(cfg: Config, run_dir: Path) -> Path:
                     "time/learn": t3 - t2,
                     "time/sync": t4 - t3,
                     "time/step": t4 - t0,
+                    # inside time/rollout (ahead of it with async rollouts): the slowest
+                    # worker's generate call; the rest is Ray's and the driver's share
+                    "time/rollout_worker": max(m.worker_s for m in metas),
                     "perf/tokens_per_s": tokens / (t4 - t0),
                     "rollout/samples": float(len(metas)),
                     **agent_metrics(metas),

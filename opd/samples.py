@@ -126,6 +126,7 @@ class SampleMeta:
     n_tool_calls: int = 0
     prompt_tokens: int = 0
     teacher_index: int = 0  # which teacher scores it (`Config.all_teachers`)
+    worker_s: float = 0.0  # seconds its rollout worker's generate call took (a profile)
 
     @property
     def loss_tokens(self) -> int:

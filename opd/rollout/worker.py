@@ -11,6 +11,7 @@ cache is reset after every update, since cached keys and values belong to the ol
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import replace
 
 from opd.cluster.devices import show_peer_gpus
@@ -126,6 +127,7 @@ class RolloutWorker:
 
         if self.asleep:
             raise RuntimeError("generate on a sleeping rollout worker: wake_up comes first")
+        t0 = time.perf_counter()
         if self.agent is not None:  # trajectories seed each turn from the request's seed
             samples = self.agent.run(
                 self.llm,
@@ -137,7 +139,7 @@ class RolloutWorker:
                 version=self.version,
                 lora_request=self.lora,
             )
-            return [s.meta() for s in samples], samples
+            return _metas(samples, time.perf_counter() - t0), samples
         per_request = batch_seed is None or self.seed_by == "request"
         params = [
             SamplingParams(
@@ -160,7 +162,7 @@ class RolloutWorker:
         samples = [
             self._completed(r.sample, out.outputs[0], topk) for r, out in zip(requests, outputs)
         ]
-        return [s.meta() for s in samples], samples
+        return _metas(samples, time.perf_counter() - t0), samples
 
     def _completed(self, sample: Sample, c, topk: int) -> Sample:
         """`sample` with vLLM's completion `c` filled in."""
@@ -265,6 +267,11 @@ class RolloutWorker:
 
     def ping(self) -> int:
         return self.version
+
+
+def _metas(samples: list[Sample], seconds: float) -> list[SampleMeta]:
+    """The samples' metadata, each carrying the seconds this call took in the worker."""
+    return [replace(s.meta(), worker_s=seconds) for s in samples]
 
 
 def _read_logprobs(flat, topk: int) -> tuple[list[float] | None, list[list[int]] | None]:

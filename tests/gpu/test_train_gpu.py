@@ -34,6 +34,18 @@ LAYOUTS = {
             "teacher.num_gpus=0.1",
         ],
     ),
+    # a LoRA student on the GPU defaults: the adapters go through vLLM's LoRA support (CUDA
+    # graphs, sleep and wake-up) as adapter folders
+    "1-colocated-lora": (
+        1,
+        [
+            "cluster.placement=colocated",
+            "learner.lora.rank=8",
+            "learner.num_gpus=0.5",
+            "rollout.num_gpus=0.4",
+            "teacher.num_gpus=0.1",
+        ],
+    ),
     "1-colocated-ipc": (
         1,
         [
@@ -137,6 +149,9 @@ def test_every_step_samples_with_the_learners_weights(layout, tiny_pair, ray_gpu
     if layout == "1-colocated-defaults":  # auto chose the CUDA IPC transport
         assert cfg.rollout.weight_sync == "auto" and cfg.rollout.enforce_eager is None
         assert all("sync/ipc_s" in r for r in rows), rows[0]
+    if layout == "1-colocated-lora":  # each push is the adapter folder, a sliver of the model
+        full = sum(f.stat().st_size for f in Path(tiny_pair["student"]).glob("*.safetensors"))
+        assert all(0 < r["sync/bytes"] < 0.2 * full for r in rows), rows[0]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     floor = rows[0]["reverse_kl/abs_log_ratio"]
     print(layout, "abs_log_ratio per step:", [r["reverse_kl/abs_log_ratio"] for r in rows])
